@@ -1,0 +1,1 @@
+"""Phase 3 of framegate: tables and figures from run folders."""

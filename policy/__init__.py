@@ -1,0 +1,1 @@
+"""Phase 2 of framegate: train gating policies and baselines on cached features."""
