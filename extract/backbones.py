@@ -166,7 +166,11 @@ def create_backbone(name: str, *, weights: str = "imagenet") -> Backbone:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         identity = f"file:{os.path.abspath(weights)}:sha256={_sha256(weights)}"
     if state is not None:
-        missing, unexpected = model.load_state_dict(_clean_state(state, arch.head), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(_clean_state(state, arch.head), strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise WeightsUnavailable(f"weights for {name} do not fit {arch.name}: "
+                                     f"{str(err).splitlines()[1].strip()}") from None
         if missing or unexpected:
             raise WeightsUnavailable(
                 f"weights for {name} do not fit {arch.name}: {len(missing)} missing keys (e.g. {missing[:2]}), "

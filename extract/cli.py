@@ -82,10 +82,12 @@ Examples:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Frames per forward pass.")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decoding processes.")
+@click.option("--chunk-videos", type=click.IntRange(1), default=32, show_default=True,
+              help="Journal finished work every N videos (or 30 s): the most an interrupted run loses.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any video failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, weights,
-         out, device, batch_size, workers, strict, no_progress) -> None:
+         out, device, batch_size, workers, chunk_videos, strict, no_progress) -> None:
     """Decode every video once, sample frames, run every backbone@resolution on them and cache
     per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
     resumes: cached videos are skipped, new backbones are added without recomputing the others."""
@@ -109,7 +111,8 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
                         backbones=names, sampling=sampling, seek=seek, weights=weights,
                         out=out or default_cache_path(dataset, sampling, seek), device=device,
-                        batch_size=batch_size, workers=workers, progress=not no_progress)
+                        batch_size=batch_size, workers=workers, chunk_videos=chunk_videos,
+                        progress=not no_progress)
     try:
         summary = run_extraction(cfg)
     except (AnnotationError, CacheMismatch, WeightsUnavailable) as err:

@@ -20,8 +20,7 @@ from .decode import CROP, SHORT_SIDE, VideoError, read_frames, resize_crop
 from .flops import backbone_flops
 from .sampling import Sampling
 
-CHUNK_VIDEOS = 32  # journal a chunk after this many videos ...
-CHUNK_SECONDS = 30.0  # ... or this many seconds, whichever comes first
+CHUNK_SECONDS = 30.0  # journal a chunk at least this often
 
 
 @dataclass
@@ -38,6 +37,7 @@ class ExtractConfig:
     device: str = "auto"
     batch_size: int = 32  # frames per forward pass
     workers: int = 2
+    chunk_videos: int = 32  # journal a chunk after this many videos: the most a kill can lose
     progress: bool = True
 
 
@@ -165,7 +165,7 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{summary.frames / max(bar.format_dict['elapsed'], 1e-9):.1f}",
                         failed=len(summary.new_failures), refresh=False)
-        if len(done) + len(failed) >= CHUNK_VIDEOS or time.monotonic() - last_write > CHUNK_SECONDS:
+        if len(done) + len(failed) >= cfg.chunk_videos or time.monotonic() - last_write > CHUNK_SECONDS:
             write_chunk()
     if pending:
         run_pending()

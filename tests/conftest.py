@@ -1,0 +1,36 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from extract.demo import generate_demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A tiny demo: 10 classes x 2 videos of 24 frames (real H.264 files)."""
+    root = str(tmp_path_factory.mktemp("demo"))
+    generate_demo(root, videos_per_class=2, frames=24, test_fraction=0.5, progress=False)
+    return root
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path):
+    """A private copy of the tiny demo that a test may damage."""
+    root = str(tmp_path / "demo")
+    shutil.copytree(demo_root, root)
+    return root
+
+
+def run_cli(*args, check=True, env=None, **kwargs):
+    """Run a console entry point as a user would (a subprocess) and return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
+                          cwd=kwargs.pop("cwd", ROOT), **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
