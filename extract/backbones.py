@@ -63,13 +63,13 @@ def _torchvision_weights(enum_member) -> Callable[[], tuple[dict, str]]:
     return load
 
 
-def _register_torchvision(name: str, dim: int, head: str, weights_enum, builder_name: str = "") -> None:
+def _register_torchvision(name: str, dim: int, head: str, weights_enum, builder_name: str = "", **init) -> None:
     builder = getattr(torchvision.models, builder_name or name)
     ARCHS[name] = Arch(
         name=name,
         dim=dim,
         head=head,
-        build=lambda resolution: builder(weights=None),
+        build=lambda resolution: builder(weights=None, **init),
         imagenet=_torchvision_weights(weights_enum.IMAGENET1K_V1),
     )
 
@@ -77,7 +77,9 @@ def _register_torchvision(name: str, dim: int, head: str, weights_enum, builder_
 _W = torchvision.models
 _register_torchvision("mobilenetv2", 1280, "classifier", _W.MobileNet_V2_Weights, "mobilenet_v2")
 for _depth, _dim in [(18, 512), (34, 512), (50, 2048), (101, 2048)]:
-    _register_torchvision(f"resnet{_depth}", _dim, "fc", getattr(_W, f"ResNet{_depth}_Weights"))
+    # zero-init residual branches: random (--weights none) deep ResNets stay inside float16's range
+    _register_torchvision(f"resnet{_depth}", _dim, "fc", getattr(_W, f"ResNet{_depth}_Weights"),
+                          zero_init_residual=True)
 for _b, _dim in enumerate([1280, 1280, 1408, 1536]):
     _register_torchvision(f"efficientnet_b{_b}", _dim, "classifier", getattr(_W, f"EfficientNet_B{_b}_Weights"))
 

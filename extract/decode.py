@@ -96,14 +96,19 @@ def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torc
         decoded = []
         if strategy == "pass":
             reader.seek(0)
-            pos = 0
+            pos, raw = 0, []
             for t in targets:
                 if t > pos:
                     reader.skip_frames(int(t - pos))
-                decoded.append(preprocess(reader.next().asnumpy()[None]))
+                raw.append(reader.next().asnumpy())
                 pos = int(t) + 1
+                if len(raw) == 8:
+                    decoded.append(preprocess(np.stack(raw)))
+                    raw = []
+            if raw:
+                decoded.append(preprocess(np.stack(raw)))
         else:
-            for start in range(0, len(targets), 8):  # bounded memory for 4K sources
+            for start in range(0, len(targets), 8):  # 8 frames at a time: bounded memory for 4K sources
                 decoded.append(preprocess(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
     except VideoError:
         raise

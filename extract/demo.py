@@ -9,6 +9,7 @@ in pairs that share the coloured shape and differ only in a 1-pixel luminance te
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import numpy as np
 
@@ -87,19 +88,21 @@ def _render_video(rng: np.random.Generator, label: int, frames: int) -> np.ndarr
     return np.clip(video, 0, 255).astype(np.uint8)
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = FPS, codec: str = "libx264") -> None:
-    """Encode ``frames`` (T x H x W x 3 uint8 RGB) near-losslessly, one thread, deterministic."""
+def write_video(path: str, frames: Iterable[np.ndarray], fps: int = FPS, gop: int = 24, codec: str = "libx264") -> None:
+    """Encode ``frames`` (H x W x 3 uint8 RGB each) near-losslessly, a keyframe every ``gop``
+    frames, one thread, deterministic."""
     import av
 
     tmp = path + ".tmp.mp4"
     with av.open(tmp, "w") as container:
         stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "ultrafast", "g": "24"}
-        for frame in frames:
+            stream.options = {"crf": "10", "preset": "ultrafast", "g": str(gop)}
+        for number, frame in enumerate(frames):
+            if number == 0:
+                stream.width, stream.height = frame.shape[1], frame.shape[0]
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
