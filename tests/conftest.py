@@ -34,3 +34,13 @@ def run_cli(*args, check=True, env=None, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_root, tmp_path_factory):
+    """The tiny demo through extract-features: LiteEval-style coarse/fine pair, 8 frames per video."""
+    out = tmp_path_factory.mktemp("cache") / "demo_t8.h5"
+    run_cli("extract.cli", "--dataset", "demo", "--video-root", demo_root, "--num-frames", "8", "--out", str(out),
+            "--backbone", "efficientnet_lite0@112", "--backbone", "efficientnet_lite0@224", "--workers", "1",
+            "--no-progress")
+    return str(out)

@@ -1,0 +1,96 @@
+"""``train-policy``: train a method on a feature cache and write a run folder."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+
+import click
+
+from .data import CacheError
+from .methods import METHODS
+from .train import train
+
+DATA = "data"
+
+
+def default_cache() -> str:
+    """The newest ``data/features/*.h5`` (the folder ``extract-features`` writes to by default)."""
+    caches = sorted(glob.glob(os.path.join(DATA, "features", "*.h5")), key=os.path.getmtime)
+    if not caches:
+        raise click.UsageError("no --features given and no cache in data/features/: run extract-features first")
+    return caches[-1]
+
+
+def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
+    """``key=value`` strings onto the config dataclass, typed by its fields; returns the keys set."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    keys = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise click.UsageError(f"--set {pair}: expected key=value with key in {', '.join(sorted(fields))}")
+        kind = hints[key]
+        if kind is bool:
+            parsed = value.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                parsed = kind(value)
+            except ValueError:
+                raise click.UsageError(f"--set {pair}: {value!r} is not a {kind.__name__}") from None
+        setattr(cfg, key, parsed)
+        keys.append(key)
+    return keys
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
+Examples:
+  train-policy --method liteeval --gamma 0.05
+  train-policy --method uniform --features data/features/fcvid_fps1-max25.h5
+  train-policy --method liteeval --no-sync --set hidden_coarse=64 --set hidden_fine=512
+  torchrun --standalone --nproc_per_node 4 -m policy.cli --method liteeval
+""")
+@click.option("--method", type=click.Choice(sorted(METHODS)), required=True)
+@click.option("--features", metavar="CACHE.h5", help="Feature cache. Default: the newest data/features/*.h5.")
+@click.option("--out", metavar="RUN_DIR", help="Run folder. Default: data/runs/<cache name>/<method>[_<options>].")
+@click.option("--gamma", type=float, help="LiteEval: target fine-feature usage (default 0.05).")
+@click.option("--no-sync", is_flag=True, help="LiteEval: no cLSTM -> fLSTM synchronisation (Table 2).")
+@click.option("--stochastic-eval", is_flag=True, help="LiteEval: sample the gate at evaluation instead of argmax.")
+@click.option("--epochs", type=click.IntRange(1))
+@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--lr", type=float)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same numbers (on CPU).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config field (see config.json of a run), e.g. --set hidden_fine=512.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--no-progress", is_flag=True)
+def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_size, lr, seed, device, sets, resume,
+         no_progress) -> None:
+    """Train a gating policy or baseline on cached per-frame features and write a run folder
+    (config.json, model.pt, train_log.csv, metrics.json, predictions.h5)."""
+    cfg = METHODS[method].Config(method=method, seed=seed, device=device)
+    named = {"gamma": gamma, "epochs": epochs, "batch_size": batch_size, "lr": lr}
+    pairs = tuple(f"{k}={v}" for k, v in named.items() if v is not None) + tuple(sets)
+    pairs += ("sync=false",) if no_sync else ()
+    pairs += ("stochastic_eval=true",) if stochastic_eval else ()
+    keys = apply_overrides(cfg, pairs)
+    cfg.features = features or default_cache()
+    suffix = "".join(f"_{k}={getattr(cfg, k)}" for k in keys if k not in ("epochs", "batch_size", "lr", "device"))
+    stem = os.path.splitext(os.path.basename(cfg.features))[0]
+    cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)
+    try:
+        metrics = train(cfg, resume=resume, progress=not no_progress)
+    except CacheError as err:
+        raise click.ClickException(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{cfg.out}: mAP {metrics['mAP']:.4f}, top-1 {metrics['top1']:.4f}, "
+                   f"{metrics['gflops_per_video']:.3f} GFLOPs/video, fine usage {metrics['fine_usage']:.3f} "
+                   f"on {metrics['videos']} videos")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Read the phase-1 cache for training: the features a method needs, labels, splits, FLOPs.
+
+Features are held in memory as float16 when they fit the memory budget, and otherwise streamed
+from HDF5 in contiguous blocks (shuffled block by block), so a cache larger than RAM still trains.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+
+class CacheError(ValueError):
+    """A cache that cannot serve a method: missing file, features or wrong dimensions."""
+
+
+@dataclass
+class Batch:
+    index: np.ndarray  # (B,) rows of the cache
+    features: dict[str, torch.Tensor]  # name -> (B, T, D) float32
+    labels: torch.Tensor  # (B, C) float32 multi-hot
+    length: torch.Tensor  # (B,) int64 real frames
+
+    def part(self, rows: slice, device: torch.device) -> "Batch":
+        """The ``rows`` of this batch on ``device`` (a rank's share under DDP)."""
+        return Batch(self.index[rows], {k: v[rows].to(device) for k, v in self.features.items()},
+                     self.labels[rows].to(device), self.length[rows].to(device))
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now, in bytes."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+class CachedFeatures:
+    """The features ``names`` of cache ``path``, with labels, splits and the FLOPs table."""
+
+    def __init__(self, path: str, names: list[str], dims: dict[str, int] | None = None,
+                 memory_budget: int | None = None, l2_normalise: bool = False):
+        if not os.path.isfile(path):
+            raise CacheError(f"no feature cache at {path}: run extract-features first (see README)")
+        self.path, self.names, self.l2_normalise = path, list(names), l2_normalise
+        self.file = h5py.File(path, "r")
+        f = self.file
+        self.dataset = f.attrs.get("dataset", "?")
+        held = sorted(f["features"].keys()) if "features" in f else []
+        missing = [n for n in names if n not in held]
+        if missing:
+            backbones = " ".join(f"--backbone {n}" for n in missing)
+            raise CacheError(f"{path} lacks features {', '.join(missing)} (it has {', '.join(held) or 'none'}): "
+                             f"add them with `extract-features --dataset {self.dataset} {backbones} --out {path}`")
+        for name, dim in (dims or {}).items():
+            if f["features"][name].shape[-1] != dim:
+                raise CacheError(f"{path}: {name} features are {f['features'][name].shape[-1]}-d, "
+                                 f"this model expects {dim}-d; retrain or re-extract")
+        self.classes = [c.decode() for c in f["classes"][:]]
+        self.ids = [i.decode() for i in f["videos/id"][:]]
+        self.split = np.array([s.decode() for s in f["videos/split"][:]])
+        self.labels = f["videos/labels"][:].astype(np.float32)
+        self.length = f["videos/length"][:].astype(np.int64)
+        self.T = f["videos/frame_index"].shape[1]
+        self.dims = {n: f["features"][n].shape[-1] for n in names}
+        self.flops = {r["name"].decode(): float(r["gflops"]) for r in f["flops"][:]}
+        self.sampling = json.loads(f.attrs["sampling"])
+        size = sum(f["features"][n].size * 2 for n in names)
+        self.in_memory = size <= (memory_budget if memory_budget is not None else default_memory_budget())
+        self.arrays = {n: f["features"][n][:] for n in names} if self.in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def splits(self, seed: int, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """``(train, val, evaluation rows, how val was chosen)``.
+
+        Evaluation is ``test`` when present, else ``val``. Validation (checkpoint selection) is the
+        cache's ``val`` split when it also has ``test``; otherwise a seeded ``val_fraction`` of train.
+        """
+        rows = np.arange(len(self))
+        train = rows[self.split == "train"]
+        evaluation = rows[self.split == "test"] if (self.split == "test").any() else rows[self.split == "val"]
+        if (self.split == "val").any() and (self.split == "test").any():
+            return train, rows[self.split == "val"], evaluation, "the cache's val split"
+        if len(train) < 2 or len(evaluation) == 0:
+            raise CacheError(f"{self.path} needs train and test (or val) videos; it has splits {sorted(set(self.split))}")
+        perm = np.random.default_rng(seed).permutation(train)
+        n_val = max(1, int(round(val_fraction * len(train))))
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val]), evaluation, \
+            f"{val_fraction:.0%} of train carved with seed {seed}"
+
+    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self.in_memory:
+            return {n: self.arrays[n][rows] for n in self.names}
+        lo, hi = int(rows.min()), int(rows.max()) + 1  # one contiguous read, then pick
+        return {n: self.file["features"][n][lo:hi][rows - lo] for n in self.names}
+
+    def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None,
+                block: int = 4096) -> Iterator[Batch]:
+        """Batches over ``rows``; shuffled when a ``generator`` is given (in-memory: fully;
+        streamed: the order of contiguous ``block``-row blocks, then within each block)."""
+        rows = np.sort(rows)
+        if generator is None:
+            order = [rows]
+        elif self.in_memory:
+            order = [rows[torch.randperm(len(rows), generator=generator).numpy()]]
+        else:
+            blocks = [rows[(rows >= s) & (rows < s + block)] for s in range(0, len(self), block)]
+            blocks = [b for b in blocks if len(b)]
+            order = [blocks[i][torch.randperm(len(blocks[i]), generator=generator).numpy()]
+                     for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        for group in order:
+            for start in range(0, len(group), batch_size):
+                picked = group[start:start + batch_size]
+                sorted_rows = np.sort(picked)
+                data = self._read(sorted_rows)
+                back = np.searchsorted(sorted_rows, picked)
+                feats = {}
+                for n, x in data.items():
+                    t = torch.from_numpy(x[back]).float()
+                    feats[n] = torch.nn.functional.normalize(t, dim=-1) if self.l2_normalise else t
+                yield Batch(picked, feats, torch.from_numpy(self.labels[picked]), torch.from_numpy(self.length[picked]))

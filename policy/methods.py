@@ -1,0 +1,255 @@
+"""Method registry: one config dataclass, one model, one loss and one inference per method.
+
+Actions (``predictions.h5/actions``), per frame: -1 no frame (padding), 0 skipped, 1 coarse
+features only, 2 fine features (for LiteEval: coarse and fine; for UNIFORM/LSTM: fine only).
+GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
+plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extract.flops import count_gflops
+
+from .data import Batch
+from .models import FrameClassifier, LiteEval, LSTMClassifier
+
+ACTIONS_LEGEND = {-1: "no frame", 0: "skipped", 1: "coarse only", 2: "fine"}
+
+
+@dataclass
+class TrainConfig:
+    """Options every method shares (LiteEval's optimiser: Adam, lr 1e-4)."""
+
+    method: str = ""
+    features: str = ""  # cache path
+    out: str = ""  # run folder
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    l2_normalise: bool = True  # per-frame L2 normalisation of features, as LiteEval's code
+    val_fraction: float = 0.1
+    device: str = "auto"
+    memory_budget_gb: float = 0.0  # 0: half the memory available
+    fine: str = ""  # feature name; "": the cache's most expensive feature
+    coarse: str = ""  # feature name; "": the cache's cheapest feature
+
+
+@dataclass
+class LiteEvalConfig(TrainConfig):
+    hidden_coarse: int = 512  # FCVID 512/2048, ActivityNet 64/512
+    hidden_fine: int = 2048
+    gamma: float = 0.05  # target fine-feature usage
+    lam: float = 2.0  # lambda of eq. 5
+    tau_start: float = 5.0  # Gumbel temperature, annealed exponentially per epoch ...
+    tau_end: float = 0.5  # ... to this small positive value
+    sync: bool = True
+    stochastic_eval: bool = False
+
+
+@dataclass
+class LSTMConfig(TrainConfig):
+    hidden: int = 2048
+
+
+@dataclass
+class Inference:
+    scores: np.ndarray  # (N, C) video-level prediction (probabilities)
+    step_scores: np.ndarray  # (N, T, C) prediction if stopped after each step
+    actions: np.ndarray  # (N, T) int, ACTIONS_LEGEND
+    gflops: np.ndarray  # (N,) GMACs per video
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Method:
+    """Base class; subclasses set ``name``, ``Config`` and implement the four hooks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = TrainConfig
+
+    def __init__(self, cfg, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
+        self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
+        self.model = self.build()
+
+    @staticmethod
+    def needs(cfg) -> list[str]:
+        return [cfg.fine]
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
+        raise NotImplementedError
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the multi-hot labels normalised to a distribution (one-hot: plain CE)."""
+    target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(target * logits.log_softmax(dim=1)).sum(dim=1)
+
+
+def last_step(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``x[i, length[i] - 1]`` for (N, T, ...) ``x``."""
+    return x[torch.arange(len(x)), (length - 1).clamp(min=0)]
+
+
+def real_mask(length: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.arange(steps, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+
+
+def numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+@register_method
+class Uniform(Method):
+    """UNIFORM: frame classifier on fine features, frame scores averaged over the video."""
+
+    name = "uniform"
+
+    def build(self) -> nn.Module:
+        return FrameClassifier(self.dims[self.cfg.fine], self.num_classes)
+
+    def loss(self, model, batch, epoch):
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        mask = real_mask(batch.length, logits.shape[1])
+        per_frame = soft_cross_entropy(logits[mask], batch.labels.repeat_interleave(batch.length, dim=0))
+        return per_frame.mean(), {}
+
+    def infer(self, model, batch):
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        mask = real_mask(batch.length, logits.shape[1])
+        probs = logits.softmax(-1) * mask.unsqueeze(-1)
+        running = probs.cumsum(1) / torch.arange(1, probs.shape[1] + 1, device=probs.device).view(1, -1, 1)
+        head = count_gflops(model.head, torch.zeros(1, self.dims[self.cfg.fine], device=logits.device))
+        n = numpy(batch.length)
+        return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
+                         actions=np.where(numpy(mask), 2, -1), gflops=n * (self.flops[self.cfg.fine] + head),
+                         extra={"frame_scores": numpy(probs)})
+
+
+@register_method
+class LSTMBaseline(Method):
+    """LSTM: an LSTM over the fine features, prediction from the last hidden state."""
+
+    name = "lstm"
+    Config = LSTMConfig
+
+    def build(self) -> nn.Module:
+        return LSTMClassifier(self.dims[self.cfg.fine], self.num_classes, hidden=self.cfg.hidden)
+
+    def loss(self, model, batch, epoch):
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        return soft_cross_entropy(last_step(logits, batch.length), batch.labels).mean(), {}
+
+    def infer(self, model, batch):
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        mask = real_mask(batch.length, logits.shape[1])
+        probs = logits.softmax(-1)
+        dim = self.dims[self.cfg.fine]
+        step = count_gflops(model.lstm, torch.zeros(1, 1, dim, device=logits.device))
+        head = count_gflops(model.classifier, torch.zeros(1, self.cfg.hidden, device=logits.device))
+        n = numpy(batch.length)
+        return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
+                         actions=np.where(numpy(mask), 2, -1), gflops=n * (self.flops[self.cfg.fine] + step) + head)
+
+
+@register_method
+class LiteEvalMethod(Method):
+    """LiteEval: loss CE(rho_T) + lambda (mean_t B_t - gamma)^2 (eq. 5), straight-through Gumbel."""
+
+    name = "liteeval"
+    Config = LiteEvalConfig
+
+    @staticmethod
+    def needs(cfg) -> list[str]:
+        return [cfg.coarse, cfg.fine]
+
+    def build(self) -> nn.Module:
+        c = self.cfg
+        return LiteEval(self.dims[c.coarse], self.dims[c.fine], self.num_classes, hidden_coarse=c.hidden_coarse,
+                        hidden_fine=c.hidden_fine, sync=c.sync, rl_baseline=self.name == "liteeval-rl")
+
+    def tau(self, epoch: int) -> float:
+        c = self.cfg
+        if c.epochs <= 1:
+            return c.tau_end
+        return c.tau_start * (c.tau_end / c.tau_start) ** (epoch / (c.epochs - 1))
+
+    def _run(self, model, batch, **kwargs):
+        return model(batch.features[self.cfg.coarse], batch.features[self.cfg.fine], batch.length, **kwargs)
+
+    def usage(self, gate: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        return gate.sum(1) / length.clamp(min=1)
+
+    def loss(self, model, batch, epoch):
+        out = self._run(model, batch, mode="gumbel", tau=self.tau(epoch))
+        ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
+        usage = self.usage(out["gate"], batch.length)
+        budget = self.cfg.lam * (usage - self.cfg.gamma) ** 2
+        return (ce + budget).mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
+
+    def policy_costs(self, model) -> tuple[float, float, float]:
+        """GMACs of (per frame: cLSTM step + gate; per fine read: fLSTM step; per video: classifier)."""
+        dc, df = self.dims[self.cfg.coarse], self.dims[self.cfg.fine]
+        m = model.module if hasattr(model, "module") else model
+        z = lambda width: torch.zeros(1, width, device=m.gate.weight.device)  # noqa: E731
+        per_frame = count_gflops(m.clstm, z(dc)) + count_gflops(m.gate, z(m.gate.in_features))
+        return per_frame, count_gflops(m.flstm, z(dc + df)), count_gflops(m.classifier, z(m.hidden_fine))
+
+    def infer(self, model, batch):
+        out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
+        probs = out["logits"].softmax(-1)
+        mask = numpy(real_mask(batch.length, probs.shape[1]))
+        gate = numpy(out["gate"])
+        per_frame, per_read, head = self.policy_costs(model)
+        frames, reads = numpy(batch.length), (gate > 0.5).sum(1)
+        gflops = frames * (self.flops[self.cfg.coarse] + per_frame) + reads * (self.flops[self.cfg.fine] + per_read) + head
+        return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
+                         actions=np.where(mask, 1 + (gate > 0.5), -1), gflops=gflops)
+
+
+@register_method
+class LiteEvalRL(LiteEvalMethod):
+    """LiteEval-RL: the same model, gate trained with REINFORCE and a learned, input-dependent baseline.
+
+    Reward R = -(CE + lambda (usage - gamma)^2) per video; the baseline regresses R from the mean
+    coarse feature; the LSTMs and classifier are trained by back-propagating CE through the sampled path.
+    """
+
+    name = "liteeval-rl"
+
+    def loss(self, model, batch, epoch):
+        out = self._run(model, batch, mode="bernoulli")
+        ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
+        usage = self.usage(out["gate"], batch.length)
+        reward = -(ce + self.cfg.lam * (usage - self.cfg.gamma) ** 2).detach()
+        coarse = batch.features[self.cfg.coarse].sum(1) / batch.length.clamp(min=1).unsqueeze(1)
+        m = model.module if hasattr(model, "module") else model
+        baseline = m.baseline(coarse).squeeze(1)
+        advantage = (reward - baseline).detach()
+        policy = -(advantage * out["log_prob"].sum(1))
+        loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")
+        return loss.mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}

@@ -1,0 +1,99 @@
+"""The networks trained on cached features: LiteEval (coarse-to-fine) and the UNIFORM / LSTM baselines.
+
+Shapes: features ``(N, T, D)``, ``length`` ``(N,)`` real steps; steps past ``length`` leave every
+state unchanged and never open the gate. Outputs are per-step logits ``(N, T, C)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LiteEval(nn.Module):
+    """LiteEval (Wu et al., NeurIPS 2019), eqs. 1-4 with the cLSTM -> fLSTM synchronisation.
+
+    Eq. 2's ``b_t`` is read as logits (``log b_t = W_g^T [v^c_t, h^f_{t-1}, c^f_{t-1}]``) so that
+    eq. 6's ``log b_k`` is defined; index 1 means "compute fine features".
+    """
+
+    def __init__(self, coarse_dim: int, fine_dim: int, num_classes: int, *, hidden_coarse: int = 512,
+                 hidden_fine: int = 2048, sync: bool = True, rl_baseline: bool = False):
+        super().__init__()
+        if hidden_coarse > hidden_fine:
+            raise ValueError("the coarse LSTM must not be wider than the fine LSTM (its state is copied into it)")
+        self.hidden_coarse, self.hidden_fine, self.sync = hidden_coarse, hidden_fine, sync
+        self.clstm = nn.LSTMCell(coarse_dim, hidden_coarse)  # eq. 1
+        self.gate = nn.Linear(coarse_dim + 2 * hidden_fine, 2)  # eq. 2
+        self.flstm = nn.LSTMCell(coarse_dim + fine_dim, hidden_fine)  # eq. 3
+        self.classifier = nn.Linear(hidden_fine, num_classes)  # rho_t = softmax(W_p^T h^f_t)
+        self.baseline = nn.Linear(coarse_dim, 1) if rl_baseline else None  # LiteEval-RL's learned baseline
+
+    def forward(self, coarse: torch.Tensor, fine: torch.Tensor, length: torch.Tensor, *, mode: str = "argmax",
+                tau: float = 1.0, gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``mode``: ``gumbel`` (straight-through Gumbel-softmax at ``tau``, eqs. 6-7), ``bernoulli``
+        (hard samples, for REINFORCE), ``sample`` (Gumbel-max), ``argmax``; ``gate`` (N, T) forces B_t.
+
+        Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T).
+        """
+        n, steps, _ = coarse.shape
+        hc = coarse.new_zeros(n, self.hidden_coarse)
+        cc = torch.zeros_like(hc)
+        hf = coarse.new_zeros(n, self.hidden_fine)
+        cf = torch.zeros_like(hf)
+        logits, gates, log_probs = [], [], []
+        for t in range(steps):
+            real = (t < length).to(coarse.dtype).unsqueeze(1)
+            vc, vf = coarse[:, t], fine[:, t]
+            b = self.gate(torch.cat([vc, hf, cf], dim=1))
+            if gate is not None:
+                B = gate[:, t].to(coarse)
+            elif mode == "gumbel":
+                B = F.gumbel_softmax(b, tau=tau, hard=True)[:, 1]
+            elif mode == "bernoulli":
+                B = torch.bernoulli(b.softmax(dim=1)[:, 1]).detach()
+            elif mode == "sample":
+                B = (b - torch.empty_like(b).exponential_().log()).argmax(dim=1).to(coarse.dtype)
+            else:
+                B = b.argmax(dim=1).to(coarse.dtype)
+            B = B * real[:, 0]
+            log_probs.append(torch.where(B > 0.5, b.log_softmax(1)[:, 1], b.log_softmax(1)[:, 0]) * real[:, 0])
+            hc_next, cc_next = self.clstm(vc, (hc, cc))
+            hf_new, cf_new = self.flstm(torch.cat([vc, vf], dim=1), (hf, cf))
+            if self.sync:  # B_t = 0: h^f_t = [h^c_t, h^f_{t-1}[D_c:]], same for c
+                hf_skip = torch.cat([hc_next, hf[:, self.hidden_coarse:]], dim=1)
+                cf_skip = torch.cat([cc_next, cf[:, self.hidden_coarse:]], dim=1)
+            else:
+                hf_skip, cf_skip = hf, cf
+            Bc = B.unsqueeze(1)
+            hf_next = (1 - Bc) * hf_skip + Bc * hf_new  # eq. 4
+            cf_next = (1 - Bc) * cf_skip + Bc * cf_new
+            hc, cc = real * hc_next + (1 - real) * hc, real * cc_next + (1 - real) * cc
+            hf, cf = real * hf_next + (1 - real) * hf, real * cf_next + (1 - real) * cf
+            logits.append(self.classifier(hf))
+            gates.append(B)
+        return {"logits": torch.stack(logits, 1), "gate": torch.stack(gates, 1), "log_prob": torch.stack(log_probs, 1)}
+
+
+class FrameClassifier(nn.Module):
+    """UNIFORM: a linear classifier per frame on the fine features; per-step logits (N, T, C)."""
+
+    def __init__(self, fine_dim: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(fine_dim, num_classes))
+
+    def forward(self, fine: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(fine)}
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM: an LSTM over the fine features, the prediction from the hidden state of each step."""
+
+    def __init__(self, fine_dim: int, num_classes: int, hidden: int = 2048):
+        super().__init__()
+        self.lstm = nn.LSTM(fine_dim, hidden, batch_first=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, fine: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden, _ = self.lstm(fine)  # padding comes after the real steps: it cannot reach them
+        return {"logits": self.classifier(hidden)}

@@ -1,0 +1,159 @@
+"""The training loop: cached features in, a run folder out.
+
+Run folder: ``config.json`` (resolved), ``model.pt`` (best by validation mAP), ``last.pt``
+(resume point), ``train_log.csv``, ``metrics.json`` and ``predictions.h5`` on the evaluation split.
+Checkpoints are written atomically and loaded with ``weights_only=True``. Under ``torchrun`` each
+rank trains on its share of every batch order and gradients are averaged (DDP); rank 0 saves.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import h5py
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from extract import distributed
+
+from .data import CachedFeatures
+from .methods import ACTIONS_LEGEND, METHODS, Inference, Method
+from .metrics import hit_at_k, mean_average_precision
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_features(cfg, store_flops: dict[str, float]) -> None:
+    """Fill ``cfg.fine`` / ``cfg.coarse`` left empty: the cache's most / least expensive feature."""
+    by_cost = sorted(store_flops, key=store_flops.get)
+    if by_cost and not cfg.fine:
+        cfg.fine = by_cost[-1]
+    if by_cost and not cfg.coarse:
+        cfg.coarse = by_cost[0]
+
+
+def run_inference(method: Method, model, store: CachedFeatures, rows: np.ndarray, batch_size: int) -> Inference:
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    with torch.no_grad():
+        for batch in store.batches(rows, batch_size):
+            parts.append(method.infer(model, batch.part(slice(None), device)))
+    extra_keys = parts[0].extra.keys() if parts else []
+    return Inference(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "step_scores", "actions",
+                                                                                 "gflops")),
+                     extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys})
+
+
+def summarise(inf: Inference, labels: np.ndarray) -> dict[str, float]:
+    mean_ap, left_out = mean_average_precision(inf.scores, labels)
+    real = inf.actions >= 0
+    return {"mAP": mean_ap, "classes_without_positives": left_out, "top1": hit_at_k(inf.scores, labels, 1),
+            "hit@5": hit_at_k(inf.scores, labels, 5), "gflops_per_video": float(inf.gflops.mean()),
+            "gflops_per_frame": float(inf.gflops.sum() / max(real.sum(), 1)),
+            "fine_usage": float((inf.actions == 2).sum() / max(real.sum(), 1)), "videos": int(len(labels))}
+
+
+def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: Inference) -> None:
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["cache"] = os.path.abspath(store.path)
+        f.attrs["dataset"] = store.dataset
+        f.attrs["actions_legend"] = json.dumps({str(k): v for k, v in ACTIONS_LEGEND.items()})
+        f["video_id"] = np.array([store.ids[i] for i in rows], dtype=h5py.string_dtype())
+        f["labels"] = store.labels[rows].astype(np.uint8)
+        f["scores"] = inf.scores.astype(np.float32)
+        f["step_scores"] = inf.step_scores.astype(np.float16)
+        f["actions"] = inf.actions.astype(np.int8)
+        f["gflops"] = inf.gflops.astype(np.float64)
+        for key, value in inf.extra.items():
+            f[key] = value.astype(np.float16)
+    os.replace(tmp, path)
+
+
+def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    """Train ``cfg.method`` on ``cfg.features``, write the run folder ``cfg.out``, return its metrics."""
+    info = distributed.setup()
+    torch.manual_seed(cfg.seed)
+    device = distributed.device_for(cfg.device, info)
+    method_cls = METHODS[cfg.method]
+    probe = CachedFeatures(cfg.features, [], memory_budget=0)
+    resolve_features(cfg, probe.flops)
+    probe.file.close()
+    budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None
+    store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget, l2_normalise=cfg.l2_normalise)
+    train_rows, val_rows, eval_rows, val_note = store.splits(cfg.seed, cfg.val_fraction)
+    method = method_cls(cfg, store.dims, len(store.classes), store.flops)
+    model = method.model.to(device)
+    optimizer = method.optimizer()
+    if info.world > 1:
+        model = DistributedDataParallel(model, find_unused_parameters=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    resolved = {**dataclasses.asdict(cfg), "validation": val_note, "cache_dataset": store.dataset,
+                "cache_sampling": store.sampling, "features_in_memory": store.in_memory,
+                "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
+    start_epoch, best, log_rows = 0, -1.0, []
+    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "model.pt")
+    if resume and os.path.exists(last_path):
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        method.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
+    if info.main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
+               disable=not (progress and info.main))
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        started, losses = time.monotonic(), []
+        stats: dict[str, list[float]] = {}
+        for batch in store.batches(train_rows, cfg.batch_size, generator=order):
+            batch = batch.part(slice(info.rank, None, info.world), device)
+            loss, extra = method.loss(model, batch, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            for k, v in extra.items():
+                stats.setdefault(k, []).append(v)
+        val = summarise(run_inference(method, method.model, store, val_rows, cfg.batch_size), store.labels[val_rows])
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
+               "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
+               "seconds": time.monotonic() - started}
+        log_rows.append(row)
+        if info.main:
+            if val["mAP"] > best:
+                best = val["mAP"]
+                save_atomic({"model": method.model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
+            save_atomic({"model": method.model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "log": log_rows}, last_path)
+            with open(os.path.join(cfg.out, "train_log.csv"), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in log_rows for k in r)))
+                writer.writeheader()
+                writer.writerows(log_rows)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", val_mAP=f"{val['mAP']:.3f}")
+    bar.close()
+    distributed.barrier()
+    method.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    inf = run_inference(method, method.model, store, eval_rows, cfg.batch_size)
+    metrics = summarise(inf, store.labels[eval_rows])
+    metrics["best_epoch"] = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"])
+    if info.main:
+        write_predictions(os.path.join(cfg.out, "predictions.h5"), store, eval_rows, inf)
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    distributed.teardown()
+    return metrics

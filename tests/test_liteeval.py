@@ -1,0 +1,174 @@
+"""LiteEval's equations on hand-made tensors, and the training framework on the demo cache."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from policy.data import CacheError, CachedFeatures
+from policy.methods import METHODS
+from policy.models import LiteEval
+from policy.train import train
+
+DC, DF, HC, HF, C = 6, 5, 3, 7, 4
+
+
+def hand_made(seed=0, steps=4, n=2):
+    torch.manual_seed(seed)
+    model = LiteEval(DC, DF, C, hidden_coarse=HC, hidden_fine=HF)
+    coarse, fine = torch.randn(n, steps, DC), torch.randn(n, steps, DF)
+    return model, coarse, fine, torch.full((n,), steps)
+
+
+def reference_states(model, coarse, fine, gate, sync=True):
+    """Eqs. 1, 3, 4 and the copy, written out step by step with the model's own cells."""
+    n = coarse.shape[0]
+    hc, cc, hf, cf = torch.zeros(n, HC), torch.zeros(n, HC), torch.zeros(n, HF), torch.zeros(n, HF)
+    logits = []
+    for t in range(coarse.shape[1]):
+        hc, cc = model.clstm(coarse[:, t], (hc, cc))
+        h_new, c_new = model.flstm(torch.cat([coarse[:, t], fine[:, t]], 1), (hf, cf))
+        for i in range(n):
+            if gate[i, t] == 1:
+                hf[i], cf[i] = h_new[i], c_new[i]
+            elif sync:
+                hf[i] = torch.cat([hc[i], hf[i, HC:]])
+                cf[i] = torch.cat([cc[i], cf[i, HC:]])
+        hf, cf = hf.clone(), cf.clone()
+        logits.append(model.classifier(hf))
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("pattern", [[[1, 1, 1, 1], [1, 1, 1, 1]], [[0, 0, 0, 0], [0, 0, 0, 0]],
+                                     [[1, 0, 0, 1], [0, 1, 1, 0]]])
+@pytest.mark.parametrize("sync", [True, False])
+def test_equations_and_synchronisation_with_forced_gates(pattern, sync):
+    model, coarse, fine, length = hand_made()
+    model.sync = sync
+    gate = torch.tensor(pattern, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(coarse, fine, length, gate=gate)
+        expected = reference_states(model, coarse, fine, gate, sync=sync)
+    torch.testing.assert_close(out["logits"], expected)
+    assert torch.equal(out["gate"], gate)
+
+
+def test_no_sync_differs_only_when_the_gate_is_closed():
+    model, coarse, fine, length = hand_made()
+    with torch.no_grad():
+        outputs = {}
+        for sync in (True, False):
+            model.sync = sync
+            outputs[sync] = (model(coarse, fine, length, gate=torch.ones(2, 4))["logits"],
+                             model(coarse, fine, length, gate=torch.tensor([[1., 0, 1, 1], [1, 1, 1, 1]]))["logits"])
+    assert torch.equal(outputs[True][0], outputs[False][0])
+    closed = outputs[True][1], outputs[False][1]
+    assert torch.equal(closed[0][:, 0], closed[1][:, 0])  # before the closed step: same
+    assert not torch.allclose(closed[0][0, 1], closed[1][0, 1])  # at it: different
+    assert torch.equal(closed[0][1], closed[1][1])  # the other video never closed its gate
+
+
+def test_padding_steps_change_nothing():
+    model, coarse, fine, _ = hand_made()
+    with torch.no_grad():
+        short = model(coarse[:, :2], fine[:, :2], torch.tensor([2, 2]))
+        padded = model(coarse, fine, torch.tensor([2, 2]))
+    assert torch.equal(padded["logits"][:, 1], short["logits"][:, 1])
+    assert torch.equal(padded["logits"][:, 3], short["logits"][:, 1]) and padded["gate"][:, 2:].sum() == 0
+
+
+def test_gradients_reach_the_gate():
+    model, coarse, fine, length = hand_made()
+    out = model(coarse, fine, length, mode="gumbel", tau=1.0)
+    loss = out["logits"][:, -1].logsumexp(1).sum() + ((out["gate"].mean(1) - 0.05) ** 2).sum()
+    loss.backward()
+    assert model.gate.weight.grad is not None and model.gate.weight.grad.abs().sum() > 0
+
+
+def config(method, cache, out, **kw):
+    base = dict(method=method, features=cache, out=str(out), epochs=6, batch_size=4, lr=1e-3, hidden_coarse=16,
+                hidden_fine=32, hidden=32)
+    fields = METHODS[method].Config.__dataclass_fields__
+    return METHODS[method].Config(**{k: v for k, v in {**base, **kw}.items() if k in fields})
+
+
+def test_fine_usage_follows_gamma(demo_cache, tmp_path):
+    low = train(config("liteeval", demo_cache, tmp_path / "g005", gamma=0.05, epochs=12), progress=False)
+    high = train(config("liteeval", demo_cache, tmp_path / "g05", gamma=0.5, epochs=12), progress=False)
+    assert low["fine_usage"] < 0.25 and high["fine_usage"] > low["fine_usage"] + 0.2
+    assert high["gflops_per_video"] > low["gflops_per_video"]
+
+
+def test_run_folder_and_gflops_accounting(demo_cache, tmp_path):
+    run = tmp_path / "le"
+    metrics = train(config("liteeval", demo_cache, run, gamma=0.5), progress=False)
+    assert sorted(os.listdir(run)) == ["config.json", "last.pt", "metrics.json", "model.pt", "predictions.h5",
+                                       "train_log.csv"]
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["coarse"] == "efficientnet_lite0@112" and cfg["fine"] == "efficientnet_lite0@224"
+    assert "carved" in cfg["validation"]
+    store = CachedFeatures(demo_cache, [])
+    with h5py.File(run / "predictions.h5", "r") as f:
+        actions, gflops = f["actions"][:], f["gflops"][:]
+        assert f["scores"].shape == (10, 10) and f["step_scores"].shape == (10, 8, 10)
+        assert set(np.unique(actions)) <= {1, 2}
+    pair = {"coarse": "efficientnet_lite0@112", "fine": "efficientnet_lite0@224"}
+    method = METHODS["liteeval"](config("liteeval", demo_cache, run, **pair), {n: 1280 for n in pair.values()}, 10,
+                                 store.flops)
+    per_frame, per_read, head = method.policy_costs(method.model)
+    frames, reads = (actions >= 1).sum(1), (actions == 2).sum(1)
+    expected = (frames * store.flops["efficientnet_lite0@112"] + reads * store.flops["efficientnet_lite0@224"]
+                + frames * per_frame + reads * per_read + head)
+    np.testing.assert_allclose(gflops, expected, rtol=1e-9)
+    assert metrics["gflops_per_video"] == pytest.approx(expected.mean())
+
+
+@pytest.mark.parametrize("method", ["uniform", "lstm", "liteeval-rl"])
+def test_baselines_train_and_price(method, demo_cache, tmp_path):
+    metrics = train(config(method, demo_cache, tmp_path / method, epochs=3), progress=False)
+    assert 0 <= metrics["mAP"] <= 1 and metrics["gflops_per_video"] > 0
+    if method != "liteeval-rl":
+        assert metrics["fine_usage"] == 1.0 and metrics["gflops_per_video"] > 8 * 0.38
+    with h5py.File(tmp_path / method / "predictions.h5", "r") as f:
+        assert ("frame_scores" in f) == (method == "uniform")
+
+
+def test_same_seed_same_numbers(demo_cache, tmp_path):
+    a = train(config("liteeval", demo_cache, tmp_path / "a", epochs=3), progress=False)
+    b = train(config("liteeval", demo_cache, tmp_path / "b", epochs=3), progress=False)
+    assert a == b
+    with h5py.File(tmp_path / "a" / "predictions.h5") as fa, h5py.File(tmp_path / "b" / "predictions.h5") as fb:
+        assert np.array_equal(fa["scores"][:], fb["scores"][:])
+
+
+def test_incompatible_cache_is_refused_with_the_command_that_fixes_it(demo_cache, tmp_path):
+    proc = run_cli("policy.cli", "--method", "liteeval", "--features", demo_cache, "--out", str(tmp_path / "x"),
+                   "--set", "coarse=mobilenetv2@112", check=False)
+    assert proc.returncode == 1
+    assert "lacks features mobilenetv2@112" in proc.stderr and "extract-features --dataset demo" in proc.stderr
+    with pytest.raises(CacheError, match="no feature cache"):
+        CachedFeatures(str(tmp_path / "nope.h5"), [])
+
+
+def test_resume_after_kill_mid_run_equals_uninterrupted(demo_cache, tmp_path):
+    args = ["--method", "liteeval", "--features", demo_cache, "--epochs", "8", "--batch-size", "2",
+            "--set", "hidden_coarse=64", "--set", "hidden_fine=256", "--no-progress"]
+    run_cli("policy.cli", *args, "--out", str(tmp_path / "full"))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "policy.cli", *args, "--out", str(run)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "train_log.csv").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cli("policy.cli", *args, "--out", str(run), "--resume")
+    assert json.load(open(run / "metrics.json")) == json.load(open(tmp_path / "full" / "metrics.json"))
+    assert open(run / "train_log.csv").read().count("\n") == 9
