@@ -71,7 +71,9 @@ class CachedFeatures:
         self.flops = {r["name"].decode(): float(r["gflops"]) for r in f["flops"][:]}
         self.sampling = json.loads(f.attrs["sampling"])
         size = sum(f["features"][n].size * 2 for n in names)
-        self.in_memory = size <= (memory_budget if memory_budget is not None else default_memory_budget())
+        budget = memory_budget if memory_budget is not None else default_memory_budget()
+        self.in_memory = size <= budget
+        self.block_rows = max(1, budget // 2 // max(1, size // max(1, len(self.ids))))  # half the budget per block
         self.arrays = {n: f["features"][n][:] for n in names} if self.in_memory else None
 
     def __len__(self) -> int:
@@ -96,33 +98,36 @@ class CachedFeatures:
             f"{val_fraction:.0%} of train carved with seed {seed}"
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Features of sorted ``rows``; from disk in one contiguous read when streaming."""
         if self.in_memory:
             return {n: self.arrays[n][rows] for n in self.names}
-        lo, hi = int(rows.min()), int(rows.max()) + 1  # one contiguous read, then pick
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
         return {n: self.file["features"][n][lo:hi][rows - lo] for n in self.names}
 
-    def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None,
-                block: int = 4096) -> Iterator[Batch]:
-        """Batches over ``rows``; shuffled when a ``generator`` is given (in-memory: fully;
-        streamed: the order of contiguous ``block``-row blocks, then within each block)."""
+    def _batch(self, picked: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
+        where = np.searchsorted(rows, picked)  # rows is sorted and holds every picked row
+        feats = {}
+        for n, x in data.items():
+            t = torch.from_numpy(x[where]).float()
+            feats[n] = torch.nn.functional.normalize(t, dim=-1) if self.l2_normalise else t
+        return Batch(picked, feats, torch.from_numpy(self.labels[picked]), torch.from_numpy(self.length[picked]))
+
+    def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches over ``rows``, shuffled when a ``generator`` is given. In memory: a full
+        permutation. Streamed: contiguous blocks of ``block_rows`` videos in shuffled order, each read
+        once, shuffled within."""
         rows = np.sort(rows)
-        if generator is None:
-            order = [rows]
-        elif self.in_memory:
-            order = [rows[torch.randperm(len(rows), generator=generator).numpy()]]
-        else:
-            blocks = [rows[(rows >= s) & (rows < s + block)] for s in range(0, len(self), block)]
-            blocks = [b for b in blocks if len(b)]
-            order = [blocks[i][torch.randperm(len(blocks[i]), generator=generator).numpy()]
-                     for i in torch.randperm(len(blocks), generator=generator).tolist()]
-        for group in order:
-            for start in range(0, len(group), batch_size):
-                picked = group[start:start + batch_size]
-                sorted_rows = np.sort(picked)
-                data = self._read(sorted_rows)
-                back = np.searchsorted(sorted_rows, picked)
-                feats = {}
-                for n, x in data.items():
-                    t = torch.from_numpy(x[back]).float()
-                    feats[n] = torch.nn.functional.normalize(t, dim=-1) if self.l2_normalise else t
-                yield Batch(picked, feats, torch.from_numpy(self.labels[picked]), torch.from_numpy(self.length[picked]))
+        if self.in_memory:
+            order = rows if generator is None else rows[torch.randperm(len(rows), generator=generator).numpy()]
+            for start in range(0, len(order), batch_size):
+                picked = order[start:start + batch_size]
+                yield self._batch(picked, self._read(np.sort(picked)), np.sort(picked))
+            return
+        blocks = [rows[s:s + self.block_rows] for s in range(0, len(rows), self.block_rows)]
+        if generator is not None:
+            blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        for block in blocks:
+            data = self._read(block)
+            order = block if generator is None else block[torch.randperm(len(block), generator=generator).numpy()]
+            for start in range(0, len(order), batch_size):
+                yield self._batch(order[start:start + batch_size], data, block)
