@@ -176,12 +176,12 @@ def test_resume_after_kill_mid_run_equals_uninterrupted(demo_cache, tmp_path):
 
 def test_cache_larger_than_the_memory_budget_is_streamed(demo_cache, tmp_path):
     names = ["efficientnet_lite0@112", "efficientnet_lite0@224"]
-    memory, streamed = CachedFeatures(demo_cache, names), CachedFeatures(demo_cache, names, memory_budget=30_000)
+    memory, streamed = CachedFeatures(demo_cache, names), CachedFeatures(demo_cache, names, memory_budget=491_520)  # blocks of 6 videos
     assert memory.in_memory and not streamed.in_memory and streamed.block_rows < len(streamed)
     rows = np.arange(len(memory))
     for a, b in zip(memory.batches(rows, 3), streamed.batches(rows, 3)):
         assert np.array_equal(a.index, b.index) and torch.equal(a.features[names[1]], b.features[names[1]])
     shuffled = np.concatenate([b.index for b in streamed.batches(rows, 3, torch.Generator().manual_seed(1))])
     assert sorted(shuffled.tolist()) == rows.tolist() and shuffled.tolist() != rows.tolist()
-    train(config("liteeval", demo_cache, tmp_path / "s", epochs=1, memory_budget_gb=30_000 / 2**30), progress=False)
+    train(config("liteeval", demo_cache, tmp_path / "s", epochs=1, memory_budget_gb=491_520 / 2**30), progress=False)
     assert json.load(open(tmp_path / "s" / "config.json"))["features_in_memory"] is False
