@@ -1,7 +1,8 @@
 """Method registry: one config dataclass, one model, one loss and one inference per method.
 
-Actions (``predictions.h5/actions``), per frame: -1 no frame (padding), 0 skipped, 1 coarse
-features only, 2 fine features (for LiteEval: coarse and fine; for UNIFORM/LSTM: fine only).
+Actions (``predictions.h5/actions``, legend in its ``actions_legend`` attribute), per frame for
+LiteEval, UNIFORM and LSTM: -1 no frame (padding), 1 coarse features only, 2 fine features (for
+LiteEval coarse and fine; for UNIFORM/LSTM fine only). AR-Net's codes are in :mod:`policy.arnet`.
 GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
 plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
 """
@@ -20,7 +21,7 @@ from extract.flops import count_gflops
 from .data import Batch
 from .models import FrameClassifier, LiteEval, LSTMClassifier
 
-ACTIONS_LEGEND = {-1: "no frame", 0: "skipped", 1: "coarse only", 2: "fine"}
+ACTIONS_LEGEND = {-1: "no frame", 1: "coarse only", 2: "fine"}
 
 
 @dataclass
@@ -74,14 +75,36 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type] = TrainConfig
+    fine_code: ClassVar[int] = 2  # the action whose share is reported as "fine_usage"
 
     def __init__(self, cfg, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
         self.model = self.build()
 
     @staticmethod
+    def resolve(cfg, flops: dict[str, float]) -> None:
+        """Fill feature names left empty from the cache's FLOPs table (GMACs per frame by name):
+        fine = the most expensive feature, coarse = the cheapest."""
+        by_cost = sorted(flops, key=flops.get)
+        if by_cost and not cfg.fine:
+            cfg.fine = by_cost[-1]
+        if by_cost and not cfg.coarse:
+            cfg.coarse = by_cost[0]
+
+    @staticmethod
     def needs(cfg) -> list[str]:
         return [cfg.fine]
+
+    @property
+    def legend(self) -> dict[int, str]:
+        return ACTIONS_LEGEND
+
+    def on_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each training epoch (stages, learning rates, freezing)."""
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether this epoch's model may become the kept checkpoint."""
+        return True
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -253,3 +276,6 @@ class LiteEvalRL(LiteEvalMethod):
         policy = -(advantage * out["log_prob"].sum(1))
         loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")
         return loss.mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
+
+
+from . import arnet  # noqa: E402,F401  (registers AR-Net and its baselines)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from extract import distributed
 
 from .data import CachedFeatures
-from .methods import ACTIONS_LEGEND, METHODS, Inference, Method
+from .methods import METHODS, Inference, Method
 from .metrics import hit_at_k, mean_average_precision
 
 
@@ -30,15 +30,6 @@ def save_atomic(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def resolve_features(cfg, store_flops: dict[str, float]) -> None:
-    """Fill ``cfg.fine`` / ``cfg.coarse`` left empty: the cache's most / least expensive feature."""
-    by_cost = sorted(store_flops, key=store_flops.get)
-    if by_cost and not cfg.fine:
-        cfg.fine = by_cost[-1]
-    if by_cost and not cfg.coarse:
-        cfg.coarse = by_cost[0]
 
 
 def run_inference(method: Method, model, store: CachedFeatures, rows: np.ndarray, batch_size: int) -> Inference:
@@ -54,21 +45,24 @@ def run_inference(method: Method, model, store: CachedFeatures, rows: np.ndarray
                      extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys})
 
 
-def summarise(inf: Inference, labels: np.ndarray) -> dict[str, float]:
+def summarise(inf: Inference, labels: np.ndarray, method: Method) -> dict:
+    """Metrics of one split; GFLOPs per frame divide by every real frame, skipped ones included."""
     mean_ap, left_out = mean_average_precision(inf.scores, labels)
-    real = inf.actions >= 0
+    frames = max(int((inf.actions != -1).sum()), 1)
+    usage = {name: float((inf.actions == code).sum() / frames) for code, name in method.legend.items() if code != -1}
     return {"mAP": mean_ap, "classes_without_positives": left_out, "top1": hit_at_k(inf.scores, labels, 1),
             "hit@5": hit_at_k(inf.scores, labels, 5), "gflops_per_video": float(inf.gflops.mean()),
-            "gflops_per_frame": float(inf.gflops.sum() / max(real.sum(), 1)),
-            "fine_usage": float((inf.actions == 2).sum() / max(real.sum(), 1)), "videos": int(len(labels))}
+            "gflops_per_frame": float(inf.gflops.sum() / frames),
+            "fine_usage": float((inf.actions == method.fine_code).sum() / frames), "action_usage": usage,
+            "videos": int(len(labels))}
 
 
-def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: Inference) -> None:
+def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: Inference, legend: dict) -> None:
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
         f.attrs["cache"] = os.path.abspath(store.path)
         f.attrs["dataset"] = store.dataset
-        f.attrs["actions_legend"] = json.dumps({str(k): v for k, v in ACTIONS_LEGEND.items()})
+        f.attrs["actions_legend"] = json.dumps({str(k): v for k, v in legend.items()})
         f["video_id"] = np.array([store.ids[i] for i in rows], dtype=h5py.string_dtype())
         f["labels"] = store.labels[rows].astype(np.uint8)
         f["scores"] = inf.scores.astype(np.float32)
@@ -87,7 +81,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     device = distributed.device_for(cfg.device, info)
     method_cls = METHODS[cfg.method]
     probe = CachedFeatures(cfg.features, [], memory_budget=0)
-    resolve_features(cfg, probe.flops)
+    method_cls.resolve(cfg, probe.flops)
     probe.file.close()
     budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None
     store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget, l2_normalise=cfg.l2_normalise)
@@ -115,6 +109,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
                disable=not (progress and info.main))
     for epoch in range(start_epoch, cfg.epochs):
+        method.on_epoch(epoch, optimizer)
         model.train()
         order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         started, losses = time.monotonic(), []
@@ -128,13 +123,14 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             losses.append(loss.item())
             for k, v in extra.items():
                 stats.setdefault(k, []).append(v)
-        val = summarise(run_inference(method, method.model, store, val_rows, cfg.batch_size), store.labels[val_rows])
+        val = summarise(run_inference(method, method.model, store, val_rows, cfg.batch_size), store.labels[val_rows],
+                        method)
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
                "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
                "seconds": time.monotonic() - started}
         log_rows.append(row)
         if info.main:
-            if val["mAP"] > best:
+            if val["mAP"] > best and method.selectable(epoch):
                 best = val["mAP"]
                 save_atomic({"model": method.model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
             save_atomic({"model": method.model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -149,10 +145,10 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     distributed.barrier()
     method.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     inf = run_inference(method, method.model, store, eval_rows, cfg.batch_size)
-    metrics = summarise(inf, store.labels[eval_rows])
+    metrics = summarise(inf, store.labels[eval_rows], method)
     metrics["best_epoch"] = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"])
     if info.main:
-        write_predictions(os.path.join(cfg.out, "predictions.h5"), store, eval_rows, inf)
+        write_predictions(os.path.join(cfg.out, "predictions.h5"), store, eval_rows, inf, method.legend)
         with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
     distributed.teardown()

@@ -1,0 +1,374 @@
+"""AR-Net (Meng et al., ECCV 2020) on cached features, and its baselines Random Policy,
+Multi-Scale and SCSampler.
+
+Backbones are frozen: their features at every resolution are in the cache, so each backbone
+``Psi_l`` becomes a linear classifier head on its features. The policy is an LSTM over the
+cheapest feature (MobileNetV2@84) with a linear layer to L + M logits: L resolutions (descending)
+then M skips. Choosing a skip F skips the current frame and the next F - 1: the policy does not
+read them and they cost nothing. The video prediction averages the logits of the chosen frames.
+
+Action codes in ``predictions.h5``: 0..L-1 the resolution (backbone) chosen, L..L+M-1 the skip
+chosen at that frame, -2 skipped over by an earlier skip, -1 no frame (padding).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extract.backbones import parse_name
+from extract.flops import count_gflops
+
+from .data import Batch
+from .methods import Inference, Method, TrainConfig, numpy, register_method, soft_cross_entropy
+
+SKIPPED_OVER = -2
+
+
+@dataclass
+class ARNetConfig(TrainConfig):
+    """AR-Net's defaults: SGD momentum 0.9; warm-up 10 epochs at 0.02, joint 50 at 0.001,
+    finetune 50 at 0.0005; tau 5 decayed by exp(-0.045) per epoch; alpha 0.1, beta 0.3."""
+
+    backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
+    policy: str = ""  # the policy's feature; "": the cache's cheapest
+    hidden: int = 512
+    skips: str = "1,2,4"
+    actions: str = "both"  # both | resolution | skip (AR-Net Table 4)
+    alpha: float = 0.1
+    beta: float = 0.3
+    tau_start: float = 5.0
+    tau_decay: float = 0.045
+    stages: str = "warmup,joint,finetune"
+    warmup_epochs: int = 10
+    joint_epochs: int = 50
+    finetune_epochs: int = 50
+    warmup_lr: float = 0.02
+    joint_lr: float = 0.001
+    finetune_lr: float = 0.0005
+    momentum: float = 0.9
+    stochastic_eval: bool = False
+    topk: int = 10  # scsampler: frames kept
+    match_run: str = ""  # random: draw actions with the frequencies of this run's predictions
+
+
+class ARNet(nn.Module):
+    """Heads per resolution plus the policy LSTM; ``forward`` returns per-frame head logits
+    ``(N, T, L, C)`` and, unless ``mode == "all"``, the one-hot actions ``P`` ``(N, T, L + M)``,
+    the action codes ``(N, T)`` and the policy's logits at visited frames (zero elsewhere)."""
+
+    def __init__(self, dims: list[int], policy_dim: int, num_classes: int, *, hidden: int = 512, skips: int = 3):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Sequential(nn.Dropout(0.5), nn.Linear(d, num_classes)) for d in dims)
+        self.lstm = nn.LSTMCell(policy_dim, hidden)
+        self.fc = nn.Linear(hidden, len(dims) + skips)
+
+    def head_logits(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([head(x) for head, x in zip(self.heads, feats)], dim=2)
+
+    def forward(self, feats: list[torch.Tensor], policy_feats: torch.Tensor, length: torch.Tensor, *,
+                skips: torch.Tensor, allowed: torch.Tensor, mode: str = "argmax", tau: float = 1.0,
+                probs: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``mode``: gumbel (straight-through, eq. 8), sample (Gumbel-max, eq. 6), argmax, random
+        (draw from ``probs``) or all (no policy). ``forced`` (N, T) fixes the actions (for tests)."""
+        logits = self.head_logits(feats)
+        if mode == "all":
+            return {"logits": logits}
+        n, steps = policy_feats.shape[:2]
+        L = len(self.heads)
+        h = policy_feats.new_zeros(n, self.lstm.hidden_size)
+        c = torch.zeros_like(h)
+        remaining = torch.zeros(n, dtype=torch.long, device=length.device)
+        actions, codes, scores = [], [], []
+        for t in range(steps):
+            active = (remaining == 0) & (t < length)
+            h_new, c_new = self.lstm(policy_feats[:, t], (h, c))
+            a = active.unsqueeze(1).to(h.dtype)
+            h, c = a * h_new + (1 - a) * h, a * c_new + (1 - a) * c
+            z = self.fc(h_new).masked_fill(~allowed, float("-inf"))
+            if forced is not None:
+                P = F.one_hot(forced[:, t], z.shape[1]).to(z)
+            elif mode == "gumbel":
+                P = F.gumbel_softmax(z, tau=tau, hard=True)
+            elif mode == "sample":
+                P = F.one_hot((z - torch.empty_like(z).exponential_().log()).argmax(1), z.shape[1]).to(z)
+            elif mode == "random":
+                P = F.one_hot(torch.multinomial(probs.expand(n, -1), 1).squeeze(1), z.shape[1]).to(z)
+            else:
+                P = F.one_hot(z.argmax(1), z.shape[1]).to(z)
+            P = P * a
+            chosen = P.argmax(1)
+            skip = active & (chosen >= L)
+            span = skips[(chosen - L).clamp(min=0)]
+            remaining = torch.where(skip, span - 1, torch.where(active, torch.zeros_like(remaining),
+                                                                 (remaining - 1).clamp(min=0)))
+            codes.append(torch.where(active, chosen, torch.where(t < length, SKIPPED_OVER, -1)))
+            actions.append(P)
+            scores.append(z * a)
+        return {"logits": logits, "P": torch.stack(actions, 1), "codes": torch.stack(codes, 1),
+                "policy_logits": torch.stack(scores, 1)}
+
+
+def video_logits(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over frames of (N, T, C) logits; a video with no chosen frame gets zeros."""
+    return (logits * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp(min=1e-6)
+
+
+def running_scores(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Softmax of the weighted mean of the frames seen up to each step: (N, T, C)."""
+    total = (logits * weight.unsqueeze(-1)).cumsum(1)
+    return (total / weight.cumsum(1).clamp(min=1e-6).unsqueeze(-1)).softmax(-1)
+
+
+def flops_per_frame(P: torch.Tensor, per_action: torch.Tensor, visit: float, length: torch.Tensor) -> torch.Tensor:
+    """Eq. 10 per video: (1/T) sum_t GFLOPs(a_t); a visited frame also pays the policy (``visit``)."""
+    return ((P * per_action).sum(-1) + visit * P.sum(-1)).sum(1) / length.clamp(min=1).to(P.dtype)
+
+
+def uniform_usage(P: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: sum over actions of (batch frequency of the action - 1 / (L + M))^2."""
+    frequency = (P.sum(1) / length.clamp(min=1).to(P.dtype).unsqueeze(1)).mean(0)
+    return ((frequency - 1.0 / P.shape[2]) ** 2).sum()
+
+
+class _Family(Method):
+    """What AR-Net and its baselines share: heads per resolution, stage-free warm-up training."""
+
+    Config = ARNetConfig
+    fine_code = 0  # "fine usage" = share of frames at the highest resolution
+
+    @staticmethod
+    def resolve(cfg, flops: dict[str, float]) -> None:
+        """Policy = the cheapest feature; backbones = per resolution (descending) its most expensive feature."""
+        if not cfg.policy:
+            cfg.policy = min(flops, key=flops.get)
+        if not cfg.backbones:
+            best: dict[int, str] = {}
+            for name in sorted(flops, key=flops.get):
+                best[parse_name(name)[1]] = name
+            cfg.backbones = ",".join(best[r] for r in sorted(best, reverse=True))
+        cfg.fine = cfg.fine or cfg.backbones.split(",")[0]
+
+    @staticmethod
+    def needs(cfg) -> list[str]:
+        return list(dict.fromkeys(cfg.backbones.split(",") + [cfg.policy]))
+
+    @property
+    def names(self) -> list[str]:
+        return self.cfg.backbones.split(",")
+
+    @property
+    def skips(self) -> list[int]:
+        return [int(s) for s in self.cfg.skips.split(",") if s.strip()]
+
+    @property
+    def legend(self) -> dict[int, str]:
+        L = len(self.names)
+        codes = {-1: "no frame", SKIPPED_OVER: "skipped over"}
+        codes.update({i: n for i, n in enumerate(self.names)})
+        codes.update({L + j: f"skip {f}" for j, f in enumerate(self.skips)})
+        return codes
+
+    def build(self) -> nn.Module:
+        return ARNet([self.dims[n] for n in self.names], self.dims[self.cfg.policy], self.num_classes,
+                     hidden=self.cfg.hidden, skips=len(self.skips))
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=self.cfg.warmup_lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    def _feats(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch.features[n] for n in self.names]
+
+    def warmup_loss(self, model, batch: Batch) -> torch.Tensor:
+        """Every head on every real frame (the policy is not used): mean over heads of the video CE."""
+        logits = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode="all",
+                       skips=None, allowed=None)["logits"]
+        weight = (torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)).to(logits)
+        return torch.stack([soft_cross_entropy(video_logits(logits[:, :, l], weight), batch.labels)
+                            for l in range(logits.shape[2])]).mean()
+
+    def costs(self, model) -> tuple[torch.Tensor, float]:
+        """GMACs of each action when taken (resolution: backbone + head, the policy's own feature
+        counted once; skip: 0) and of visiting a frame (policy feature + LSTM step + fc)."""
+        m = model.module if hasattr(model, "module") else model
+        device = m.fc.weight.device
+        heads = [count_gflops(h, torch.zeros(1, self.dims[n], device=device)) for h, n in zip(m.heads, self.names)]
+        per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h for n, h in zip(self.names, heads)]
+        per_action += [0.0] * len(self.skips)
+        visit = (self.flops[self.cfg.policy] + count_gflops(m.lstm, torch.zeros(1, self.dims[self.cfg.policy],
+                                                                                device=device))
+                 + count_gflops(m.fc, torch.zeros(1, m.fc.in_features, device=device)))
+        return torch.tensor(per_action, device=device), visit
+
+    def allowed(self, device) -> torch.Tensor:
+        L, M = len(self.names), len(self.skips)
+        kind = self.cfg.actions
+        if kind not in ("both", "resolution", "skip"):
+            raise ValueError(f"actions must be both, resolution or skip, not {kind!r}")
+        mask = [kind != "skip" or i == 0 for i in range(L)] + [kind != "resolution"] * M
+        return torch.tensor(mask, device=device)
+
+    def policy_inference(self, model, batch: Batch, mode: str, probs: torch.Tensor | None = None) -> Inference:
+        device = batch.length.device
+        out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode=mode,
+                    skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device), probs=probs)
+        L = len(self.names)
+        P = out["P"]
+        weight = P[:, :, :L].sum(-1)
+        frame_logits = (out["logits"] * P[:, :, :L].unsqueeze(-1)).sum(2)
+        per_action, visit = self.costs(model)
+        gflops = (P * per_action).sum((1, 2)) + visit * (out["codes"] >= 0).sum(1)
+        steps = running_scores(frame_logits, weight)
+        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)), step_scores=numpy(steps),
+                         actions=numpy(out["codes"]), gflops=numpy(gflops).astype(np.float64))
+
+
+@register_method
+class ARNetMethod(_Family):
+    """AR-Net: loss (1 - alpha) CE + alpha L_flops + beta L_uni (eqs. 9-12), in stages."""
+
+    name = "arnet"
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        super().__init__(cfg, dims, num_classes, flops)
+        self.stage_list = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+        if not self.stage_list or set(self.stage_list) - {"warmup", "joint", "finetune"}:
+            raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {cfg.stages!r}")
+        self.schedule = [s for s in ("warmup", "joint", "finetune") if s in self.stage_list
+                         for _ in range(getattr(cfg, f"{s}_epochs"))]
+        cfg.epochs = len(self.schedule)
+
+    def stage(self, epoch: int) -> str:
+        return self.schedule[epoch]
+
+    def tau(self, epoch: int) -> float:
+        start = self.schedule.index("joint") if "joint" in self.schedule else 0
+        return self.cfg.tau_start * math.exp(-self.cfg.tau_decay * max(0, epoch - start))
+
+    def on_epoch(self, epoch, optimizer):
+        stage = self.stage(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = getattr(self.cfg, f"{stage}_lr")
+        policy = list(self.model.lstm.parameters()) + list(self.model.fc.parameters())
+        for p in policy:
+            p.requires_grad_(stage == "joint")
+
+    def selectable(self, epoch: int) -> bool:
+        return self.stage(epoch) == self.schedule[-1]
+
+    def loss(self, model, batch, epoch):
+        if self.stage(epoch) == "warmup":
+            return self.warmup_loss(model, batch), {}
+        device = batch.length.device
+        out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode="gumbel",
+                    tau=self.tau(epoch), skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device))
+        L = len(self.names)
+        P = out["P"]
+        weight = P[:, :, :L].sum(-1)
+        frame_logits = (out["logits"] * P[:, :, :L].unsqueeze(-1)).sum(2)
+        ce = soft_cross_entropy(video_logits(frame_logits, weight), batch.labels)
+        per_action, visit = self.costs(model)
+        flops = flops_per_frame(P, per_action, visit, batch.length)
+        uniform = uniform_usage(P, batch.length)
+        loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
+        return loss, {"ce": ce.mean().item(), "gflops_per_frame": flops.mean().item()}
+
+    def infer(self, model, batch):
+        return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
+
+
+@register_method
+class RandomPolicy(_Family):
+    """Random Policy: the heads of the warm-up, actions drawn at random (uniformly over the allowed
+    actions, or with the action frequencies of ``match_run`` to compare at the same budget)."""
+
+    name = "random"
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        super().__init__(cfg, dims, num_classes, flops)
+        cfg.epochs = cfg.warmup_epochs
+        self.probs = self.allowed("cpu").float()
+        if cfg.match_run:
+            with h5py.File(os.path.join(cfg.match_run, "predictions.h5"), "r") as f:
+                codes = f["actions"][:]
+            counts = np.bincount(codes[codes >= 0], minlength=len(self.probs)).astype(np.float64)
+            self.probs = torch.tensor(counts[: len(self.probs)], dtype=torch.float32)
+        self.probs = self.probs / self.probs.sum()
+
+    def loss(self, model, batch, epoch):
+        return self.warmup_loss(model, batch), {}
+
+    def infer(self, model, batch):
+        return self.policy_inference(model, batch, "random", probs=self.probs.to(batch.length.device))
+
+
+@register_method
+class MultiScale(_Family):
+    """Multi-Scale: every resolution on every frame, logits averaged over heads and frames."""
+
+    name = "multiscale"
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        super().__init__(cfg, dims, num_classes, flops)
+        cfg.epochs = cfg.warmup_epochs
+
+    def loss(self, model, batch, epoch):
+        return self.warmup_loss(model, batch), {}
+
+    def infer(self, model, batch):
+        logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
+        real = torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)
+        frame_logits = logits.mean(2)
+        weight = real.to(logits)
+        m = model.module if hasattr(model, "module") else model
+        per_frame = sum(self.flops[n] + count_gflops(h, torch.zeros(1, self.dims[n], device=logits.device))
+                        for h, n in zip(m.heads, self.names))  # every backbone and head on every frame
+        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
+                         step_scores=numpy(running_scores(frame_logits, weight)),
+                         actions=np.where(numpy(real), 0, -1), gflops=numpy(batch.length).astype(np.float64) * per_frame)
+
+
+@register_method
+class SCSampler(_Family):
+    """SCSampler: a classifier on the cheapest (sampler) feature ranks frames by confidence (max
+    softmax); the top ``topk`` are classified at the highest resolution and averaged. Both heads
+    are trained with frame-level cross-entropy on every frame (a stand-in for SCSampler's AC loss)."""
+
+    name = "scsampler"
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        cfg.backbones = cfg.backbones.split(",")[0] + "," + cfg.policy
+        super().__init__(cfg, dims, num_classes, flops)
+        cfg.epochs = cfg.warmup_epochs
+
+    @property
+    def legend(self) -> dict[int, str]:
+        return {-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]}
+
+    def loss(self, model, batch, epoch):
+        return self.warmup_loss(model, batch), {}
+
+    def infer(self, model, batch):
+        logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
+        steps = logits.shape[1]
+        real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
+        confidence = logits[:, :, 1].softmax(-1).amax(-1).masked_fill(~real, -1.0)
+        k = torch.clamp(batch.length, max=self.cfg.topk)
+        rank = confidence.argsort(1, descending=True).argsort(1)
+        keep = (rank < k.unsqueeze(1)) & real
+        weight = keep.to(logits)
+        per_action, _ = self.costs(model)
+        sampler = self.flops[self.cfg.policy] + float(per_action[1])
+        gflops = numpy(batch.length) * sampler + numpy(keep.sum(1)) * float(per_action[0])
+        return Inference(scores=numpy(video_logits(logits[:, :, 0], weight).softmax(-1)),
+                         step_scores=numpy(running_scores(logits[:, :, 0], weight)),
+                         actions=np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)),
+                         gflops=gflops.astype(np.float64))
+

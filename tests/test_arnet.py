@@ -1,0 +1,166 @@
+"""AR-Net and its baselines: skip semantics, routing, costs, losses, stages, and the published FLOPs."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from extract.backbones import create_backbone
+from extract.flops import backbone_flops
+from policy.arnet import ARNet, SKIPPED_OVER, flops_per_frame, uniform_usage
+from policy.data import Batch
+from policy.methods import METHODS
+from policy.train import train
+
+DIMS, DP, C, SKIPS = [6, 5], 5, 3, torch.tensor([1, 2, 4])
+ALL = torch.ones(5, dtype=torch.bool)
+
+
+def hand_made(seed=0, steps=8, n=1):
+    torch.manual_seed(seed)
+    model = ARNet(DIMS, DP, C, hidden=4, skips=3).eval()
+    feats = [torch.randn(n, steps, d) for d in DIMS]
+    return model, feats, feats[1], torch.full((n,), steps)
+
+
+def test_skip_semantics_on_a_hand_made_sequence():
+    model, feats, policy, length = hand_made()
+    # L = 2 resolutions, then skip 1 / 2 / 4 as codes 2 / 3 / 4; entries at skipped-over steps are ignored
+    forced = torch.tensor([[3, 0, 0, 4, 0, 0, 0, 1]])
+    out = model(feats, policy, length, skips=SKIPS, allowed=ALL, forced=forced)
+    assert out["codes"].tolist() == [[3, SKIPPED_OVER, 0, 4, SKIPPED_OVER, SKIPPED_OVER, SKIPPED_OVER, 1]]
+    # the policy never reads a skipped-over frame: changing those features changes none of its outputs
+    changed = policy.clone()
+    changed[:, [1, 4, 5, 6]] += 100
+    with torch.no_grad():
+        again = model(feats, changed, length, skips=SKIPS, allowed=ALL, forced=forced)
+        torch.testing.assert_close(again["policy_logits"], out["policy_logits"], rtol=0, atol=0)
+        read = policy.clone()
+        read[:, 2] += 100  # a visited frame: what follows changes
+        assert not torch.equal(model(feats, read, length, skips=SKIPS, allowed=ALL, forced=forced)["policy_logits"][:, 7],
+                               out["policy_logits"][:, 7])
+    skip_one = model(feats, policy, length, skips=SKIPS, allowed=ALL, forced=torch.full((1, 8), 2))
+    assert skip_one["codes"].tolist() == [[2] * 8]  # skip 1 skips only the current frame
+
+
+def test_routing_and_video_prediction_average_the_chosen_heads():
+    model, feats, policy, length = hand_made()
+    forced = torch.tensor([[0, 1, 3, 0, 0, 1, 2, 0]])  # codes 0/1 route to heads 0/1
+    out = model(feats, policy, length, skips=SKIPS, allowed=ALL, forced=forced)
+    codes = out["codes"][0].tolist()
+    expected, chosen = [], []
+    for t, code in enumerate(codes):
+        if code in (0, 1):
+            expected.append(model.heads[code](feats[code][0, t]))
+            chosen.append(t)
+    from policy.arnet import video_logits
+    L = 2
+    frame_logits = (out["logits"] * out["P"][:, :, :L].unsqueeze(-1)).sum(2)
+    video = video_logits(frame_logits, out["P"][:, :, :L].sum(-1))
+    torch.testing.assert_close(video[0], torch.stack(expected).mean(0))
+    assert codes[2] == 3 and codes[3] == SKIPPED_OVER  # skip 2 covers frames 2 and 3
+
+
+def test_disallowed_actions_are_never_taken():
+    model, feats, policy, length = hand_made(n=16)
+    resolution_only = torch.tensor([True, True, False, False, False])
+    for mode in ("argmax", "sample", "gumbel"):
+        codes = model(feats, policy, length, skips=SKIPS, allowed=resolution_only, mode=mode, tau=1.0)["codes"]
+        assert codes.min() >= 0 and codes.max() <= 1
+
+
+def test_flops_and_uniform_usage_terms_by_hand():
+    P = torch.zeros(1, 4, 5)
+    P[0, 0, 0] = P[0, 1, 1] = P[0, 2, 3] = 1  # high res, low res, skip 2 (frame 3 skipped over)
+    per_action = torch.tensor([4.0, 0.5, 0.0, 0.0, 0.0])
+    assert flops_per_frame(P, per_action, 0.1, torch.tensor([4])).item() == pytest.approx((4 + 0.5 + 3 * 0.1) / 4)
+    every_frame_high = torch.zeros(2, 4, 7)
+    every_frame_high[:, :, 0] = 1
+    assert uniform_usage(every_frame_high, torch.tensor([4, 4])).item() == pytest.approx(42 / 49)
+    balanced = torch.eye(7).unsqueeze(0)
+    assert uniform_usage(balanced, torch.tensor([7])).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def arnet_config(cache, out, method="arnet", **kw):
+    base = dict(method=method, features=cache, out=str(out), batch_size=4, hidden=16, warmup_epochs=1,
+                joint_epochs=1, finetune_epochs=1)
+    return METHODS[method].Config(**{**base, **kw})
+
+
+def test_stages_freeze_what_they_must(demo_cache, tmp_path):
+    cfg = arnet_config(demo_cache, tmp_path / "a")
+    METHODS["arnet"].resolve(cfg, {"efficientnet_lite0@224": 0.384, "efficientnet_lite0@112": 0.106})
+    method = METHODS["arnet"](cfg, {"efficientnet_lite0@224": 1280, "efficientnet_lite0@112": 1280}, 10,
+                              {"efficientnet_lite0@224": 0.384, "efficientnet_lite0@112": 0.106})
+    assert cfg.epochs == 3 and method.schedule == ["warmup", "joint", "finetune"]
+    optimizer = method.optimizer()
+    torch.manual_seed(0)
+    batch = Batch(np.arange(4), {n: torch.randn(4, 8, 1280) for n in cfg.backbones.split(",")},
+                  torch.eye(10)[:4], torch.full((4,), 8))
+
+    def snapshot():
+        return {k: v.clone() for k, v in method.model.state_dict().items()}
+
+    for epoch, policy_moves in ((0, False), (1, True), (2, False)):
+        method.on_epoch(epoch, optimizer)
+        assert optimizer.param_groups[0]["lr"] == [0.02, 0.001, 0.0005][epoch]
+        before = snapshot()
+        loss, _ = method.loss(method.model, batch, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        after = snapshot()
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(k.startswith("heads.") for k in moved)
+        assert any(k.startswith(("lstm.", "fc.")) for k in moved) == policy_moves, (epoch, moved)
+    assert not method.selectable(1) and method.selectable(2)
+
+
+@pytest.mark.parametrize("actions", ["both", "resolution", "skip"])
+def test_arnet_trains_on_the_demo_cache_with_every_action_space(demo_cache, tmp_path, actions):
+    metrics = train(arnet_config(demo_cache, tmp_path / actions, actions=actions), progress=False)
+    assert metrics["videos"] == 10 and metrics["gflops_per_video"] > 0
+    with h5py.File(tmp_path / actions / "predictions.h5", "r") as f:
+        codes = f["actions"][:]
+    if actions == "resolution":
+        assert codes.min() >= 0
+    if actions == "skip":
+        assert not np.isin(codes, [1]).any()
+
+
+@pytest.fixture(scope="module")
+def arnet_flops_cache(tmp_path_factory):
+    """A small cache with random features but the real FLOPs table of AR-Net's ResNet set, T = 16."""
+    names = ["resnet50@224", "resnet34@168", "resnet18@112", "mobilenetv2@84"]
+    entries = [backbone_flops(create_backbone(n, weights="none")) for n in names]
+    path = tmp_path_factory.mktemp("arnet") / "arnet.h5"
+    n, steps, classes = 24, 16, 200
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"dataset": "synthetic", "sampling": '{"num_frames": 16}'})
+        f["classes"] = np.array([str(i) for i in range(classes)], dtype=h5py.string_dtype())
+        f["videos/id"] = np.array([str(i) for i in range(n)], dtype=h5py.string_dtype())
+        f["videos/split"] = np.array(["train"] * 16 + ["test"] * 8, dtype=h5py.string_dtype())
+        f["videos/labels"] = np.eye(classes, dtype=np.uint8)[rng.integers(0, classes, n)]
+        f["videos/length"] = np.full(n, steps, np.int32)
+        f["videos/frame_index"] = np.tile(np.arange(steps), (n, 1))
+        for e in entries:
+            f[f"features/{e.name}"] = rng.standard_normal((n, steps, e.dim)).astype(np.float16)
+        f["flops"] = np.array([(e.name, e.resolution, e.gflops, e.params, e.dim) for e in entries],
+                              dtype=[("name", h5py.string_dtype()), ("resolution", "<i4"), ("gflops", "<f8"),
+                                     ("params", "<i8"), ("dim", "<i4")])
+    return str(path)
+
+
+def test_published_gflops_of_uniform_and_multiscale(arnet_flops_cache, tmp_path):
+    uniform = train(METHODS["uniform"].Config(method="uniform", features=arnet_flops_cache, out=str(tmp_path / "u"),
+                                              epochs=1), progress=False)
+    assert uniform["gflops_per_video"] == pytest.approx(65.76, rel=0.01)  # AR-Net Table 1, ResNet-50 x 16
+    multi = train(arnet_config(arnet_flops_cache, tmp_path / "m", method="multiscale"), progress=False)
+    assert multi["gflops_per_frame"] == pytest.approx(6.90, rel=0.02)
+    cfg = arnet_config(arnet_flops_cache, tmp_path / "r", method="random")
+    random = train(cfg, progress=False)
+    assert cfg.backbones == "resnet50@224,resnet34@168,resnet18@112,mobilenetv2@84" and cfg.policy == "mobilenetv2@84"
+    assert random["gflops_per_frame"] < multi["gflops_per_frame"]
+    sc = train(arnet_config(arnet_flops_cache, tmp_path / "s", method="scsampler"), progress=False)
+    # SCSampler: MobileNetV2 on all 16 frames, ResNet-50 on the 10 most confident
+    assert sc["gflops_per_video"] == pytest.approx(16 * 0.0504 + 10 * 4.087, rel=0.01)
