@@ -4,6 +4,7 @@ Schema (browse with ``h5ls -r CACHE.h5``)::
 
     /classes                 (C,) str          class names; index = label id
     /videos/id               (N,) str
+    /videos/path             (N,) str          video file, relative to attribute video_root
     /videos/split            (N,) str          train | val | test
     /videos/labels           (N, C) uint8      multi-hot
     /videos/length           (N,) int32        real frames per video (<= T)
@@ -11,7 +12,7 @@ Schema (browse with ``h5ls -r CACHE.h5``)::
     /features/<arch>@<res>   (N, T, D) float16 zero past `length`
     /flops                   table: name, resolution, gflops (GMACs/frame), params, dim
     /failed                  table: id, reason
-    attrs: dataset, sampling, preprocessing, weights (JSON), version, created_by
+    attrs: dataset, video_root, sampling, preprocessing, weights (JSON), version, created_by
 
 Crash safety: the cache file is only ever replaced whole (written to ``*.tmp``, fsynced,
 ``os.replace``). Work in progress lives in ``<cache>.parts/``: chunk files, each itself written
@@ -194,6 +195,9 @@ def assemble(path: str, *, videos: list[VideoRecord], classes: list[str], proble
             f["classes"] = np.array(classes, dtype=STR)
             g = f.create_group("videos")
             g["id"] = np.array([videos[i].id for i in keep], dtype=STR)
+            root = attrs.get("video_root", "")
+            g["path"] = np.array([os.path.relpath(videos[i].path, root) if root else videos[i].path for i in keep],
+                                 dtype=STR)
             g["split"] = np.array([videos[i].split for i in keep], dtype=STR)
             labels = np.zeros((len(keep), len(classes)), dtype=np.uint8)
             for row, i in enumerate(keep):

@@ -111,6 +111,7 @@ def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
                 "max_frames": cfg.sampling.max_frames, "seek": "keyframe" if cfg.seek == "keyframe" else "exact"}
     return {
         "dataset": cfg.dataset,
+        "video_root": os.path.abspath(cfg.video_root),
         "sampling": json.dumps(sampling, sort_keys=True),
         "preprocessing": json.dumps({"resize_short_side": SHORT_SIDE, "center_crop": CROP,
                                      "lower_resolutions": "antialiased bilinear resize of the 224 crop",

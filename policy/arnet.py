@@ -224,10 +224,10 @@ class _Family(Method):
         weight = P[:, :, :L].sum(-1)
         frame_logits = (out["logits"] * P[:, :, :L].unsqueeze(-1)).sum(2)
         per_action, visit = self.costs(model)
-        gflops = (P * per_action).sum((1, 2)) + visit * (out["codes"] >= 0).sum(1)
-        steps = running_scores(frame_logits, weight)
-        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)), step_scores=numpy(steps),
-                         actions=numpy(out["codes"]), gflops=numpy(gflops).astype(np.float64))
+        step = (P * per_action).sum(2) + visit * (out["codes"] >= 0)
+        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
+                         step_scores=numpy(running_scores(frame_logits, weight)), actions=numpy(out["codes"]),
+                         step_gflops=numpy(step.cumsum(1)).astype(np.float64))
 
 
 @register_method
@@ -332,7 +332,8 @@ class MultiScale(_Family):
                         for h, n in zip(m.heads, self.names))  # every backbone and head on every frame
         return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
                          step_scores=numpy(running_scores(frame_logits, weight)),
-                         actions=np.where(numpy(real), 0, -1), gflops=numpy(batch.length).astype(np.float64) * per_frame)
+                         actions=np.where(numpy(real), 0, -1),
+                         step_gflops=np.cumsum(numpy(real) * float(per_frame), 1))
 
 
 @register_method
@@ -366,9 +367,8 @@ class SCSampler(_Family):
         weight = keep.to(logits)
         per_action, _ = self.costs(model)
         sampler = self.flops[self.cfg.policy] + float(per_action[1])
-        gflops = numpy(batch.length) * sampler + numpy(keep.sum(1)) * float(per_action[0])
+        step = numpy(real) * sampler + numpy(keep) * float(per_action[0])
         return Inference(scores=numpy(video_logits(logits[:, :, 0], weight).softmax(-1)),
                          step_scores=numpy(running_scores(logits[:, :, 0], weight)),
-                         actions=np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)),
-                         gflops=gflops.astype(np.float64))
+                         actions=np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)), step_gflops=np.cumsum(step, 1))
 

@@ -65,9 +65,14 @@ class LSTMConfig(TrainConfig):
 class Inference:
     scores: np.ndarray  # (N, C) video-level prediction (probabilities)
     step_scores: np.ndarray  # (N, T, C) prediction if stopped after each step
-    actions: np.ndarray  # (N, T) int, ACTIONS_LEGEND
-    gflops: np.ndarray  # (N,) GMACs per video
+    actions: np.ndarray  # (N, T) int, see the method's legend
+    step_gflops: np.ndarray  # (N, T) GMACs spent up to and including each step (a prediction included)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> np.ndarray:
+        """(N,) GMACs per video: what was spent by the last step."""
+        return self.step_gflops[:, -1]
 
 
 class Method:
@@ -167,9 +172,9 @@ class Uniform(Method):
         probs = logits.softmax(-1) * mask.unsqueeze(-1)
         running = probs.cumsum(1) / torch.arange(1, probs.shape[1] + 1, device=probs.device).view(1, -1, 1)
         head = count_gflops(model.head, torch.zeros(1, self.dims[self.cfg.fine], device=logits.device))
-        n = numpy(batch.length)
+        real = numpy(mask)
         return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
-                         actions=np.where(numpy(mask), 2, -1), gflops=n * (self.flops[self.cfg.fine] + head),
+                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * (self.flops[self.cfg.fine] + head), 1),
                          extra={"frame_scores": numpy(probs)})
 
 
@@ -194,9 +199,10 @@ class LSTMBaseline(Method):
         dim = self.dims[self.cfg.fine]
         step = count_gflops(model.lstm, torch.zeros(1, 1, dim, device=logits.device))
         head = count_gflops(model.classifier, torch.zeros(1, self.cfg.hidden, device=logits.device))
-        n = numpy(batch.length)
+        real = numpy(mask)
         return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
-                         actions=np.where(numpy(mask), 2, -1), gflops=n * (self.flops[self.cfg.fine] + step) + head)
+                         actions=np.where(real, 2, -1),
+                         step_gflops=np.cumsum(real * (self.flops[self.cfg.fine] + step), 1) + head)
 
 
 @register_method
@@ -248,10 +254,10 @@ class LiteEvalMethod(Method):
         mask = numpy(real_mask(batch.length, probs.shape[1]))
         gate = numpy(out["gate"])
         per_frame, per_read, head = self.policy_costs(model)
-        frames, reads = numpy(batch.length), (gate > 0.5).sum(1)
-        gflops = frames * (self.flops[self.cfg.coarse] + per_frame) + reads * (self.flops[self.cfg.fine] + per_read) + head
+        read = gate > 0.5
+        step = mask * (self.flops[self.cfg.coarse] + per_frame) + read * (self.flops[self.cfg.fine] + per_read)
         return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
-                         actions=np.where(mask, 1 + (gate > 0.5), -1), gflops=gflops)
+                         actions=np.where(mask, 1 + read, -1), step_gflops=np.cumsum(step, 1) + head)
 
 
 @register_method

@@ -1,21 +1,57 @@
-"""Video-level metrics, numpy/sklearn only."""
+"""Video-level metrics, numpy only, vectorised over classes.
+
+``average_precision``: sklearn's ``average_precision_score`` convention (non-interpolated; tied
+scores form one threshold). ``interpolated_average_precision``: the official ActivityNet
+classification evaluator's convention (VOC-2011 all-point interpolation over the ranked list,
+ties broken by a stable sort). ``hit_at_k``: a video is a hit when any of its labels is in its top k.
+"""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 
-def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """mAP over classes of non-interpolated AP (sklearn's ``average_precision_score``).
+def _ranked(scores: np.ndarray, labels: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (rows), scores and labels sorted by descending score: two (C, N) arrays."""
+    s = np.ascontiguousarray(scores.T)
+    order = np.argsort(-s, axis=1, kind=kind)
+    return np.take_along_axis(s, order, 1), np.take_along_axis(np.ascontiguousarray(labels.T), order, 1)
 
-    ``scores`` (N, C) float, ``labels`` (N, C) multi-hot. Classes with no positive among the N
-    videos are left out of the mean; returns ``(mAP in [0, 1], number of classes left out)``.
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class AP (C,) as sklearn: sum over thresholds of (R_n - R_{n-1}) P_n. NaN where no positive.
+
+    A positive contributes 1/P times the precision at the end of its group of tied scores.
     """
+    s, y = _ranked(scores, labels, "quicksort")  # ties are grouped: the order inside a group is irrelevant
+    n = s.shape[1]
+    tp = np.cumsum(y, axis=1, dtype=np.float64)
+    boundary = np.ones(s.shape, dtype=bool)
+    boundary[:, :-1] = s[:, :-1] != s[:, 1:]
+    ends = np.where(boundary, np.arange(n), n)
+    group_end = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]  # last index of each tie group
+    precision_at_end = np.take_along_axis(tp, group_end, 1) / (group_end + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(y > 0, precision_at_end, 0.0).sum(axis=1) / y.sum(axis=1)
+
+
+def interpolated_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class AP (C,) as ActivityNet's classification evaluator: precision made monotone from the
+    right (``max_{j >= i} P_j``), summed over the recall steps. NaN where no positive."""
+    _, y = _ranked(scores, labels, "stable")
+    tp = np.cumsum(y, axis=1, dtype=np.float64)
+    precision = tp / np.arange(1, y.shape[1] + 1)
+    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(y > 0, envelope, 0.0).sum(axis=1) / y.sum(axis=1)
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray, *, interpolated: bool = False
+                           ) -> tuple[float, int]:
+    """mAP over classes, ``(mAP in [0, 1], classes left out)``: classes with no positive among the
+    N videos are left out of the mean. ``scores`` (N, C), ``labels`` (N, C) multi-hot."""
+    ap = (interpolated_average_precision if interpolated else average_precision)(scores, labels)
     present = labels.sum(axis=0) > 0
-    if not present.any():
-        return float("nan"), int(labels.shape[1])
-    ap = average_precision_score(labels[:, present], scores[:, present], average=None)
-    return float(np.mean(ap)), int((~present).sum())
+    return (float(ap[present].mean()) if present.any() else float("nan")), int((~present).sum())
 
 
 def hit_at_k(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:

@@ -41,7 +41,7 @@ def run_inference(method: Method, model, store: CachedFeatures, rows: np.ndarray
             parts.append(method.infer(model, batch.part(slice(None), device)))
     extra_keys = parts[0].extra.keys() if parts else []
     return Inference(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "step_scores", "actions",
-                                                                                 "gflops")),
+                                                                                 "step_gflops")),
                      extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys})
 
 
@@ -69,6 +69,7 @@ def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: I
         f["step_scores"] = inf.step_scores.astype(np.float16)
         f["actions"] = inf.actions.astype(np.int8)
         f["gflops"] = inf.gflops.astype(np.float64)
+        f["step_gflops"] = inf.step_gflops.astype(np.float64)
         for key, value in inf.extra.items():
             f[key] = value.astype(np.float16)
     os.replace(tmp, path)
