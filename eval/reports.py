@@ -1,0 +1,336 @@
+"""Report registry: the papers' tables and figures computed from run folders.
+
+A report is a table (``columns`` x ``rows``), notes, and optionally a figure. Numbers: mAP and
+top-1 in %, GFLOPs in GMACs per frame (``GFLOPs/f``, over every sampled frame, skipped ones
+included) and per video (``GFLOPs/V``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from policy.metrics import hit_at_k
+
+from .published import published_rows
+from .runs import Run, RunError
+
+METRIC_COLUMNS = ["mAP", "top1", "GFLOPs/f", "GFLOPs/V"]
+
+
+@dataclass
+class Report:
+    title: str
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figure: Callable | None = None  # figure(matplotlib.figure.Figure) draws it
+
+    @property
+    def empty(self) -> bool:
+        return not any(r.get("source") == "ours" for r in self.rows)
+
+
+@dataclass
+class Options:
+    interpolated: bool = False
+    paper: bool = False
+    videos: int = 4  # frames report: how many videos
+
+
+REPORTS: dict[str, Callable[[list[Run], Options], Report]] = {}
+
+
+def register_report(name: str):
+    def add(fn):
+        REPORTS[name] = fn
+        return fn
+
+    return add
+
+
+def run_row(run: Run, opts: Options, **extra) -> dict:
+    m = run.metrics(opts.interpolated)
+    return {"source": "ours", "method": run.label, "dataset": run.dataset, **extra, "mAP": m["mAP"],
+            "top1": m["top1"], "GFLOPs/f": m["gflops_f"], "GFLOPs/V": m["gflops_v"], "_run": run}
+
+
+def table_report(name: str, title: str, runs: list[Run], opts: Options, select: Callable[[Run], bool],
+                 extra: Callable[[Run], dict], missing: list[str], sort_key=None) -> Report:
+    """A table of the selected runs (plus published rows with --paper); ``missing`` names the
+    train-policy commands that would produce the runs when none is selected."""
+    chosen = [r for r in runs if select(r)]
+    rows = [run_row(r, opts, **extra(r)) for r in chosen]
+    if sort_key:
+        rows.sort(key=sort_key)
+    keys = list(dict.fromkeys(k for r in rows for k in extra(r["_run"]))) if rows else []
+    report = Report(title, ["source", "method", "dataset", *keys, *METRIC_COLUMNS], rows)
+    if not chosen:
+        report.notes.append("no matching run; produce one with: " + " ; ".join(missing))
+    for r in chosen:
+        left = r.metrics(opts.interpolated)["left_out"]
+        if left:
+            report.notes.append(f"{r.path}: mAP over the classes with a positive; {left} classes left out")
+    if opts.paper:
+        pub = published_rows(name)
+        report.columns = list(dict.fromkeys(report.columns[:3] + [k for p in pub for k in p if k not in
+                                                                   ("source", "method", "dataset", *METRIC_COLUMNS)]
+                                            + report.columns[3:]))
+        report.rows += pub
+    report.figure = lambda fig: scatter(fig, report.rows, title)
+    return report
+
+
+def scatter(fig, rows: list[dict], title: str) -> None:
+    """mAP against GFLOPs per video, one labelled point per row of ours."""
+    ax = fig.add_subplot(111)
+    ours = [r for r in rows if r["source"] == "ours" and r["GFLOPs/V"] is not None]
+    for r in ours:
+        ax.scatter(r["GFLOPs/V"], r["mAP"])
+        ax.annotate(r["method"], (r["GFLOPs/V"], r["mAP"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GFLOPs per video")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(title)
+
+
+COMMAND = "train-policy --method {}"
+
+
+@register_report("table1")
+def table1(runs, opts):
+    """Offline recognition: LiteEval Table 1 and AR-Net Tables 1-2 in one view."""
+    return table_report("table1", "Offline recognition", runs, opts, lambda r: True, lambda r: {},
+                        [COMMAND.format(m) for m in ("uniform", "lstm", "liteeval-rl", "liteeval", "random",
+                                                     "multiscale", "scsampler", "arnet")])
+
+
+@register_report("sync")
+def sync(runs, opts):
+    """LiteEval Table 2: with and without synchronising the LSTMs."""
+    return table_report("sync", "Synchronising the fine LSTM with the coarse LSTM", runs, opts,
+                        lambda r: r.method == "liteeval", lambda r: {"sync": r.config.get("sync", True)},
+                        [COMMAND.format("liteeval"), COMMAND.format("liteeval") + " --no-sync"])
+
+
+@register_report("gamma")
+def gamma(runs, opts):
+    """LiteEval Table 3: mAP and GFLOPs per target usage gamma."""
+    return table_report("gamma", "Fine-feature usage target γ", runs, opts, lambda r: r.method == "liteeval",
+                        lambda r: {"γ": r.config["gamma"]},
+                        [COMMAND.format("liteeval") + f" --gamma {g}" for g in (0.01, 0.03, 0.05, 0.1)],
+                        sort_key=lambda row: row["γ"])
+
+
+@register_report("lstm-size")
+def lstm_size(runs, opts):
+    """LiteEval Table 4: hidden units of the coarse (and fine) LSTM."""
+    return table_report("lstm-size", "LSTM sizes", runs, opts, lambda r: r.method == "liteeval",
+                        lambda r: {"cLSTM units": r.config["hidden_coarse"], "fLSTM units": r.config["hidden_fine"]},
+                        [COMMAND.format("liteeval") + f" --set hidden_coarse={u}" for u in (64, 128, 256, 512)],
+                        sort_key=lambda row: (row["fLSTM units"], row["cLSTM units"]))
+
+
+@register_report("actions")
+def actions(runs, opts):
+    """AR-Net Table 4: action spaces (resolution / skip / both) against UNIFORM and LSTM."""
+    return table_report("actions", "AR-Net action spaces", runs, opts,
+                        lambda r: r.method in ("uniform", "lstm", "arnet"),
+                        lambda r: {"actions": r.config.get("actions", "-")},
+                        [COMMAND.format("arnet") + f" --set actions={a}" for a in ("resolution", "skip", "both")])
+
+
+@register_report("losses")
+def losses(runs, opts):
+    """AR-Net Table 5: the loss terms through alpha and beta."""
+    return table_report("losses", "AR-Net losses", runs, opts, lambda r: r.method == "arnet",
+                        lambda r: {"α": r.config["alpha"], "β": r.config["beta"]},
+                        [COMMAND.format("arnet") + f" --set alpha={a} --set beta={b}" for a, b in
+                         ((0, 0), (0.1, 0), (0.1, 0.3))], sort_key=lambda row: (row["α"], row["β"]))
+
+
+@register_report("stages")
+def stages(runs, opts):
+    """AR-Net Table 6: training stages."""
+    return table_report("stages", "AR-Net training stages", runs, opts, lambda r: r.method == "arnet",
+                        lambda r: {"stages": r.config["stages"]},
+                        [COMMAND.format("arnet") + f" --set stages={s}" for s in
+                         ("joint", "warmup,joint", "warmup,joint,finetune")])
+
+
+@register_report("tradeoff")
+def tradeoff(runs, opts):
+    """mAP against GFLOPs per video for every run, the Pareto front marked."""
+    report = table_report("tradeoff", "Accuracy against computation", runs, opts, lambda r: True, lambda r: {},
+                          [COMMAND.format("uniform"), COMMAND.format("liteeval"), COMMAND.format("arnet")])
+    ours = [r for r in report.rows if r["source"] == "ours"]
+    for r in ours:
+        r["pareto"] = not any(o["mAP"] >= r["mAP"] and o["GFLOPs/V"] <= r["GFLOPs/V"] and
+                              (o["mAP"] > r["mAP"] or o["GFLOPs/V"] < r["GFLOPs/V"]) for o in ours)
+    report.columns.append("pareto")
+    report.rows.sort(key=lambda r: (r["source"] != "ours", r["GFLOPs/V"] if r["GFLOPs/V"] is not None else 1e9))
+
+    def figure(fig):
+        scatter(fig, report.rows, "Accuracy against computation")
+        front = sorted((r for r in ours if r["pareto"]), key=lambda r: r["GFLOPs/V"])
+        fig.axes[0].plot([r["GFLOPs/V"] for r in front], [r["mAP"] for r in front], "k--", label="Pareto front")
+        fig.axes[0].legend()
+
+    report.figure = figure
+    return report
+
+
+def _same_videos(a: Run, b: Run) -> None:
+    if a.video_id != b.video_id:
+        raise RunError(f"{a.path} and {b.path} were evaluated on different videos (another cache or split): "
+                       f"compare runs of one cache")
+
+
+@register_report("online")
+def online(runs, opts):
+    """LiteEval Fig. 2: top-1 against GFLOPs when LiteEval stops after its K-th fine read
+    (LiteEval-K), against UNIFORM-K (K frames spread over the first K' frames, K' where LiteEval
+    stopped) and SEQ-K (the first K frames), both from the UNIFORM run's per-frame scores."""
+    report = Report("Online recognition with a budget of K fine reads",
+                    ["source", "curve", "K", "top1", "GFLOPs/V"])
+    lite = [r for r in runs if r.method == "liteeval"]
+    uniform = [r for r in runs if r.method == "uniform"]
+    if not lite or not uniform:
+        report.notes.append("needs a liteeval and a uniform run of one cache; produce them with: "
+                            + " ; ".join(COMMAND.format(m) for m, have in (("liteeval", lite), ("uniform", uniform))
+                                         if not have))
+        return report
+    base = uniform[0]
+    frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")
+    labels = base.labels
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for run in lite:
+        _same_videos(run, base)
+        steps, cost = run.array("step_scores"), run.array("step_gflops")
+        reads = np.cumsum(run.actions == 2, axis=1)
+        last = (run.actions != -1).sum(1) - 1
+        n, T = reads.shape
+        for K in range(1, T + 1):
+            hit = reads >= K
+            stop = np.where(hit.any(1), hit.argmax(1), last)
+            rows = np.arange(n)
+            scores = steps[rows, stop].astype(np.float32)
+            curves.setdefault(run.label, []).append((float(cost[rows, stop].mean()), 100 * hit_at_k(scores, labels, 1)))
+            report.rows.append({"source": "ours", "curve": run.label, "K": K, "top1": curves[run.label][-1][1],
+                                "GFLOPs/V": curves[run.label][-1][0]})
+            if run is lite[0]:
+                seen = stop + 1
+                k = np.minimum(K, base_cost.shape[1])
+                uni = np.stack([frame_scores[i, np.minimum((seen[i] / K * (np.arange(K) + 0.5)).astype(int),
+                                                          seen[i] - 1)].mean(0) for i in range(n)])
+                seq = frame_scores[:, :K].astype(np.float32).sum(1) / np.minimum(K, (base.actions != -1).sum(1))[:, None]
+                spent = float(base_cost[:, k - 1].mean())
+                for name, s in (("UNIFORM-K", uni), ("SEQ-K", seq)):
+                    curves.setdefault(name, []).append((spent, 100 * hit_at_k(s.astype(np.float32), labels, 1)))
+                    report.rows.append({"source": "ours", "curve": name, "K": K, "top1": curves[name][-1][1],
+                                        "GFLOPs/V": spent})
+
+    def figure(fig):
+        ax = fig.add_subplot(111)
+        for name, points in curves.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+        ax.set_xlabel("GFLOPs per video")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title("Online recognition")
+        ax.legend(fontsize=7)
+
+    report.figure = figure
+    return report
+
+
+def _class_names(run: Run) -> list[str]:
+    if os.path.isfile(run.cache):
+        with h5py.File(run.cache, "r") as f:
+            return [c.decode() for c in f["classes"][:]]
+    return [str(i) for i in range(run.labels.shape[1])]
+
+
+@register_report("usage")
+def usage(runs, opts):
+    """LiteEval Fig. 3: per class, the distribution of the fraction of frames given fine features."""
+    report = Report("Fine-feature usage per class", ["source", "method", "class", "videos", "mean", "median",
+                                                     "q1", "q3"])
+    lite = sorted((r for r in runs if r.method in ("liteeval", "liteeval-rl", "arnet")), key=lambda r: r.method == "arnet")
+    if not lite:
+        report.notes.append("no liteeval run; produce one with: " + COMMAND.format("liteeval"))
+        return report
+    run = lite[0]
+    fine = 2 if run.method.startswith("liteeval") else 0
+    per_video = (run.actions == fine).sum(1) / np.maximum((run.actions != -1).sum(1), 1)
+    names, first_label = _class_names(run), run.labels.argmax(1)
+    groups = {c: per_video[first_label == c] for c in np.unique(first_label)}
+    for c, values in sorted(groups.items(), key=lambda kv: -kv[1].mean()):
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        report.rows.append({"source": "ours", "method": run.label, "class": names[c], "videos": len(values),
+                            "mean": float(values.mean()), "median": float(median), "q1": float(q1), "q3": float(q3)})
+
+    def figure(fig):
+        ax = fig.add_subplot(111)
+        order = [c for c, _ in sorted(groups.items(), key=lambda kv: -kv[1].mean())]
+        ax.boxplot([groups[c] for c in order], showmeans=True)
+        ax.set_xticks(range(1, len(order) + 1), [names[c] for c in order], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("fraction of frames with fine features")
+        ax.set_title(f"Fine-feature usage per class ({run.label})")
+        fig.tight_layout()
+
+    report.figure = figure
+    return report
+
+
+@register_report("frames")
+def frames(runs, opts):
+    """LiteEval Fig. 4: the sampled frames of a few videos, those that got fine features (or each
+    frame's resolution) marked; the frames are read from the video files through the cache."""
+    report = Report("Frames chosen by the policy", ["source", "method", "video", "actions"])
+    chosen = sorted((r for r in runs if r.method in ("liteeval", "arnet")), key=lambda r: r.method == "arnet")
+    if not chosen:
+        report.notes.append("no liteeval or arnet run; produce one with: " + COMMAND.format("liteeval"))
+        return report
+    run = chosen[0]
+    if not os.path.isfile(run.cache):
+        raise RunError(f"{run.path}: its cache {run.cache} is gone; the frames report reads videos through it")
+    with h5py.File(run.cache, "r") as f:
+        if "videos/path" not in f:
+            raise RunError(f"{run.cache} holds no video paths (made by an older extract-features): re-extract it")
+        row_of = {v.decode(): i for i, v in enumerate(f["videos/id"][:])}
+        root = f.attrs.get("video_root", "")
+        picks = run.video_id[: opts.videos]
+        paths = [os.path.join(root, f["videos/path"][row_of[v]].decode()) for v in picks]
+        indices = [f["videos/frame_index"][row_of[v]] for v in picks]
+    legend = run.legend
+    for v, acts in zip(picks, run.actions[: opts.videos]):
+        report.rows.append({"source": "ours", "method": run.label, "video": v,
+                            "actions": " ".join(legend.get(int(a), str(a)) if a >= 0 else "-" for a in acts
+                                                if a != -1)})
+
+    def figure(fig):
+        import decord
+
+        fine = 2 if run.method.startswith("liteeval") else 0
+        T = run.actions.shape[1]
+        for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions)):
+            reader = decord.VideoReader(path, width=112, height=112)
+            real = idx[idx >= 0]
+            images = reader.get_batch(real.tolist()).asnumpy()
+            for t, image in enumerate(images):
+                ax = fig.add_subplot(len(paths), T, row * T + t + 1)
+                ax.imshow(image)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                colour = "lime" if acts[t] == fine else ("red" if acts[t] < -1 else "none")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(3 if colour != "none" else 0)
+                if run.method == "arnet" and acts[t] >= 0:
+                    ax.set_title(legend.get(int(acts[t]), "").split("@")[-1], fontsize=6)
+        fig.suptitle(f"{run.label}: green = fine features" + (", red = skipped" if run.method == "arnet" else ""))
+
+    report.figure = figure
+    return report

@@ -1,0 +1,115 @@
+"""Run folders as ``evaluate`` sees them: config, predictions, and metrics recomputed from them."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import h5py
+import numpy as np
+
+from policy.metrics import hit_at_k, mean_average_precision
+
+DISPLAY = {"uniform": "UNIFORM", "lstm": "LSTM", "liteeval": "LiteEval", "liteeval-rl": "LiteEval-RL",
+           "random": "Random Policy", "multiscale": "Multi-Scale", "scsampler": "SCSampler", "arnet": "AR-Net"}
+
+
+class RunError(ValueError):
+    """A run folder that cannot be read or does not belong with the others."""
+
+
+@dataclass
+class Run:
+    path: str
+    config: dict
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def dataset(self) -> str:
+        return self.attrs.get("dataset", self.config.get("cache_dataset", "?"))
+
+    @property
+    def cache(self) -> str:
+        return self.attrs.get("cache", self.config.get("features", ""))
+
+    @property
+    def label(self) -> str:
+        """Display name with what distinguishes this run from the method's defaults."""
+        c, name = self.config, DISPLAY.get(self.method, self.method)
+        if self.method.startswith("liteeval"):
+            extra = [f"γ={c['gamma']:g}"] + ([] if c.get("sync", True) else ["w/o sync"])
+            extra += [f"{c['hidden_coarse']}/{c['hidden_fine']}"] if (c["hidden_coarse"], c["hidden_fine"]) != (512, 2048) else []
+            return f"{name} ({', '.join(extra)})"
+        if self.method == "arnet":
+            extra = [] if c["actions"] == "both" else [c["actions"] + " only"]
+            extra += [] if (c["alpha"], c["beta"]) == (0.1, 0.3) else [f"α={c['alpha']:g}, β={c['beta']:g}"]
+            extra += [] if c["stages"] == "warmup,joint,finetune" else [c["stages"]]
+            return f"{name} ({'; '.join(extra)})" if extra else name
+        return name
+
+    def _read(self, key: str) -> np.ndarray:
+        with h5py.File(os.path.join(self.path, "predictions.h5"), "r") as f:
+            return f[key][:] if key in f else None
+
+    @cached_property
+    def video_id(self) -> list[str]:
+        return [v.decode() for v in self._read("video_id")]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self._read("labels")
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        return self._read("scores")
+
+    @cached_property
+    def actions(self) -> np.ndarray:
+        return self._read("actions")
+
+    @cached_property
+    def gflops(self) -> np.ndarray:
+        return self._read("gflops")
+
+    def array(self, key: str) -> np.ndarray | None:
+        """A large per-step array (``step_scores``, ``step_gflops``, ``frame_scores``), read on demand."""
+        return self._read(key)
+
+    @property
+    def legend(self) -> dict[int, str]:
+        return {int(k): v for k, v in json.loads(self.attrs.get("actions_legend", "{}")).items()}
+
+    def metrics(self, interpolated: bool = False) -> dict[str, float]:
+        """mAP (%), classes left out, top-1 (%), GFLOPs per frame and per video."""
+        mean_ap, left_out = mean_average_precision(self.scores, self.labels, interpolated=interpolated)
+        frames = max(int((self.actions != -1).sum()), 1)
+        return {"mAP": 100 * mean_ap, "left_out": left_out, "top1": 100 * hit_at_k(self.scores, self.labels, 1),
+                "gflops_f": float(self.gflops.sum() / frames), "gflops_v": float(self.gflops.mean())}
+
+
+def load_run(path: str) -> Run:
+    config_path, predictions = os.path.join(path, "config.json"), os.path.join(path, "predictions.h5")
+    if not (os.path.isfile(config_path) and os.path.isfile(predictions)):
+        raise RunError(f"{path} is not a finished run folder (config.json and predictions.h5 are needed)")
+    with open(config_path) as f:
+        config = json.load(f)
+    with h5py.File(predictions, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return Run(path=path, config=config, attrs=attrs)
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Every finished run folder at or below ``paths``, in path order."""
+    found = []
+    for top in paths:
+        if not os.path.exists(top):
+            raise RunError(f"{top} does not exist")
+        for folder, _, files in sorted(os.walk(top)):
+            if "predictions.h5" in files and "config.json" in files:
+                found.append(load_run(folder))
+    return found
