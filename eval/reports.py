@@ -202,7 +202,7 @@ def online(runs, opts):
                             + " ; ".join(COMMAND.format(m) for m, have in (("liteeval", lite), ("uniform", uniform))
                                          if not have))
         return report
-    base = uniform[0]
+    base = max(uniform, key=lambda r: float(r.gflops.mean()))  # UNIFORM on the fine features
     frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")
     labels = base.labels
     curves: dict[str, list[tuple[float, float]]] = {}
@@ -333,4 +333,56 @@ def frames(runs, opts):
         fig.suptitle(f"{run.label}: green = fine features" + (", red = skipped" if run.method == "arnet" else ""))
 
     report.figure = figure
+    return report
+
+
+@register_report("claims")
+def claims(runs, opts):
+    """The demo's claims, checked on the runs: each with what was measured and whether it holds."""
+    report = Report("Claims", ["source", "claim", "measured", "holds"])
+    by = {}
+    for r in runs:
+        by.setdefault(r.method, []).append(r)
+    uniform = max(by.get("uniform", []), key=lambda r: float(r.gflops.mean()), default=None)
+    if uniform is None:
+        report.notes.append("needs a uniform run: " + COMMAND.format("uniform"))
+        return report
+    base = uniform.metrics(opts.interpolated)
+
+    def add(claim: str, measured: str, holds: bool) -> None:
+        report.rows.append({"source": "ours", "claim": claim, "measured": measured, "holds": bool(holds)})
+
+    for method in ("liteeval", "arnet"):
+        for run in by.get(method, []):
+            m = run.metrics(opts.interpolated)
+            add(f"{run.label}: mAP within 1.5 points of UNIFORM at <= 55% of its GFLOPs/V",
+                f"mAP {m['mAP']:.1f} vs {base['mAP']:.1f}; GFLOPs/V {m['gflops_v']:.3f} = "
+                f"{100 * m['gflops_v'] / base['gflops_v']:.0f}% of {base['gflops_v']:.3f}",
+                m["mAP"] >= base["mAP"] - 1.5 and m["gflops_v"] <= 0.55 * base["gflops_v"])
+    coarse = [r for r in by.get("uniform", []) if r is not uniform]
+    if coarse:
+        m = min(coarse, key=lambda r: float(r.gflops.mean())).metrics(opts.interpolated)
+        add("coarse features alone score >= 10 mAP points below UNIFORM",
+            f"{m['mAP']:.1f} vs {base['mAP']:.1f}", m["mAP"] <= base["mAP"] - 10)
+    for rnd in (r for r in by.get("random", []) if r.config.get("match_run")):
+        learned = [r for r in runs if os.path.abspath(r.path) == os.path.abspath(rnd.config["match_run"])]
+        if learned:
+            a, b = rnd.metrics(opts.interpolated), learned[0].metrics(opts.interpolated)
+            add("random policy at the learned policy's budget scores clearly (>= 5 points) below it",
+                f"random {a['mAP']:.1f} at {a['gflops_v']:.3f} GFLOPs/V vs {learned[0].label} {b['mAP']:.1f} at "
+                f"{b['gflops_v']:.3f}", a["mAP"] <= b["mAP"] - 5)
+    lite = [r for r in by.get("liteeval", []) if r.config.get("sync", True)]
+    if len(lite) >= 2:
+        points = sorted((r.config["gamma"], r.metrics(opts.interpolated)["gflops_v"]) for r in lite)
+        add("the γ sweep moves GFLOPs monotonically", ", ".join(f"γ={g:g}: {v:.3f}" for g, v in points),
+            all(a[1] < b[1] for a, b in zip(points, points[1:])))
+    curve = online(runs, opts)
+    seq = sorted((r["GFLOPs/V"], r["top1"]) for r in curve.rows if r["curve"] == "SEQ-K")
+    for name in dict.fromkeys(r["curve"] for r in curve.rows if r["curve"] not in ("SEQ-K", "UNIFORM-K")):
+        points = [(r["GFLOPs/V"], r["top1"]) for r in curve.rows if r["curve"] == name]
+        inside = [(g, t) for g, t in points if seq[0][0] <= g <= seq[-1][0]]
+        margins = [t - float(np.interp(g, [s[0] for s in seq], [s[1] for s in seq])) for g, t in inside]
+        add(f"online: {name} above SEQ-K at equal GFLOPs", f"top-1 margin over SEQ-K (interpolated) "
+            f"min {min(margins):+.1f}, mean {np.mean(margins):+.1f} points over {len(margins)} budgets"
+            if margins else "no budget in SEQ-K's range", bool(margins) and min(margins) > 0)
     return report

@@ -45,6 +45,8 @@ class Run:
             extra = [f"γ={c['gamma']:g}"] + ([] if c.get("sync", True) else ["w/o sync"])
             extra += [f"{c['hidden_coarse']}/{c['hidden_fine']}"] if (c["hidden_coarse"], c["hidden_fine"]) != (512, 2048) else []
             return f"{name} ({', '.join(extra)})"
+        if self.method in ("uniform", "lstm"):
+            return f"{name} ({c.get('fine', '?')})"
         if self.method == "arnet":
             extra = [] if c["actions"] == "both" else [c["actions"] + " only"]
             extra += [] if (c["alpha"], c["beta"]) == (0.1, 0.3) else [f"α={c['alpha']:g}, β={c['beta']:g}"]

@@ -36,6 +36,7 @@ class ARNetConfig(TrainConfig):
     """AR-Net's defaults: SGD momentum 0.9; warm-up 10 epochs at 0.02, joint 50 at 0.001,
     finetune 50 at 0.0005; tau 5 decayed by exp(-0.045) per epoch; alpha 0.1, beta 0.3."""
 
+    l2_normalise: bool = False  # the heads are the backbones' own classifiers, on raw pooled features
     backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
     policy: str = ""  # the policy's feature; "": the cache's cheapest
     hidden: int = 512
@@ -53,6 +54,7 @@ class ARNetConfig(TrainConfig):
     joint_lr: float = 0.001
     finetune_lr: float = 0.0005
     momentum: float = 0.9
+    optim: str = "sgd"  # sgd (the paper's, with momentum) | adam (the stage learning rates apply to it)
     stochastic_eval: bool = False
     topk: int = 10  # scsampler: frames kept
     match_run: str = ""  # random: draw actions with the frequencies of this run's predictions
@@ -180,6 +182,10 @@ class _Family(Method):
                      hidden=self.cfg.hidden, skips=len(self.skips))
 
     def optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.optim == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=self.cfg.warmup_lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.optim != "sgd":
+            raise ValueError(f"optim must be sgd or adam, not {self.cfg.optim!r}")
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.warmup_lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
 

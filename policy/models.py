@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def project_inputs(cell: nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
+    """The input half of an LSTM cell's gates for every step at once: ``(N, T, 4H)``."""
+    return F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
+
+
+def cell_step(cell: nn.LSTMCell, gates_x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """One ``nn.LSTMCell`` step (gate order i, f, g, o) given the projected input ``gates_x``."""
+    i, f, g, o = (gates_x + F.linear(h, cell.weight_hh)).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class LiteEval(nn.Module):
     """LiteEval (Wu et al., NeurIPS 2019), eqs. 1-4 with the cLSTM -> fLSTM synchronisation.
 
@@ -42,9 +54,11 @@ class LiteEval(nn.Module):
         hf = coarse.new_zeros(n, self.hidden_fine)
         cf = torch.zeros_like(hf)
         logits, gates, log_probs = [], [], []
+        coarse_in = project_inputs(self.clstm, coarse)  # one large matmul instead of T small ones
+        fine_in = project_inputs(self.flstm, torch.cat([coarse, fine], dim=2))
         for t in range(steps):
             real = (t < length).to(coarse.dtype).unsqueeze(1)
-            vc, vf = coarse[:, t], fine[:, t]
+            vc = coarse[:, t]
             b = self.gate(torch.cat([vc, hf, cf], dim=1))
             if gate is not None:
                 B = gate[:, t].to(coarse)
@@ -58,8 +72,8 @@ class LiteEval(nn.Module):
                 B = b.argmax(dim=1).to(coarse.dtype)
             B = B * real[:, 0]
             log_probs.append(torch.where(B > 0.5, b.log_softmax(1)[:, 1], b.log_softmax(1)[:, 0]) * real[:, 0])
-            hc_next, cc_next = self.clstm(vc, (hc, cc))
-            hf_new, cf_new = self.flstm(torch.cat([vc, vf], dim=1), (hf, cf))
+            hc_next, cc_next = cell_step(self.clstm, coarse_in[:, t], hc, cc)  # eq. 1
+            hf_new, cf_new = cell_step(self.flstm, fine_in[:, t], hf, cf)  # eq. 3
             if self.sync:  # B_t = 0: h^f_t = [h^c_t, h^f_{t-1}[D_c:]], same for c
                 hf_skip = torch.cat([hc_next, hf[:, self.hidden_coarse:]], dim=1)
                 cf_skip = torch.cat([cc_next, cf[:, self.hidden_coarse:]], dim=1)

@@ -98,6 +98,12 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                 "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
     start_epoch, best, log_rows = 0, -1.0, []
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "model.pt")
+    if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            before = json.load(f)
+        if (before["cache_dataset"], before["cache_sampling"]) != (store.dataset, store.sampling):
+            raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
+                             f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
     if resume and os.path.exists(last_path):
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         method.model.load_state_dict(state["model"])

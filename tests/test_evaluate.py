@@ -152,3 +152,19 @@ def test_plot_without_matplotlib_says_to_install_the_extra(synthetic_runs, monke
     report = REPORTS["table1"](find_runs([synthetic_runs]), Options())
     with pytest.raises(RuntimeError, match=r"framegate\[plot\]"):
         save_figure(report, str(tmp_path / "x.png"))
+
+
+def test_a_run_from_another_cache_is_refused_in_one_line(synthetic_runs, tmp_path):
+    import shutil
+
+    for name in ("00_uniform", "02_liteeval"):
+        shutil.copytree(os.path.join(synthetic_runs, name), tmp_path / name)
+    with h5py.File(tmp_path / "00_uniform" / "predictions.h5", "a") as f:
+        ids = f["video_id"][:]
+        del f["video_id"]
+        f["video_id"] = ids[::-1]  # evaluated on other videos (another cache)
+    result = CliRunner().invoke(evaluate, ["--report", "online", "--runs", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "were evaluated on different videos" in result.output and result.output.count("\n") == 1
+    table = CliRunner().invoke(evaluate, ["--report", "table1", "--runs", str(tmp_path)])
+    assert table.exit_code == 0 and table.output.count("| ours |") == 2  # the other reports still work

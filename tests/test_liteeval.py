@@ -185,3 +185,18 @@ def test_cache_larger_than_the_memory_budget_is_streamed(demo_cache, tmp_path):
     assert sorted(shuffled.tolist()) == rows.tolist() and shuffled.tolist() != rows.tolist()
     train(config("liteeval", demo_cache, tmp_path / "s", epochs=1, memory_budget_gb=491_520 / 2**30), progress=False)
     assert json.load(open(tmp_path / "s" / "config.json"))["features_in_memory"] is False
+
+
+def test_resume_with_a_cache_from_another_dataset_is_refused(demo_cache, tmp_path):
+    run = tmp_path / "run"
+    run_cli("policy.cli", "--method", "uniform", "--features", demo_cache, "--epochs", "1", "--out", str(run),
+            "--no-progress")
+    other = tmp_path / "other.h5"
+    import shutil
+    shutil.copy(demo_cache, other)
+    with h5py.File(other, "a") as f:
+        f.attrs["dataset"] = "fcvid"
+    proc = run_cli("policy.cli", "--method", "uniform", "--features", str(other), "--epochs", "2", "--out", str(run),
+                   "--resume", check=False)
+    assert proc.returncode == 1 and "was trained on a demo cache" in proc.stderr and "is fcvid" in proc.stderr
+    assert json.load(open(run / "metrics.json"))["videos"] == 10  # the run is untouched
