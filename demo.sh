@@ -34,3 +34,4 @@ evaluate --report table1 --runs "$RUNS"
 evaluate --report claims --runs "$RUNS"
 evaluate --report tradeoff --runs "$RUNS" --plot data/demo_tradeoff.png > /dev/null
 evaluate --report online --runs "$RUNS" --plot data/demo_online.png > /dev/null
+evaluate --report frames --runs "$RUNS/liteeval-gamma0.1" --videos 4 --plot data/demo_frames.png > /dev/null

@@ -51,6 +51,6 @@ def save_figure(report: Report, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install 'framegate[plot]' (the plot extra)") from None
     if report.figure is None or report.empty:
         raise RuntimeError(f"report {report.title!r} has nothing of ours to draw")
-    fig = Figure(figsize=(max(8, 1.2 * len(report.rows) ** 0.5 * 3), 5), dpi=120)
+    fig = Figure(figsize=report.figure_size, dpi=120)
     report.figure(fig)
     fig.savefig(path)

@@ -28,6 +28,7 @@ class Report:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     figure: Callable | None = None  # figure(matplotlib.figure.Figure) draws it
+    figure_size: tuple[float, float] = (8.0, 5.0)  # inches
 
     @property
     def empty(self) -> bool:
@@ -281,6 +282,7 @@ def usage(runs, opts):
         fig.tight_layout()
 
     report.figure = figure
+    report.figure_size = (max(8.0, 0.35 * len(groups)), 5.0)
     return report
 
 
@@ -305,10 +307,16 @@ def frames(runs, opts):
         paths = [os.path.join(root, f["videos/path"][row_of[v]].decode()) for v in picks]
         indices = [f["videos/frame_index"][row_of[v]] for v in picks]
     legend = run.legend
+
+    def short(code: int) -> str:  # c coarse only, F fine, 224 a resolution, s4 a skip, . skipped over
+        name = legend.get(code, str(code))
+        return {"coarse only": "c", "fine": "F", "skipped over": "."}.get(name, name.split("@")[-1].replace("skip ", "s"))
+
     for v, acts in zip(picks, run.actions[: opts.videos]):
         report.rows.append({"source": "ours", "method": run.label, "video": v,
-                            "actions": " ".join(legend.get(int(a), str(a)) if a >= 0 else "-" for a in acts
-                                                if a != -1)})
+                            "actions": " ".join(short(int(a)) for a in acts if a != -1)})
+    report.notes.append("actions per sampled frame: c coarse only, F fine, 224/112/84 the resolution, "
+                        "s1/s2/s4 a skip, . skipped over")
 
     def figure(fig):
         import decord
@@ -333,6 +341,7 @@ def frames(runs, opts):
         fig.suptitle(f"{run.label}: green = fine features" + (", red = skipped" if run.method == "arnet" else ""))
 
     report.figure = figure
+    report.figure_size = (1.3 * run.actions.shape[1], 1.4 * len(paths) + 0.6)
     return report
 
 

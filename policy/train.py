@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from extract import distributed
 
-from .data import CachedFeatures
+from .data import CacheError, CachedFeatures
 from .methods import METHODS, Inference, Method
 from .metrics import hit_at_k, mean_average_precision
 
