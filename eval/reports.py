@@ -224,8 +224,8 @@ def online(runs, opts):
             if run is lite[0]:
                 seen = stop + 1
                 k = np.minimum(K, base_cost.shape[1])
-                uni = np.stack([frame_scores[i, np.minimum((seen[i] / K * (np.arange(K) + 0.5)).astype(int),
-                                                          seen[i] - 1)].mean(0) for i in range(n)])
+                spread = np.minimum((seen[:, None] / K * (np.arange(K) + 0.5)).astype(int), seen[:, None] - 1)
+                uni = np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32).mean(1)
                 seq = frame_scores[:, :K].astype(np.float32).sum(1) / np.minimum(K, (base.actions != -1).sum(1))[:, None]
                 spent = float(base_cost[:, k - 1].mean())
                 for name, s in (("UNIFORM-K", uni), ("SEQ-K", seq)):
@@ -319,14 +319,13 @@ def frames(runs, opts):
                         "s1/s2/s4 a skip, . skipped over")
 
     def figure(fig):
-        import decord
+        from extract.decode import open_reader, preprocess
 
         fine = 2 if run.method.startswith("liteeval") else 0
         T = run.actions.shape[1]
         for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions)):
-            reader = decord.VideoReader(path, width=112, height=112)
-            real = idx[idx >= 0]
-            images = reader.get_batch(real.tolist()).asnumpy()
+            real = idx[idx >= 0]  # the 224 x 224 crops the backbones saw
+            images = preprocess(open_reader(path).get_batch(real.tolist()).asnumpy()).permute(0, 2, 3, 1).numpy()
             for t, image in enumerate(images):
                 ax = fig.add_subplot(len(paths), T, row * T + t + 1)
                 ax.imshow(image)

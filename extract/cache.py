@@ -60,6 +60,7 @@ class CacheInfo:
     backbones: list[str] = field(default_factory=list)
     flops: dict[str, FlopsEntry] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # ids in /failed
 
 
 def write_atomic(path: str, fill) -> None:
@@ -90,7 +91,8 @@ def read_info(path: str, *, dataset: str, sampling: str, classes: list[str]) -> 
         flops = {row["name"].decode(): FlopsEntry(row["name"].decode(), int(row["resolution"]), float(row["gflops"]),
                                                    int(row["params"]), int(row["dim"])) for row in f["flops"][:]}
         return CacheInfo(ids=[i.decode() for i in f["videos/id"][:]], backbones=sorted(f["features"].keys()),
-                         flops=flops, weights=json.loads(f.attrs["weights"]))
+                         flops=flops, weights=json.loads(f.attrs["weights"]),
+                         failed=[r["id"].decode() for r in f["failed"][:]])
 
 
 class Journal:

@@ -225,7 +225,10 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
             _extract_group(cfg, [model(n) for n in needed], items, [v.id for v in ann.videos], journal, device,
                            bar, summary)
     distributed.barrier()
-    if info_dist.main:
+    unchanged = not journal.chunks() and {where for where, _ in ann.problems} <= set(info.failed)
+    if info_dist.main and unchanged:  # nothing new: leave the cache as it is rather than rewrite it
+        summary.cached, summary.failed = len(info.ids), len(info.failed)
+    elif info_dist.main:
         names = sorted(set(info.backbones) | set(models))
         flops = {**info.flops, **{n: backbone_flops(m) for n, m in models.items()}}
         weights = {**info.weights, **{n: m.weights for n, m in models.items()}}

@@ -43,8 +43,7 @@ def default_memory_budget() -> int:
 class CachedFeatures:
     """The features ``names`` of cache ``path``, with labels, splits and the FLOPs table."""
 
-    def __init__(self, path: str, names: list[str], dims: dict[str, int] | None = None,
-                 memory_budget: int | None = None, l2_normalise: bool = False):
+    def __init__(self, path: str, names: list[str], memory_budget: int | None = None, l2_normalise: bool = False):
         if not os.path.isfile(path):
             raise CacheError(f"no feature cache at {path}: run extract-features first (see README)")
         self.path, self.names, self.l2_normalise = path, list(names), l2_normalise
@@ -57,10 +56,6 @@ class CachedFeatures:
             backbones = " ".join(f"--backbone {n}" for n in missing)
             raise CacheError(f"{path} lacks features {', '.join(missing)} (it has {', '.join(held) or 'none'}): "
                              f"add them with `extract-features --dataset {self.dataset} {backbones} --out {path}`")
-        for name, dim in (dims or {}).items():
-            if f["features"][name].shape[-1] != dim:
-                raise CacheError(f"{path}: {name} features are {f['features'][name].shape[-1]}-d, "
-                                 f"this model expects {dim}-d; retrain or re-extract")
         self.classes = [c.decode() for c in f["classes"][:]]
         self.ids = [i.decode() for i in f["videos/id"][:]]
         self.split = np.array([s.decode() for s in f["videos/split"][:]])

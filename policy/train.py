@@ -106,7 +106,11 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                              f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
     if resume and os.path.exists(last_path):
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        method.model.load_state_dict(state["model"])
+        try:
+            method.model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CacheError(f"{cfg.out} was trained on features of other dimensions than {cfg.features} holds "
+                             f"({', '.join(f'{n}: {d}-d' for n, d in store.dims.items())}): start another --out") from None
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
