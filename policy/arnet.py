@@ -290,8 +290,19 @@ class ARNetMethod(_Family):
         return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
 
 
+class _WarmupOnly(_Family):
+    """Baselines that train only what AR-Net's warm-up trains: every head on every frame."""
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        super().__init__(cfg, dims, num_classes, flops)
+        cfg.epochs = cfg.warmup_epochs
+
+    def loss(self, model, batch, epoch):
+        return self.warmup_loss(model, batch), {}
+
+
 @register_method
-class RandomPolicy(_Family):
+class RandomPolicy(_WarmupOnly):
     """Random Policy: the heads of the warm-up, actions drawn at random (uniformly over the allowed
     actions, or with the action frequencies of ``match_run`` to compare at the same budget)."""
 
@@ -299,7 +310,6 @@ class RandomPolicy(_Family):
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
-        cfg.epochs = cfg.warmup_epochs
         self.probs = self.allowed("cpu").float()
         if cfg.match_run:
             with h5py.File(os.path.join(cfg.match_run, "predictions.h5"), "r") as f:
@@ -308,25 +318,15 @@ class RandomPolicy(_Family):
             self.probs = torch.tensor(counts[: len(self.probs)], dtype=torch.float32)
         self.probs = self.probs / self.probs.sum()
 
-    def loss(self, model, batch, epoch):
-        return self.warmup_loss(model, batch), {}
-
     def infer(self, model, batch):
         return self.policy_inference(model, batch, "random", probs=self.probs.to(batch.length.device))
 
 
 @register_method
-class MultiScale(_Family):
+class MultiScale(_WarmupOnly):
     """Multi-Scale: every resolution on every frame, logits averaged over heads and frames."""
 
     name = "multiscale"
-
-    def __init__(self, cfg, dims, num_classes, flops):
-        super().__init__(cfg, dims, num_classes, flops)
-        cfg.epochs = cfg.warmup_epochs
-
-    def loss(self, model, batch, epoch):
-        return self.warmup_loss(model, batch), {}
 
     def infer(self, model, batch):
         logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
@@ -343,7 +343,7 @@ class MultiScale(_Family):
 
 
 @register_method
-class SCSampler(_Family):
+class SCSampler(_WarmupOnly):
     """SCSampler: a classifier on the cheapest (sampler) feature ranks frames by confidence (max
     softmax); the top ``topk`` are classified at the highest resolution and averaged. Both heads
     are trained with frame-level cross-entropy on every frame (a stand-in for SCSampler's AC loss)."""
@@ -353,14 +353,10 @@ class SCSampler(_Family):
     def __init__(self, cfg, dims, num_classes, flops):
         cfg.backbones = cfg.backbones.split(",")[0] + "," + cfg.policy
         super().__init__(cfg, dims, num_classes, flops)
-        cfg.epochs = cfg.warmup_epochs
 
     @property
     def legend(self) -> dict[int, str]:
         return {-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]}
-
-    def loss(self, model, batch, epoch):
-        return self.warmup_loss(model, batch), {}
 
     def infer(self, model, batch):
         logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
