@@ -32,9 +32,16 @@ _RNN_FORMULAS = {torch.ops.aten.lstm: _lstm_flops, torch.ops.aten.mkldnn_rnn_lay
 
 
 def count_gflops(module: nn.Module, *inputs: torch.Tensor) -> float:
-    """GMACs of one forward pass of ``module`` on ``inputs`` (no gradients, module left as it was)."""
-    with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
-        module(*inputs)
+    """GMACs of one forward pass of ``module`` on ``inputs``, run in eval mode without gradients so
+    that pricing draws no random numbers (dropout) and updates no statistics (BatchNorm); the
+    module's train/eval mode is restored."""
+    training = module.training
+    module.eval()
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
+            module(*inputs)
+    finally:
+        module.train(training)
     return counter.get_total_flops() / 2e9
 
 

@@ -41,6 +41,16 @@ def test_count_gflops_prices_lstms_and_heads():
     assert count_gflops(nn.Linear(2048, 239), torch.zeros(1, 2048)) == pytest.approx(2048 * 239 / 1e9)
 
 
+def test_pricing_leaves_the_module_and_the_random_stream_alone():
+    module = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 4), nn.BatchNorm1d(4)).train()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert count_gflops(module, torch.ones(2, 8)) == pytest.approx(8 * 4 * 2 / 1e9)
+    assert torch.equal(torch.rand(3), expected)  # dropout drew nothing
+    assert module.training and int(module[2].num_batches_tracked) == 0  # mode restored, statistics untouched
+
+
 def test_names_are_checked():
     assert parse_name("mobilenet_v2@112") == ("mobilenetv2", 112)
     for bad in ("resnet101", "resnet7@224", "resnet50@x"):
