@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import h5py
 import numpy as np
@@ -23,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.backbones import parse_name
-from extract.flops import count_gflops
 
 from .data import Batch
-from .methods import Inference, Method, TrainConfig, numpy, register_method, soft_cross_entropy
+from .methods import Inference, Method, TrainConfig, numpy, price, register_method, soft_cross_entropy
 
 SKIPPED_OVER = -2
 
@@ -128,9 +128,14 @@ def running_scores(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (total / weight.cumsum(1).clamp(min=1e-6).unsqueeze(-1)).softmax(-1)
 
 
+def step_gflops(P: torch.Tensor, per_action: torch.Tensor, visit: float) -> torch.Tensor:
+    """GMACs at each step (N, T): the chosen action's cost, plus ``visit`` wherever the policy read the frame."""
+    return (P * per_action).sum(-1) + visit * P.sum(-1)
+
+
 def flops_per_frame(P: torch.Tensor, per_action: torch.Tensor, visit: float, length: torch.Tensor) -> torch.Tensor:
-    """Eq. 10 per video: (1/T) sum_t GFLOPs(a_t); a visited frame also pays the policy (``visit``)."""
-    return ((P * per_action).sum(-1) + visit * P.sum(-1)).sum(1) / length.clamp(min=1).to(P.dtype)
+    """Eq. 10 per video: (1/T) sum_t GFLOPs(a_t)."""
+    return step_gflops(P, per_action, visit).sum(1) / length.clamp(min=1).to(P.dtype)
 
 
 def uniform_usage(P: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -200,18 +205,19 @@ class _Family(Method):
         return torch.stack([soft_cross_entropy(video_logits(logits[:, :, l], weight), batch.labels)
                             for l in range(logits.shape[2])]).mean()
 
-    def costs(self, model) -> tuple[torch.Tensor, float]:
+    @cached_property
+    def head_costs(self) -> list[float]:
+        """GMACs of each resolution's classifier head on one frame."""
+        return [price(h, 1, self.dims[n]) for h, n in zip(self.model.heads, self.names)]
+
+    @cached_property
+    def costs(self) -> tuple[list[float], float]:
         """GMACs of each action when taken (resolution: backbone + head, the policy's own feature
         counted once; skip: 0) and of visiting a frame (policy feature + LSTM step + fc)."""
-        m = model.module if hasattr(model, "module") else model
-        device = m.fc.weight.device
-        heads = [count_gflops(h, torch.zeros(1, self.dims[n], device=device)) for h, n in zip(m.heads, self.names)]
-        per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h for n, h in zip(self.names, heads)]
-        per_action += [0.0] * len(self.skips)
-        visit = (self.flops[self.cfg.policy] + count_gflops(m.lstm, torch.zeros(1, self.dims[self.cfg.policy],
-                                                                                device=device))
-                 + count_gflops(m.fc, torch.zeros(1, m.fc.in_features, device=device)))
-        return torch.tensor(per_action, device=device), visit
+        m = self.model
+        per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h for n, h in zip(self.names, self.head_costs)]
+        visit = self.flops[self.cfg.policy] + price(m.lstm, 1, self.dims[self.cfg.policy]) + price(m.fc, 1, m.fc.in_features)
+        return per_action + [0.0] * len(self.skips), visit
 
     def allowed(self, device) -> torch.Tensor:
         L, M = len(self.names), len(self.skips)
@@ -221,19 +227,25 @@ class _Family(Method):
         mask = [kind != "skip" or i == 0 for i in range(L)] + [kind != "resolution"] * M
         return torch.tensor(mask, device=device)
 
-    def policy_inference(self, model, batch: Batch, mode: str, probs: torch.Tensor | None = None) -> Inference:
+    def _route(self, model, batch: Batch, **policy) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Run the policy over ``batch``: ``(outputs, per-frame logits of the chosen head (N, T, C),
+        frame weights (N, T): 1 where a head was chosen)``."""
         device = batch.length.device
-        out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode=mode,
-                    skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device), probs=probs)
-        L = len(self.names)
-        P = out["P"]
-        weight = P[:, :, :L].sum(-1)
-        frame_logits = (out["logits"] * P[:, :, :L].unsqueeze(-1)).sum(2)
-        per_action, visit = self.costs(model)
-        step = (P * per_action).sum(2) + visit * (out["codes"] >= 0)
+        out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length,
+                    skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device), **policy)
+        chosen = out["P"][:, :, :len(self.names)]
+        return out, (out["logits"] * chosen.unsqueeze(-1)).sum(2), chosen.sum(-1)
+
+    def action_costs(self, device) -> tuple[torch.Tensor, float]:
+        per_action, visit = self.costs
+        return torch.tensor(per_action, device=device), visit
+
+    def policy_inference(self, model, batch: Batch, mode: str, probs: torch.Tensor | None = None) -> Inference:
+        out, frame_logits, weight = self._route(model, batch, mode=mode, probs=probs)
+        spent = step_gflops(out["P"], *self.action_costs(batch.length.device))
         return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
                          step_scores=numpy(running_scores(frame_logits, weight)), actions=numpy(out["codes"]),
-                         step_gflops=numpy(step.cumsum(1)).astype(np.float64))
+                         step_gflops=numpy(spent.cumsum(1)).astype(np.float64))
 
 
 @register_method
@@ -244,10 +256,10 @@ class ARNetMethod(_Family):
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
-        self.stage_list = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-        if not self.stage_list or set(self.stage_list) - {"warmup", "joint", "finetune"}:
+        stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+        if not stages or set(stages) - {"warmup", "joint", "finetune"}:
             raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {cfg.stages!r}")
-        self.schedule = [s for s in ("warmup", "joint", "finetune") if s in self.stage_list
+        self.schedule = [s for s in ("warmup", "joint", "finetune") if s in stages
                          for _ in range(getattr(cfg, f"{s}_epochs"))]
         cfg.epochs = len(self.schedule)
 
@@ -272,17 +284,10 @@ class ARNetMethod(_Family):
     def loss(self, model, batch, epoch):
         if self.stage(epoch) == "warmup":
             return self.warmup_loss(model, batch), {}
-        device = batch.length.device
-        out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode="gumbel",
-                    tau=self.tau(epoch), skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device))
-        L = len(self.names)
-        P = out["P"]
-        weight = P[:, :, :L].sum(-1)
-        frame_logits = (out["logits"] * P[:, :, :L].unsqueeze(-1)).sum(2)
+        out, frame_logits, weight = self._route(model, batch, mode="gumbel", tau=self.tau(epoch))
         ce = soft_cross_entropy(video_logits(frame_logits, weight), batch.labels)
-        per_action, visit = self.costs(model)
-        flops = flops_per_frame(P, per_action, visit, batch.length)
-        uniform = uniform_usage(P, batch.length)
+        flops = flops_per_frame(out["P"], *self.action_costs(batch.length.device), batch.length)
+        uniform = uniform_usage(out["P"], batch.length)
         loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
         return loss, {"ce": ce.mean().item(), "gflops_per_frame": flops.mean().item()}
 
@@ -333,9 +338,7 @@ class MultiScale(_WarmupOnly):
         real = torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)
         frame_logits = logits.mean(2)
         weight = real.to(logits)
-        m = model.module if hasattr(model, "module") else model
-        per_frame = sum(self.flops[n] + count_gflops(h, torch.zeros(1, self.dims[n], device=logits.device))
-                        for h, n in zip(m.heads, self.names))  # every backbone and head on every frame
+        per_frame = sum(self.flops[n] + h for n, h in zip(self.names, self.head_costs))  # everything, every frame
         return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
                          step_scores=numpy(running_scores(frame_logits, weight)),
                          actions=np.where(numpy(real), 0, -1),
@@ -367,9 +370,8 @@ class SCSampler(_WarmupOnly):
         rank = confidence.argsort(1, descending=True).argsort(1)
         keep = (rank < k.unsqueeze(1)) & real
         weight = keep.to(logits)
-        per_action, _ = self.costs(model)
-        sampler = self.flops[self.cfg.policy] + float(per_action[1])
-        step = numpy(real) * sampler + numpy(keep) * float(per_action[0])
+        full, sampler = self.flops[self.names[0]] + self.head_costs[0], self.flops[self.cfg.policy] + self.head_costs[1]
+        step = numpy(real) * sampler + numpy(keep) * full
         return Inference(scores=numpy(video_logits(logits[:, :, 0], weight).softmax(-1)),
                          step_scores=numpy(running_scores(logits[:, :, 0], weight)),
                          actions=np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)), step_gflops=np.cumsum(step, 1))

@@ -9,6 +9,7 @@ plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -151,6 +152,11 @@ def numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
+def price(module: nn.Module, *shape: int) -> float:
+    """GMACs of ``module`` on one zero input of ``shape``, on the module's device (shapes decide, not weights)."""
+    return count_gflops(module, torch.zeros(*shape, device=next(module.parameters()).device))
+
+
 @register_method
 class Uniform(Method):
     """UNIFORM: frame classifier on fine features, frame scores averaged over the video."""
@@ -166,15 +172,19 @@ class Uniform(Method):
         per_frame = soft_cross_entropy(logits[mask], batch.labels.repeat_interleave(batch.length, dim=0))
         return per_frame.mean(), {}
 
+    @cached_property
+    def frame_cost(self) -> float:
+        """GMACs per frame: the fine backbone and the classifier."""
+        return self.flops[self.cfg.fine] + price(self.model.head, 1, self.dims[self.cfg.fine])
+
     def infer(self, model, batch):
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
         probs = logits.softmax(-1) * mask.unsqueeze(-1)
         running = probs.cumsum(1) / torch.arange(1, probs.shape[1] + 1, device=probs.device).view(1, -1, 1)
-        head = count_gflops(model.head, torch.zeros(1, self.dims[self.cfg.fine], device=logits.device))
         real = numpy(mask)
         return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
-                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * (self.flops[self.cfg.fine] + head), 1),
+                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * self.frame_cost, 1),
                          extra={"frame_scores": numpy(probs)})
 
 
@@ -192,17 +202,20 @@ class LSTMBaseline(Method):
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         return soft_cross_entropy(last_step(logits, batch.length), batch.labels).mean(), {}
 
+    @cached_property
+    def costs(self) -> tuple[float, float]:
+        """GMACs (per frame: fine backbone + LSTM step; per video: classifier)."""
+        step = price(self.model.lstm, 1, 1, self.dims[self.cfg.fine])
+        return self.flops[self.cfg.fine] + step, price(self.model.classifier, 1, self.cfg.hidden)
+
     def infer(self, model, batch):
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
         probs = logits.softmax(-1)
-        dim = self.dims[self.cfg.fine]
-        step = count_gflops(model.lstm, torch.zeros(1, 1, dim, device=logits.device))
-        head = count_gflops(model.classifier, torch.zeros(1, self.cfg.hidden, device=logits.device))
+        per_frame, head = self.costs
         real = numpy(mask)
         return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
-                         actions=np.where(real, 2, -1),
-                         step_gflops=np.cumsum(real * (self.flops[self.cfg.fine] + step), 1) + head)
+                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * per_frame, 1) + head)
 
 
 @register_method
@@ -240,20 +253,19 @@ class LiteEvalMethod(Method):
         budget = self.cfg.lam * (usage - self.cfg.gamma) ** 2
         return (ce + budget).mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
 
-    def policy_costs(self, model) -> tuple[float, float, float]:
+    @cached_property
+    def policy_costs(self) -> tuple[float, float, float]:
         """GMACs of (per frame: cLSTM step + gate; per fine read: fLSTM step; per video: classifier)."""
-        dc, df = self.dims[self.cfg.coarse], self.dims[self.cfg.fine]
-        m = model.module if hasattr(model, "module") else model
-        z = lambda width: torch.zeros(1, width, device=m.gate.weight.device)  # noqa: E731
-        per_frame = count_gflops(m.clstm, z(dc)) + count_gflops(m.gate, z(m.gate.in_features))
-        return per_frame, count_gflops(m.flstm, z(dc + df)), count_gflops(m.classifier, z(m.hidden_fine))
+        m, dc, df = self.model, self.dims[self.cfg.coarse], self.dims[self.cfg.fine]
+        per_frame = price(m.clstm, 1, dc) + price(m.gate, 1, m.gate.in_features)
+        return per_frame, price(m.flstm, 1, dc + df), price(m.classifier, 1, m.hidden_fine)
 
     def infer(self, model, batch):
         out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
         probs = out["logits"].softmax(-1)
         mask = numpy(real_mask(batch.length, probs.shape[1]))
         gate = numpy(out["gate"])
-        per_frame, per_read, head = self.policy_costs(model)
+        per_frame, per_read, head = self.policy_costs
         read = gate > 0.5
         step = mask * (self.flops[self.cfg.coarse] + per_frame) + read * (self.flops[self.cfg.fine] + per_read)
         return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
@@ -276,8 +288,7 @@ class LiteEvalRL(LiteEvalMethod):
         usage = self.usage(out["gate"], batch.length)
         reward = -(ce + self.cfg.lam * (usage - self.cfg.gamma) ** 2).detach()
         coarse = batch.features[self.cfg.coarse].sum(1) / batch.length.clamp(min=1).unsqueeze(1)
-        m = model.module if hasattr(model, "module") else model
-        baseline = m.baseline(coarse).squeeze(1)
+        baseline = self.model.baseline(coarse).squeeze(1)
         advantage = (reward - baseline).detach()
         policy = -(advantage * out["log_prob"].sum(1))
         loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")

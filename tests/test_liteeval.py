@@ -122,7 +122,7 @@ def test_run_folder_and_gflops_accounting(demo_cache, tmp_path):
     pair = {"coarse": "efficientnet_lite0@112", "fine": "efficientnet_lite0@224"}
     method = METHODS["liteeval"](config("liteeval", demo_cache, run, **pair), {n: 1280 for n in pair.values()}, 10,
                                  store.flops)
-    per_frame, per_read, head = method.policy_costs(method.model)
+    per_frame, per_read, head = method.policy_costs
     frames, reads = (actions >= 1).sum(1), (actions == 2).sum(1)
     expected = (frames * store.flops["efficientnet_lite0@112"] + reads * store.flops["efficientnet_lite0@224"]
                 + frames * per_frame + reads * per_read + head)
