@@ -186,7 +186,6 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     attrs = cache_attrs(cfg)
     requested = canonical(cfg.backbones)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], classes=ann.classes)  # refuse early
     if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens
         assemble(cfg.out, videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
                  flops={}, weights={}, max_length=cfg.sampling.max_length)

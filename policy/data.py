@@ -61,7 +61,6 @@ class CachedFeatures:
         self.split = np.array([s.decode() for s in f["videos/split"][:]])
         self.labels = f["videos/labels"][:].astype(np.float32)
         self.length = f["videos/length"][:].astype(np.int64)
-        self.T = f["videos/frame_index"].shape[1]
         self.dims = {n: f["features"][n].shape[-1] for n in names}
         self.flops = {r["name"].decode(): float(r["gflops"]) for r in f["flops"][:]}
         self.sampling = json.loads(f.attrs["sampling"])
@@ -116,7 +115,8 @@ class CachedFeatures:
             order = rows if generator is None else rows[torch.randperm(len(rows), generator=generator).numpy()]
             for start in range(0, len(order), batch_size):
                 picked = order[start:start + batch_size]
-                yield self._batch(picked, self._read(np.sort(picked)), np.sort(picked))
+                ordered = np.sort(picked)
+                yield self._batch(picked, self._read(ordered), ordered)
             return
         blocks = [rows[s:s + self.block_rows] for s in range(0, len(rows), self.block_rows)]
         if generator is not None:

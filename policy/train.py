@@ -32,8 +32,8 @@ def save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def run_inference(method: Method, model, store: CachedFeatures, rows: np.ndarray, batch_size: int) -> Inference:
-    model.eval()
+def run_inference(method: Method, store: CachedFeatures, rows: np.ndarray, batch_size: int) -> Inference:
+    model = method.model.eval()
     device = next(model.parameters()).device
     parts = []
     with torch.no_grad():
@@ -134,7 +134,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             losses.append(loss.item())
             for k, v in extra.items():
                 stats.setdefault(k, []).append(v)
-        val = summarise(run_inference(method, method.model, store, val_rows, cfg.batch_size), store.labels[val_rows],
+        val = summarise(run_inference(method, store, val_rows, cfg.batch_size), store.labels[val_rows],
                         method)
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
                "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
@@ -154,10 +154,11 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_mAP=f"{val['mAP']:.3f}")
     bar.close()
     distributed.barrier()
-    method.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
-    inf = run_inference(method, method.model, store, eval_rows, cfg.batch_size)
+    kept = torch.load(best_path, map_location="cpu", weights_only=True)
+    method.model.load_state_dict(kept["model"])
+    inf = run_inference(method, store, eval_rows, cfg.batch_size)
     metrics = summarise(inf, store.labels[eval_rows], method)
-    metrics["best_epoch"] = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"])
+    metrics["best_epoch"] = int(kept["epoch"])
     if info.main:
         write_predictions(os.path.join(cfg.out, "predictions.h5"), store, eval_rows, inf, method.legend)
         with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
