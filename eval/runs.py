@@ -24,6 +24,7 @@ class Run:
     path: str
     config: dict
     attrs: dict = field(default_factory=dict)
+    _metrics: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def method(self) -> str:
@@ -54,44 +55,39 @@ class Run:
             return f"{name} ({'; '.join(extra)})" if extra else name
         return name
 
-    def _read(self, key: str) -> np.ndarray:
+    @cached_property
+    def _per_video(self) -> dict[str, np.ndarray]:
+        """The small per-video arrays of predictions.h5, read in one pass."""
         with h5py.File(os.path.join(self.path, "predictions.h5"), "r") as f:
-            return f[key][:] if key in f else None
+            return {k: f[k][:] for k in ("video_id", "labels", "scores", "actions", "gflops")}
 
     @cached_property
     def video_id(self) -> list[str]:
-        return [v.decode() for v in self._read("video_id")]
+        return [v.decode() for v in self._per_video["video_id"]]
 
-    @cached_property
-    def labels(self) -> np.ndarray:
-        return self._read("labels")
-
-    @cached_property
-    def scores(self) -> np.ndarray:
-        return self._read("scores")
-
-    @cached_property
-    def actions(self) -> np.ndarray:
-        return self._read("actions")
-
-    @cached_property
-    def gflops(self) -> np.ndarray:
-        return self._read("gflops")
+    labels = property(lambda self: self._per_video["labels"])
+    scores = property(lambda self: self._per_video["scores"])
+    actions = property(lambda self: self._per_video["actions"])
+    gflops = property(lambda self: self._per_video["gflops"])
 
     def array(self, key: str) -> np.ndarray | None:
         """A large per-step array (``step_scores``, ``step_gflops``, ``frame_scores``), read on demand."""
-        return self._read(key)
+        with h5py.File(os.path.join(self.path, "predictions.h5"), "r") as f:
+            return f[key][:] if key in f else None
 
     @property
     def legend(self) -> dict[int, str]:
         return {int(k): v for k, v in json.loads(self.attrs.get("actions_legend", "{}")).items()}
 
     def metrics(self, interpolated: bool = False) -> dict[str, float]:
-        """mAP (%), classes left out, top-1 (%), GFLOPs per frame and per video."""
-        mean_ap, left_out = mean_average_precision(self.scores, self.labels, interpolated=interpolated)
-        frames = max(int((self.actions != -1).sum()), 1)
-        return {"mAP": 100 * mean_ap, "left_out": left_out, "top1": 100 * hit_at_k(self.scores, self.labels, 1),
+        """mAP (%), classes left out, top-1 (%), GFLOPs per frame and per video; computed once per AP kind."""
+        if interpolated not in self._metrics:
+            mean_ap, left_out = mean_average_precision(self.scores, self.labels, interpolated=interpolated)
+            frames = max(int((self.actions != -1).sum()), 1)
+            self._metrics[interpolated] = {
+                "mAP": 100 * mean_ap, "left_out": left_out, "top1": 100 * hit_at_k(self.scores, self.labels, 1),
                 "gflops_f": float(self.gflops.sum() / frames), "gflops_v": float(self.gflops.mean())}
+        return self._metrics[interpolated]
 
 
 def load_run(path: str) -> Run:
