@@ -212,31 +212,31 @@ def online(runs, opts):
     frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")
     labels = base.labels
     curves: dict[str, list[tuple[float, float]]] = {}
+
+    def add(curve: str, K: int, scores: np.ndarray, spent: float) -> None:
+        top1 = 100 * hit_at_k(scores.astype(np.float32), labels, 1)
+        curves.setdefault(curve, []).append((spent, top1))
+        report.rows.append({"source": "ours", "curve": curve, "K": K, "top1": top1, "GFLOPs/V": spent})
+
     for run in lite:
-        _same_videos(run, base)
+        _same_videos(run, base)  # same videos, so the same T
         steps, cost = run.array("step_scores"), run.array("step_gflops")
         reads = np.cumsum(run.actions == 2, axis=1)
         last = (run.actions != -1).sum(1) - 1
         n, T = reads.shape
+        rows = np.arange(n)
         for K in range(1, T + 1):
             hit = reads >= K
             stop = np.where(hit.any(1), hit.argmax(1), last)
-            rows = np.arange(n)
-            scores = steps[rows, stop].astype(np.float32)
-            curves.setdefault(run.label, []).append((float(cost[rows, stop].mean()), 100 * hit_at_k(scores, labels, 1)))
-            report.rows.append({"source": "ours", "curve": run.label, "K": K, "top1": curves[run.label][-1][1],
-                                "GFLOPs/V": curves[run.label][-1][0]})
+            add(run.label, K, steps[rows, stop], float(cost[rows, stop].mean()))
             if run is lite[0]:
                 seen = stop + 1
-                k = np.minimum(K, base_cost.shape[1])
                 spread = np.minimum((seen[:, None] / K * (np.arange(K) + 0.5)).astype(int), seen[:, None] - 1)
-                uni = np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32).mean(1)
-                seq = frame_scores[:, :K].astype(np.float32).sum(1) / np.minimum(K, (base.actions != -1).sum(1))[:, None]
-                spent = float(base_cost[:, k - 1].mean())
-                for name, s in (("UNIFORM-K", uni), ("SEQ-K", seq)):
-                    curves.setdefault(name, []).append((spent, 100 * hit_at_k(s.astype(np.float32), labels, 1)))
-                    report.rows.append({"source": "ours", "curve": name, "K": K, "top1": curves[name][-1][1],
-                                        "GFLOPs/V": spent})
+                spent = float(base_cost[:, K - 1].mean())
+                add("UNIFORM-K", K, np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32)
+                    .mean(1), spent)
+                add("SEQ-K", K, frame_scores[:, :K].astype(np.float32).sum(1)
+                    / np.minimum(K, (base.actions != -1).sum(1))[:, None], spent)
 
     def figure(fig):
         ax = fig.add_subplot(111)
