@@ -63,7 +63,8 @@ class ARNetConfig(TrainConfig):
 class ARNet(nn.Module):
     """Heads per resolution plus the policy LSTM; ``forward`` returns per-frame head logits
     ``(N, T, L, C)`` and, unless ``mode == "all"``, the one-hot actions ``P`` ``(N, T, L + M)``,
-    the action codes ``(N, T)`` and the policy's logits at visited frames (zero elsewhere)."""
+    the action codes ``(N, T)`` and the policy's logits at visited frames (-inf for actions not
+    allowed) and zero at frames it did not visit."""
 
     def __init__(self, dims: list[int], policy_dim: int, num_classes: int, *, hidden: int = 512, skips: int = 3):
         super().__init__()
@@ -112,7 +113,7 @@ class ARNet(nn.Module):
                                                                  (remaining - 1).clamp(min=0)))
             codes.append(torch.where(active, chosen, torch.where(t < length, SKIPPED_OVER, -1)))
             actions.append(P)
-            scores.append(z * a)
+            scores.append(torch.where(active.unsqueeze(1), z, torch.zeros_like(z)))  # not z * a: -inf * 0 is NaN
         return {"logits": logits, "P": torch.stack(actions, 1), "codes": torch.stack(codes, 1),
                 "policy_logits": torch.stack(scores, 1)}
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import os
+import re
 import typing
 
 import click
@@ -16,11 +18,22 @@ DATA = "data"
 
 
 def default_cache() -> str:
-    """The newest ``data/features/*.h5`` (the folder ``extract-features`` writes to by default)."""
+    """The newest ``data/features/*.h5`` (the folder ``extract-features`` writes to by default), named in one line."""
     caches = sorted(glob.glob(os.path.join(DATA, "features", "*.h5")), key=os.path.getmtime)
     if not caches:
         raise click.UsageError("no --features given and no cache in data/features/: run extract-features first")
+    others = f"; {len(caches) - 1} other(s) there, pick one with --features" if len(caches) > 1 else ""
+    click.echo(f"using {caches[-1]}, the newest cache in {os.path.join(DATA, 'features')}{others}", err=True)
     return caches[-1]
+
+
+def folder_name(value: object, limit: int = 64) -> str:
+    """``value`` as one path component: characters other than letters, digits and ``._+-`` become
+    ``-`` (a path's separators included); past ``limit`` characters, a hash of the whole value ends it."""
+    text = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(value)).strip("-.")
+    if len(text) > limit:
+        text = text[: limit - 9] + "-" + hashlib.sha1(str(value).encode()).hexdigest()[:8]
+    return text
 
 
 def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
@@ -79,7 +92,8 @@ def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_s
     pairs += ("stochastic_eval=true",) if stochastic_eval else ()
     keys = apply_overrides(cfg, pairs)
     cfg.features = features or default_cache()
-    suffix = "".join(f"_{k}={getattr(cfg, k)}" for k in keys if k not in ("epochs", "batch_size", "lr", "device"))
+    suffix = "".join(f"_{k}={folder_name(getattr(cfg, k))}" for k in keys
+                     if k not in ("epochs", "batch_size", "lr", "device"))
     stem = os.path.splitext(os.path.basename(cfg.features))[0]
     cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)
     try:

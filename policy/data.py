@@ -1,7 +1,8 @@
 """Read the phase-1 cache for training: the features a method needs, labels, splits, FLOPs.
 
 Features are held in memory as float16 when they fit the memory budget, and otherwise streamed
-from HDF5 in contiguous blocks (shuffled block by block), so a cache larger than RAM still trains.
+from HDF5 in blocks of half the budget (shuffled block by block), reading only the rows asked for,
+so a cache larger than RAM still trains.
 """
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ class Batch:
         """The ``rows`` of this batch on ``device`` (a rank's share under DDP)."""
         return Batch(self.index[rows], {k: v[rows].to(device) for k, v in self.features.items()},
                      self.labels[rows].to(device), self.length[rows].to(device))
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for sorted, unique ``rows``, reading those rows and no others: one read per
+    run of consecutive rows, straight into the result."""
+    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    at = 0
+    for run in np.split(rows, breaks) if len(rows) else []:
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        dataset.read_direct(out, np.s_[lo:hi], np.s_[at:at + hi - lo])
+        at += hi - lo
+    return out
 
 
 def default_memory_budget() -> int:
@@ -92,11 +106,10 @@ class CachedFeatures:
             f"{val_fraction:.0%} of train carved with seed {seed}"
 
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Features of sorted ``rows``; from disk in one contiguous read when streaming."""
+        """Features of sorted ``rows``; when streaming, only those rows are read from disk."""
         if self.in_memory:
             return {n: self.arrays[n][rows] for n in self.names}
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        return {n: self.file["features"][n][lo:hi][rows - lo] for n in self.names}
+        return {n: read_rows(self.file["features"][n], rows) for n in self.names}
 
     def _batch(self, picked: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
         where = np.searchsorted(rows, picked)  # rows is sorted and holds every picked row
@@ -108,8 +121,8 @@ class CachedFeatures:
 
     def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
         """Batches over ``rows``, shuffled when a ``generator`` is given. In memory: a full
-        permutation. Streamed: contiguous blocks of ``block_rows`` videos in shuffled order, each read
-        once, shuffled within."""
+        permutation. Streamed: blocks of ``block_rows`` of the sorted ``rows`` in shuffled order, each
+        read once (its rows only), shuffled within."""
         rows = np.sort(rows)
         if self.in_memory:
             order = rows if generator is None else rows[torch.randperm(len(rows), generator=generator).numpy()]

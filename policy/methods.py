@@ -287,8 +287,7 @@ class LiteEvalRL(LiteEvalMethod):
         ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
         usage = self.usage(out["gate"], batch.length)
         reward = -(ce + self.cfg.lam * (usage - self.cfg.gamma) ** 2).detach()
-        coarse = batch.features[self.cfg.coarse].sum(1) / batch.length.clamp(min=1).unsqueeze(1)
-        baseline = self.model.baseline(coarse).squeeze(1)
+        baseline = out["baseline"]
         advantage = (reward - baseline).detach()
         policy = -(advantage * out["log_prob"].sum(1))
         loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")

@@ -46,7 +46,9 @@ class LiteEval(nn.Module):
         """``mode``: ``gumbel`` (straight-through Gumbel-softmax at ``tau``, eqs. 6-7), ``bernoulli``
         (hard samples, for REINFORCE), ``sample`` (Gumbel-max), ``argmax``; ``gate`` (N, T) forces B_t.
 
-        Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T).
+        Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T) and, with
+        the RL baseline, ``baseline`` (N,) from the mean coarse feature over the real frames. The
+        baseline is computed here, inside ``forward``, so that DistributedDataParallel sees it.
         """
         n, steps, _ = coarse.shape
         hc = coarse.new_zeros(n, self.hidden_coarse)
@@ -86,7 +88,11 @@ class LiteEval(nn.Module):
             hf, cf = real * hf_next + (1 - real) * hf, real * cf_next + (1 - real) * cf
             logits.append(self.classifier(hf))
             gates.append(B)
-        return {"logits": torch.stack(logits, 1), "gate": torch.stack(gates, 1), "log_prob": torch.stack(log_probs, 1)}
+        out = {"logits": torch.stack(logits, 1), "gate": torch.stack(gates, 1), "log_prob": torch.stack(log_probs, 1)}
+        if self.baseline is not None:
+            mean_coarse = coarse.sum(1) / length.clamp(min=1).unsqueeze(1).to(coarse.dtype)
+            out["baseline"] = self.baseline(mean_coarse).squeeze(1)
+        return out
 
 
 class FrameClassifier(nn.Module):

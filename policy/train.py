@@ -32,17 +32,48 @@ def save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def run_inference(method: Method, store: CachedFeatures, rows: np.ndarray, batch_size: int) -> Inference:
-    model = method.model.eval()
+def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures, rows: np.ndarray,
+                  batch_size: int) -> Inference:
+    """``method.infer`` over ``rows`` with ``model`` (the raw module: no gradients, nothing to synchronise).
+    Per-step arrays are kept as float16, the precision ``predictions.h5`` stores them in."""
+    model.eval()
     device = next(model.parameters()).device
     parts = []
     with torch.no_grad():
         for batch in store.batches(rows, batch_size):
-            parts.append(method.infer(model, batch.part(slice(None), device)))
+            inf = method.infer(model, batch.part(slice(None), device))
+            inf.step_scores = inf.step_scores.astype(np.float16)
+            inf.extra = {k: v.astype(np.float16) for k, v in inf.extra.items()}
+            parts.append(inf)
     extra_keys = parts[0].extra.keys() if parts else []
     return Inference(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "step_scores", "actions",
                                                                                  "step_gflops")),
                      extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys})
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The state of every generator training draws from: the CPU's, and the CUDA device's when
+    training on one (Gumbel noise, dropout and random policies draw there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's :func:`rng_state`, indexed by rank (ranks draw different amounts: uneven shares)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+    return states
 
 
 def summarise(inf: Inference, labels: np.ndarray, method: Method) -> dict:
@@ -88,10 +119,9 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget, l2_normalise=cfg.l2_normalise)
     train_rows, val_rows, eval_rows, val_note = store.splits(cfg.seed, cfg.val_fraction)
     method = method_cls(cfg, store.dims, len(store.classes), store.flops)
-    model = method.model.to(device)
+    raw_model = method.model.to(device)  # saved and used for inference; hooks that train get `model`
     optimizer = method.optimizer()
-    if info.world > 1:
-        model = DistributedDataParallel(model, find_unused_parameters=True)
+    model = DistributedDataParallel(raw_model, find_unused_parameters=True) if info.world > 1 else raw_model
     os.makedirs(cfg.out, exist_ok=True)
     resolved = {**dataclasses.asdict(cfg), "validation": val_note, "cache_dataset": store.dataset,
                 "cache_sampling": store.sampling, "features_in_memory": store.in_memory,
@@ -107,12 +137,12 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     if resume and os.path.exists(last_path):
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         try:
-            method.model.load_state_dict(state["model"])
+            raw_model.load_state_dict(state["model"])
         except RuntimeError:
             raise CacheError(f"{cfg.out} was trained on features of other dimensions than {cfg.features} holds "
                              f"({', '.join(f'{n}: {d}-d' for n, d in store.dims.items())}): start another --out") from None
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
         start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
     if info.main:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -126,6 +156,8 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
         started, losses = time.monotonic(), []
         stats: dict[str, list[float]] = {}
         for batch in store.batches(train_rows, cfg.batch_size, generator=order):
+            if len(batch.index) < info.world:  # a last batch too small to give every rank a video
+                continue
             batch = batch.part(slice(info.rank, None, info.world), device)
             loss, extra = method.loss(model, batch, epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -134,18 +166,19 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             losses.append(loss.item())
             for k, v in extra.items():
                 stats.setdefault(k, []).append(v)
-        val = summarise(run_inference(method, store, val_rows, cfg.batch_size), store.labels[val_rows],
+        val = summarise(run_inference(method, raw_model, store, val_rows, cfg.batch_size), store.labels[val_rows],
                         method)
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
                "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
                "seconds": time.monotonic() - started}
         log_rows.append(row)
+        rng = all_rng_states(device, info.world)
         if info.main:
             if val["mAP"] > best and method.selectable(epoch):
                 best = val["mAP"]
-                save_atomic({"model": method.model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
-            save_atomic({"model": method.model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "log": log_rows}, last_path)
+                save_atomic({"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": rng, "epoch": epoch, "best": best, "log": log_rows}, last_path)
             with open(os.path.join(cfg.out, "train_log.csv"), "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in log_rows for k in r)))
                 writer.writeheader()
@@ -155,8 +188,8 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     bar.close()
     distributed.barrier()
     kept = torch.load(best_path, map_location="cpu", weights_only=True)
-    method.model.load_state_dict(kept["model"])
-    inf = run_inference(method, store, eval_rows, cfg.batch_size)
+    raw_model.load_state_dict(kept["model"])
+    inf = run_inference(method, raw_model, store, eval_rows, cfg.batch_size)
     metrics = summarise(inf, store.labels[eval_rows], method)
     metrics["best_epoch"] = int(kept["epoch"])
     if info.main:

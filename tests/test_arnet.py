@@ -164,3 +164,16 @@ def test_published_gflops_of_uniform_and_multiscale(arnet_flops_cache, tmp_path)
     sc = train(arnet_config(arnet_flops_cache, tmp_path / "s", method="scsampler"), progress=False)
     # SCSampler: MobileNetV2 on all 16 frames, ResNet-50 on the 10 most confident
     assert sc["gflops_per_video"] == pytest.approx(16 * 0.0504 + 10 * 4.087, rel=0.01)
+
+
+@pytest.mark.parametrize("allowed", [[True, True, False, False, False], [True, False, True, True, True]],
+                         ids=["resolution", "skip"])
+def test_policy_logits_have_no_nan_when_actions_are_restricted(allowed):
+    model, feats, policy, _ = hand_made(n=6)
+    length, allowed = torch.tensor([8, 5, 8, 3, 8, 6]), torch.tensor(allowed)  # padding: frames never visited
+    with torch.no_grad():
+        out = model(feats, policy, length, skips=SKIPS, allowed=allowed, mode="sample")
+    logits, visited = out["policy_logits"], out["codes"] >= 0
+    assert not logits.isnan().any()
+    assert (logits[~visited] == 0).all()  # frames the policy did not read
+    assert logits[visited][:, allowed].isfinite().all() and (logits[visited][:, ~allowed] == float("-inf")).all()

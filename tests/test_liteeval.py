@@ -200,3 +200,73 @@ def test_resume_with_a_cache_from_another_dataset_is_refused(demo_cache, tmp_pat
                    "--resume", check=False)
     assert proc.returncode == 1 and "was trained on a demo cache" in proc.stderr and "is fcvid" in proc.stderr
     assert json.load(open(run / "metrics.json"))["videos"] == 10  # the run is untouched
+
+
+class RowCounter:
+    """Stands in for a cache file and counts the feature rows each read of ``/features`` touches."""
+
+    def __init__(self, file):
+        self.file, self.rows = file, 0
+
+    def __getitem__(self, key):
+        return _CountedGroup(self, self.file[key]) if key == "features" else self.file[key]
+
+
+class _CountedGroup:
+    def __init__(self, counter, group):
+        self.counter, self.group = counter, group
+
+    def __getitem__(self, name):
+        return _CountedDataset(self.counter, self.group[name])
+
+    def keys(self):
+        return self.group.keys()
+
+
+class _CountedDataset:
+    def __init__(self, counter, dataset):
+        self.counter, self.dataset = counter, dataset
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, selection):
+        data = self.dataset[selection]
+        self.counter.rows += len(data)
+        return data
+
+    def read_direct(self, out, source_sel, dest_sel):
+        self.counter.rows += source_sel.stop - source_sel.start
+        self.dataset.read_direct(out, source_sel, dest_sel)
+
+
+def test_streaming_reads_only_the_rows_asked_for(demo_cache):
+    """Validation rows are scattered among the training rows, as in every real cache."""
+    names = ["efficientnet_lite0@112", "efficientnet_lite0@224"]
+    memory, streamed = CachedFeatures(demo_cache, names), CachedFeatures(demo_cache, names, memory_budget=491_520)
+    train_rows, val_rows, _, _ = streamed.splits(seed=0, val_fraction=0.3)
+    scattered = np.flatnonzero(np.isin(np.arange(len(streamed)), val_rows))
+    assert scattered[-1] - scattered[0] + 1 > len(scattered)  # a span read would touch rows not asked for
+    streamed.file = RowCounter(streamed.file)
+    for rows in (val_rows, train_rows):
+        streamed.file.rows = 0
+        got = list(streamed.batches(rows, 2))
+        assert streamed.file.rows == len(rows) * len(names)
+        for a, b in zip(memory.batches(rows, 2), got):
+            assert np.array_equal(a.index, b.index) and torch.equal(a.features[names[1]], b.features[names[1]])
+
+
+def test_run_folder_name_and_the_cache_taken_are_stated(demo_cache, tmp_path):
+    features = tmp_path / "data" / "features"
+    features.mkdir(parents=True)
+    os.symlink(demo_cache, features / "mine.h5")
+    arnet = ["--set", "hidden=16", "--set", "warmup_epochs=1", "--set", "joint_epochs=1", "--set", "finetune_epochs=1"]
+    first = run_cli("policy.cli", "--method", "arnet", "--no-progress", *arnet, cwd=tmp_path)
+    assert "using data/features/mine.h5" in first.stderr  # which cache, in one line
+    match = tmp_path / "data" / "runs" / "mine" / "arnet_hidden=16_warmup_epochs=1_joint_epochs=1_finetune_epochs=1"
+    assert match.is_dir()
+    run_cli("policy.cli", "--method", "random", "--no-progress", *arnet, "--set", f"match_run={match}", cwd=tmp_path)
+    made = sorted(p.name for p in (tmp_path / "data" / "runs" / "mine").iterdir())
+    assert len(made) == 2 and all((tmp_path / "data" / "runs" / "mine" / name / "metrics.json").exists()
+                                  for name in made)
+    assert any(name.startswith("random_") and "match_run=" in name for name in made)
