@@ -17,15 +17,19 @@ Schema (browse with ``h5ls -r CACHE.h5``)::
 Crash safety: the cache file is only ever replaced whole (written to ``*.tmp``, fsynced,
 ``os.replace``). Work in progress lives in ``<cache>.parts/``: chunk files, each itself written
 atomically. A run killed at any moment leaves the previous cache and complete chunks; the next
-run skips what the chunks hold and assembles everything into the cache at the end.
+run skips what the chunks hold (also when the cache file itself is gone) and assembles everything
+into the cache at the end. A chunk records the identity of its run (dataset, sampling, video list)
+and the weights of each backbone, so that a run never merges work that is not its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -37,6 +41,7 @@ from .flops import FlopsEntry
 STR = h5py.string_dtype()
 FLOPS_DTYPE = np.dtype([("name", STR), ("resolution", "<i4"), ("gflops", "<f8"), ("params", "<i8"), ("dim", "<i4")])
 FAILED_DTYPE = np.dtype([("id", STR), ("reason", STR)])
+BLOCK_BYTES = 256 << 20  # assembly writes each backbone's features in blocks of rows of about this size
 
 
 class CacheMismatch(ValueError):
@@ -61,6 +66,21 @@ class CacheInfo:
     flops: dict[str, FlopsEntry] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # ids in /failed
+
+
+@dataclass
+class JournalState:
+    """What the journal's chunks hold."""
+
+    done: dict[int, set[str]] = field(default_factory=dict)  # video index -> backbones held
+    failed: dict[int, str] = field(default_factory=dict)  # video index -> reason
+    weights: dict[str, set[str]] = field(default_factory=dict)  # backbone -> weights identities it was computed with
+
+
+def run_identity(attrs: dict[str, str], videos: list[VideoRecord]) -> str:
+    """What journal chunks are valid for: dataset, sampling and the video list (chunks address videos by position)."""
+    digest = hashlib.sha256("\n".join(v.id for v in videos).encode()).hexdigest()
+    return json.dumps({"dataset": attrs["dataset"], "sampling": attrs["sampling"], "videos": digest}, sort_keys=True)
 
 
 def write_atomic(path: str, fill) -> None:
@@ -96,26 +116,33 @@ def read_info(path: str, *, dataset: str, sampling: str, classes: list[str]) -> 
 
 
 class Journal:
-    """The chunk files of ``<cache>.parts/``; ``write`` is atomic, ``load`` sees every finished chunk."""
+    """The chunk files of ``<cache>.parts/``; ``write`` is atomic, ``load`` sees every finished chunk.
 
-    def __init__(self, cache_path: str, rank: int = 0):
+    Each chunk records the ``identity`` of the run that wrote it (see :func:`run_identity`) and the
+    weights identity of each backbone it holds (attrs ``identity``, ``weights`` JSON).
+    """
+
+    def __init__(self, cache_path: str, rank: int = 0, identity: str = ""):
         self.folder = cache_path + ".parts"
         self.rank = rank
+        self.identity = identity
         self._seq = 0
 
-    def write(self, done: list[VideoFeatures], failed: list[tuple[int, str]], backbones: list[str]) -> None:
+    def write(self, done: list[VideoFeatures], failed: list[tuple[int, str]], weights: dict[str, str]) -> None:
+        """Journal ``done`` and ``failed`` videos; ``weights``: backbone name -> weights identity."""
         os.makedirs(self.folder, exist_ok=True)
         length = max([len(v.frame_index) for v in done], default=0)
 
         def fill(f: h5py.File) -> None:
-            f.attrs["backbones"] = json.dumps(backbones)
+            f.attrs["identity"] = self.identity
+            f.attrs["weights"] = json.dumps(weights, sort_keys=True)
             f["index"] = np.array([v.index for v in done], dtype=np.int64)
             f["length"] = np.array([len(v.frame_index) for v in done], dtype=np.int32)
             frame_index = np.full((len(done), length), -1, dtype=np.int64)
             for row, v in enumerate(done):
                 frame_index[row, : len(v.frame_index)] = v.frame_index
             f["frame_index"] = frame_index
-            for name in backbones:
+            for name in weights:
                 dim = done[0].features[name].shape[1] if done else 0
                 data = np.zeros((len(done), length, dim), dtype=np.float16)
                 for row, v in enumerate(done):
@@ -132,63 +159,138 @@ class Journal:
             return []
         return sorted(os.path.join(self.folder, n) for n in os.listdir(self.folder) if n.endswith(".h5"))
 
-    def load(self) -> tuple[dict[int, set[str]], dict[int, str]]:
-        """``(done: video index -> backbones held, failed: video index -> reason)`` over all chunks."""
-        done: dict[int, set[str]] = {}
-        failed: dict[int, str] = {}
+    def load(self) -> JournalState:
+        """What all chunks hold; raises :class:`CacheMismatch` for a chunk written by a run of another identity."""
+        state = JournalState()
         for chunk in self.chunks():
             with h5py.File(chunk, "r") as f:
-                backbones = set(json.loads(f.attrs["backbones"]))
+                if f.attrs.get("identity") != self.identity:
+                    raise CacheMismatch(f"{self.folder} holds work of another dataset, sampling or video list: "
+                                        "delete that folder or pass another --out")
+                weights = json.loads(f.attrs["weights"])
+                for name, identity in weights.items():
+                    state.weights.setdefault(name, set()).add(identity)
                 for i in f["index"][:]:
-                    done.setdefault(int(i), set()).update(backbones)
+                    state.done.setdefault(int(i), set()).update(weights)
                 for i, reason in zip(f["failed_index"][:], f["failed_reason"][:]):
-                    failed[int(i)] = reason.decode()
-        return done, failed
+                    state.failed[int(i)] = reason.decode()
+        return state
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def assemble(path: str, *, videos: list[VideoRecord], classes: list[str], problems: list[tuple[str, str]],
-             attrs: dict[str, str], flops: dict[str, FlopsEntry], weights: dict[str, str],
-             max_length: int | None) -> tuple[int, int]:
-    """Merge the existing cache at ``path`` and the journal's chunks into a new cache, atomically.
+def _groups(values: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(value, positions of that value)`` for each distinct value in ``values``."""
+    order = np.argsort(values, kind="stable")
+    for at in np.split(order, np.flatnonzero(np.diff(values[order])) + 1):
+        if len(at):
+            yield int(values[at[0]]), at
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray, head: tuple[slice, ...] = ()) -> np.ndarray:
+    """``dataset[rows]`` (unique ``rows`` in any order), cut to ``head`` on the next axes, reading those
+    rows and no others: one read per run of consecutive rows, straight into the result."""
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    cut = tuple(len(range(*s.indices(n))) for s, n in zip(head, dataset.shape[1:])) + dataset.shape[1 + len(head):]
+    out = np.empty((len(rows), *cut), dtype=dataset.dtype)
+    at = 0
+    for run in np.split(ordered, np.flatnonzero(np.diff(ordered) != 1) + 1) if len(rows) else []:
+        dataset.read_direct(out, (slice(int(run[0]), int(run[-1]) + 1), *head), np.s_[at:at + len(run)])
+        at += len(run)
+    if np.array_equal(ordered, rows):
+        return out
+    result = np.empty_like(out)
+    result[order] = out
+    return result
+
+
+def _relative(paths: list[str], root: str) -> list[str]:
+    """``os.path.relpath(path, root)`` of each path (unchanged without a root), cheaply for paths under the root."""
+    if not root:
+        return paths
+    prefix = os.path.join(os.path.abspath(root), "")
+    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in map(os.path.abspath, paths)]
+
+
+def _chunk_features(path: str) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {f"features/{name}": f["features"][name][:] for name in f["features"]}
+
+
+def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes: list[str],
+             problems: list[tuple[str, str]], attrs: dict[str, str], flops: dict[str, FlopsEntry],
+             weights: dict[str, str], max_length: int | None) -> tuple[int, int]:
+    """Merge the existing cache at ``path`` and the journal ``chunks`` into a new cache, atomically.
 
     Videos keep annotation order. A video is in ``/videos`` when it has features for every
     backbone; a video that failed in the journal is dropped from ``/videos`` and listed in
-    ``/failed``. Returns ``(videos cached, videos failed)``.
+    ``/failed``. A later chunk wins over an earlier one, a chunk over the old cache. Linear in the
+    number of videos: each chunk is read whole, the old cache in runs of consecutive rows, and
+    features are written in blocks of about ``BLOCK_BYTES``. The chunks are left in place.
+    Returns ``(videos cached, videos failed)``.
     """
-    journal = Journal(path)
     old = h5py.File(path, "r") if os.path.exists(path) else None
     try:
-        old_rows = {i.decode(): r for r, i in enumerate(old["videos/id"][:])} if old else {}
-        old_backbones = set(old["features"].keys()) if old else set()
-        sources: dict[int, dict[str, tuple]] = {}  # video index -> backbone -> (h5 file, row)
-        chunk_files = [h5py.File(c, "r") for c in journal.chunks()]
+        tables: list[dict[str, np.ndarray]] = [{}]  # source 0: the old cache (read in runs); s: chunks[s - 1]
+        source: dict[str, np.ndarray] = {}  # backbone -> source of each video's features, -1 for none
+        row: dict[str, np.ndarray] = {}  # backbone -> row of each video in that source
+
+        def locate(name: str, s: int, indices: np.ndarray, rows: np.ndarray) -> None:
+            if name not in source:
+                source[name], row[name] = np.full(len(videos), -1), np.zeros(len(videos), dtype=np.int64)
+            source[name][indices], row[name][indices] = s, rows
+
+        if old is not None:
+            at = {i.decode(): r for r, i in enumerate(old["videos/id"][:])}
+            old_rows = np.array([at.get(v.id, -1) for v in videos], dtype=np.int64)
+            cached = np.flatnonzero(old_rows >= 0)
+            for name in old["features"]:
+                locate(name, 0, cached, old_rows[cached])
         failed_now: dict[int, str] = {}
-        for chunk in chunk_files:
-            for row, i in enumerate(chunk["index"][:]):
-                for name in chunk["features"].keys():
-                    sources.setdefault(int(i), {})[name] = (chunk, row)
-            failed_now.update({int(i): r.decode() for i, r in zip(chunk["failed_index"][:], chunk["failed_reason"][:])})
-        backbones = sorted(old_backbones | {n for s in sources.values() for n in s})
-        for i, video in enumerate(videos):
-            if video.id in old_rows:
-                for name in old_backbones:
-                    sources.setdefault(i, {}).setdefault(name, (old, old_rows[video.id]))
-        keep = [i for i in sorted(sources) if i not in failed_now and set(sources[i]) >= set(backbones)]
+        for s, chunk in enumerate(chunks, 1):
+            with h5py.File(chunk, "r") as f:
+                index = f["index"][:]
+                tables.append({"videos/length": f["length"][:], "videos/frame_index": f["frame_index"][:]})
+                failed_now.update(zip(f["failed_index"][:].tolist(), (r.decode() for r in f["failed_reason"][:])))
+                names = list(f["features"]) if len(index) else []
+            for name in names:
+                locate(name, s, index, np.arange(len(index)))
+        backbones = sorted(source)
+        failed = np.zeros(len(videos), dtype=bool)
+        failed[list(failed_now)] = True
+        held = np.array([source[n] >= 0 for n in backbones], dtype=bool).reshape(len(backbones), len(videos))
+        listed, complete = held.any(axis=0) & ~failed, held.all(axis=0)
+        keep = np.flatnonzero(listed & complete)
         failures = list(problems) + [(videos[i].id, reason) for i, reason in sorted(failed_now.items())]
-        failures += [(videos[i].id, "features missing for " + ", ".join(sorted(set(backbones) - set(sources[i]))))
-                     for i in sorted(sources) if i not in failed_now and i not in keep]
+        failures += [(videos[i].id, "features missing for " + ", ".join(np.array(backbones)[~held[:, i]]))
+                     for i in np.flatnonzero(listed & ~complete).tolist()]
 
-        def length_of(i: int) -> tuple[int, np.ndarray]:
-            h5, row = sources[i][backbones[0]]
-            n = int(h5["length"][row] if "length" in h5 else h5["videos/length"][row])
-            fi = h5["frame_index"] if "frame_index" in h5 else h5["videos/frame_index"]
-            return n, fi[row, :n]
+        def take(name: str, key: str, lo: int, hi: int, out: np.ndarray) -> None:
+            """Copy ``key`` of kept videos ``lo:hi`` from where their ``name`` features are into ``out``
+            (its first columns when the source is narrower)."""
+            head = tuple(slice(0, width) for width in out.shape[1:2])  # the first steps of 2-D and 3-D rows
+            sources, rows = source[name][keep[lo:hi]], row[name][keep[lo:hi]]
+            for s, at in _groups(sources):
+                if s == 0:
+                    data = read_rows(old[key], rows[at], head)
+                else:
+                    if key not in tables[s]:  # a chunk's features: read whole on first use, dropped after last
+                        tables[s].update(_chunk_features(chunks[s - 1]))
+                    data = tables[s][key][(rows[at], *head)]
+                out[(at, *(slice(0, width) for width in data.shape[1:2]))] = data
 
-        lengths = [length_of(i) for i in keep]
-        T = max_length or max([n for n, _ in lengths], default=0)
+        lengths = np.zeros(len(keep), dtype=np.int32)
+        if backbones:  # lengths and frame indices come from where the first backbone's features are
+            take(backbones[0], "videos/length", 0, len(keep), lengths)
+        T = max_length or int(lengths.max(initial=0))
+        past = np.arange(T) >= lengths[:, None]  # (N, T) steps past each video's length
+        frame_index = np.full((len(keep), T), -1, dtype=np.int64)
+        if backbones:
+            take(backbones[0], "videos/frame_index", 0, len(keep), frame_index)
+        frame_index[past] = -1
+        kept = [videos[i] for i in keep.tolist()]
 
         def fill(f: h5py.File) -> None:
             f.attrs.update(attrs)
@@ -196,37 +298,36 @@ def assemble(path: str, *, videos: list[VideoRecord], classes: list[str], proble
             f.attrs["version"] = __version__
             f["classes"] = np.array(classes, dtype=STR)
             g = f.create_group("videos")
-            g["id"] = np.array([videos[i].id for i in keep], dtype=STR)
-            root = attrs.get("video_root", "")
-            g["path"] = np.array([os.path.relpath(videos[i].path, root) if root else videos[i].path for i in keep],
-                                 dtype=STR)
-            g["split"] = np.array([videos[i].split for i in keep], dtype=STR)
-            labels = np.zeros((len(keep), len(classes)), dtype=np.uint8)
-            for row, i in enumerate(keep):
-                labels[row, list(videos[i].labels)] = 1
+            g["id"] = np.array([v.id for v in kept], dtype=STR)
+            g["path"] = np.array(_relative([v.path for v in kept], attrs.get("video_root", "")), dtype=STR)
+            g["split"] = np.array([v.split for v in kept], dtype=STR)
+            labels = np.zeros((len(kept), len(classes)), dtype=np.uint8)
+            labels[np.repeat(np.arange(len(kept)), [len(v.labels) for v in kept]),
+                   np.array([c for v in kept for c in v.labels], dtype=np.int64)] = 1
             g["labels"] = labels
-            g["length"] = np.array([n for n, _ in lengths], dtype=np.int32)
-            frame_index = np.full((len(keep), T), -1, dtype=np.int64)
-            for row, (n, fi) in enumerate(lengths):
-                frame_index[row, :n] = fi
+            g["length"] = lengths
             g["frame_index"] = frame_index
             feats = f.create_group("features")
+            outs = {n: feats.create_dataset(n, shape=(len(kept), T, flops[n].dim), dtype=np.float16) for n in backbones}
+            step = max(1, BLOCK_BYTES // max(1, 2 * T * max((flops[n].dim for n in backbones), default=1)))
+            last = np.full(len(tables), -1)  # source -> last kept row it provides
             for name in backbones:
-                out = feats.create_dataset(name, shape=(len(keep), T, flops[name].dim), dtype=np.float16)
-                for row, i in enumerate(keep):
-                    h5, src = sources[i][name]
-                    n = lengths[row][0]
-                    data = h5["features"][name][src, :n]
-                    out[row] = np.pad(data, ((0, T - n), (0, 0)))
+                np.maximum.at(last, source[name][keep], np.arange(len(keep)))
+            for lo in range(0, len(kept), step):
+                hi = min(lo + step, len(kept))
+                for name, out in outs.items():
+                    block = np.zeros((hi - lo, T, out.shape[2]), dtype=np.float16)
+                    take(name, f"features/{name}", lo, hi, block)
+                    block[past[lo:hi]] = 0
+                    out[lo:hi] = block
+                for s in np.flatnonzero((last >= lo) & (last < hi)).tolist():
+                    tables[s] = {k: v for k, v in tables[s].items() if not k.startswith("features/")}
             f["flops"] = np.array([(n, flops[n].resolution, flops[n].gflops, flops[n].params, flops[n].dim)
                                    for n in backbones], dtype=FLOPS_DTYPE)
             f["failed"] = np.array(failures, dtype=FAILED_DTYPE)
 
         write_atomic(path, fill)
-        for chunk in chunk_files:
-            chunk.close()
     finally:
         if old is not None:
             old.close()
-    journal.remove()
     return len(keep), len(failures)

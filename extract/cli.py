@@ -106,7 +106,7 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
 
         click.echo(f"generating the demo dataset in {video_root}", err=True)
         generate_demo(video_root, progress=not no_progress)
-    if dataset != "demo" and not annotations:
+    if DATASETS[dataset].needs_annotations and not annotations:
         raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
                         backbones=names, sampling=sampling, seek=seek, weights=weights,

@@ -36,12 +36,22 @@ class Annotations:
 
 
 Parser = Callable[[list[str], str, "str | None"], Annotations]
-DATASETS: dict[str, Parser] = {}
 
 
-def register_dataset(name: str) -> Callable[[Parser], Parser]:
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A registered annotation format: its parser, and whether it can do without annotation files."""
+
+    parse: Parser
+    needs_annotations: bool  # False: readable from the video root alone (no annotation file given)
+
+
+DATASETS: dict[str, DatasetFormat] = {}
+
+
+def register_dataset(name: str, *, needs_annotations: bool = True) -> Callable[[Parser], Parser]:
     def add(parser: Parser) -> Parser:
-        DATASETS[name] = parser
+        DATASETS[name] = DatasetFormat(parser, needs_annotations)
         return parser
 
     return add
@@ -56,7 +66,7 @@ def load_annotations(name: str, annotations: list[str], video_root: str, classes
             raise AnnotationError(f"annotation file {path} does not exist")
     if not os.path.isdir(video_root):
         raise AnnotationError(f"video root {video_root} is not a folder")
-    result = DATASETS[name](annotations, video_root, classes)
+    result = DATASETS[name].parse(annotations, video_root, classes)
     seen: set[str] = set()
     unique = []
     for video in result.videos:
@@ -323,7 +333,7 @@ def parse_kinetics(paths: list[str], root: str, classes: str | None) -> Annotati
     return result
 
 
-@register_dataset("list")
+@register_dataset("list", needs_annotations=False)
 def parse_list(paths: list[str], root: str, classes: str | None) -> Annotations:
     """mmaction2-style lists ``<path> <label> [<label> ...]`` (split from the file name), or, with
     no annotation file, a folder per class under the root (``root/[train|val|test/]<class>/<video>``)."""
@@ -349,7 +359,7 @@ def parse_list(paths: list[str], root: str, classes: str | None) -> Annotations:
     return result
 
 
-@register_dataset("demo")
+@register_dataset("demo", needs_annotations=False)
 def parse_demo(paths: list[str], root: str, classes: str | None) -> Annotations:
     """The synthetic demo (see :mod:`extract.demo`): mmaction2-style lists written by its generator."""
     from .demo import annotation_files

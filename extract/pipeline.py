@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import Backbone, create_backbone, parse_name
-from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info
+from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
 from .datasets import load_annotations
 from .decode import CROP, SHORT_SIDE, VideoError, read_frames, resize_crop
 from .flops import backbone_flops
@@ -149,7 +149,7 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
 
     def write_chunk() -> None:
         nonlocal last_write
-        journal.write(done, failed, names)
+        journal.write(done, failed, {b.name: b.weights for b in backbones})
         done.clear()
         failed.clear()
         last_write = time.monotonic()
@@ -186,27 +186,37 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     attrs = cache_attrs(cfg)
     requested = canonical(cfg.backbones)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens
-        assemble(cfg.out, videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
+    if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens; the journal waits
+        assemble(cfg.out, chunks=[], videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
                  flops={}, weights={}, max_length=cfg.sampling.max_length)
     distributed.barrier()
     info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], classes=ann.classes)
+    journal = Journal(cfg.out, info_dist.rank, run_identity(attrs, ann.videos))
+    state = journal.load()
+    journalled = set().union(*state.done.values())
+    unfinished = sorted(journalled - set(requested) - set(info.backbones))
+    if unfinished:
+        raise CacheMismatch(f"{journal.folder} holds {', '.join(unfinished)} from an interrupted run: add "
+                            f"--backbone {' --backbone '.join(unfinished)} to finish it, or delete that folder")
     models: dict[str, Backbone] = {}
 
     def model(name: str) -> Backbone:
         if name not in models:
             backbone = create_backbone(name, weights=cfg.weights)
-            if name in info.weights and info.weights[name] != backbone.weights:
-                raise CacheMismatch(f"{cfg.out} holds {name} computed with weights {info.weights[name]}, "
-                                    f"this run uses {backbone.weights}: pass another --out")
+            for where, held, advice in ((cfg.out, {info.weights.get(name)}, "pass another --out"),
+                                        (journal.folder, state.weights.get(name, set()),
+                                         "delete that folder or pass another --out")):
+                other = held - {None, backbone.weights}
+                if other:
+                    raise CacheMismatch(f"{where} holds {name} computed with weights {other.pop()}, "
+                                        f"this run uses {backbone.weights}: {advice}")
             backbone.module.to(device)
             models[name] = backbone
         return models[name]
 
-    for name in requested:
+    for name in requested + sorted(journalled - set(requested)):  # checks their weights; prices them
         model(name)
-    journal = Journal(cfg.out, info_dist.rank)
-    done, failed = journal.load()
+    done, failed = state.done, state.failed
     existing = set(info.ids)
     groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
     for index, video in enumerate(ann.videos):
@@ -232,8 +242,9 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
         flops = {**info.flops, **{n: backbone_flops(m) for n, m in models.items()}}
         weights = {**info.weights, **{n: m.weights for n, m in models.items()}}
         summary.cached, summary.failed = assemble(
-            cfg.out, videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
-            flops={n: flops[n] for n in names}, weights=weights, max_length=cfg.sampling.max_length)
+            cfg.out, chunks=journal.chunks(), videos=ann.videos, classes=ann.classes, problems=ann.problems,
+            attrs=attrs, flops={n: flops[n] for n in names}, weights=weights, max_length=cfg.sampling.max_length)
+        journal.remove()
     distributed.barrier()
     distributed.teardown()
     summary.seconds = time.monotonic() - started

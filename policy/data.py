@@ -15,6 +15,8 @@ import h5py
 import numpy as np
 import torch
 
+from extract.cache import read_rows
+
 
 class CacheError(ValueError):
     """A cache that cannot serve a method: missing file, features or wrong dimensions."""
@@ -31,19 +33,6 @@ class Batch:
         """The ``rows`` of this batch on ``device`` (a rank's share under DDP)."""
         return Batch(self.index[rows], {k: v[rows].to(device) for k, v in self.features.items()},
                      self.labels[rows].to(device), self.length[rows].to(device))
-
-
-def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``dataset[rows]`` for sorted, unique ``rows``, reading those rows and no others: one read per
-    run of consecutive rows, straight into the result."""
-    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    at = 0
-    for run in np.split(rows, breaks) if len(rows) else []:
-        lo, hi = int(run[0]), int(run[-1]) + 1
-        dataset.read_direct(out, np.s_[lo:hi], np.s_[at:at + hi - lo])
-        at += hi - lo
-    return out
 
 
 def default_memory_budget() -> int:

@@ -119,3 +119,9 @@ def test_demo_lists(demo_root):
     ann = load_annotations("demo", [], demo_root)
     assert len(ann.classes) == 10 and len(ann.videos) == 20 and not ann.problems
     assert {v.split for v in ann.videos} == {"train", "test"}
+
+
+def test_registry_says_which_formats_read_without_annotation_files():
+    from extract.datasets import DATASETS
+
+    assert sorted(name for name, fmt in DATASETS.items() if not fmt.needs_annotations) == ["demo", "list"]

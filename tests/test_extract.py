@@ -226,3 +226,155 @@ def test_torchrun_two_processes_on_cpu(reference, demo_root, tmp_path):
     assert data["ids"] == ref["ids"] and np.array_equal(data["frame_index"], ref["frame_index"])
     for name in ref["features"]:
         np.testing.assert_allclose(data["features"][name], ref["features"][name], atol=1e-3)
+
+
+# ---------------------------------------------------------------- assembly at scale, orphaned journals, folder layout
+
+def synthetic(i, name, T, dim, version=0):
+    """Features of video ``i`` (exact in float16), its length and frame indices: what a test journal holds."""
+    n = 1 + i % T
+    base = (i * 7 + np.arange(T)[:, None] * 5 + np.arange(dim) + 97 * version + 31 * len(name)) % 1024
+    return n, np.arange(n, dtype=np.int64) * 2 + i % 3, np.where(np.arange(T)[:, None] < n, base, 0).astype(np.float16)
+
+
+def test_assembly_reads_each_chunk_whole_and_old_rows_in_runs(tmp_path, monkeypatch):
+    """Thousands of tiny videos: an old cache merged with two ranks' strided chunks, written in many small blocks.
+    The output is checked value by value; the HDF5 reads are counted: per chunk and per run, never per video."""
+    import extract.cache as cache
+    from extract.datasets import VideoRecord
+    from extract.flops import FlopsEntry
+
+    T, dim, n_videos, a, b = 6, 3, 2400, "a@8", "b@8"
+    videos = [VideoRecord(f"v{i}", str(tmp_path / "videos" / f"v{i}.mp4"), (i % 5, (i + 1) % 5), "train")
+              for i in range(n_videos)]
+    kw = dict(videos=videos, classes=list("vwxyz"), problems=[("list.txt:9", "malformed line")], max_length=T,
+              attrs={"dataset": "synthetic", "video_root": str(tmp_path / "videos")}, weights={a: "none", b: "none"},
+              flops={name: FlopsEntry(name, 8, 0.1, 10, dim) for name in (a, b)})
+    monkeypatch.setattr(cache, "BLOCK_BYTES", 2 * T * dim * 100)  # blocks of 100 rows: chunks straddle them
+
+    def write(journal, indices, names, version=0, failed=()):
+        done = []
+        for i in indices:
+            n, frames, _ = synthetic(i, a, T, dim)
+            done.append(cache.VideoFeatures(i, frames, {m: synthetic(i, m, T, dim, version)[2][:n] for m in names}))
+        journal.write(done, [(i, "cannot open video stream") for i in failed], {m: "none" for m in names})
+
+    out = str(tmp_path / "c.h5")
+    first = cache.Journal(out)
+    for lo in range(0, 1600, 32):  # the old cache: backbone a for videos 0..1599
+        write(first, range(lo, lo + 32), [a])
+    assert cache.assemble(out, chunks=first.chunks(), **{**kw, "weights": {a: "none"}}) == (1600, 1)
+    first.remove()
+    second = [cache.Journal(out, rank) for rank in (0, 1)]  # then two ranks add b to it and a + b to 1600..2399
+    for rank, journal in enumerate(second):
+        for lo in range(rank, 1600, 64):
+            write(journal, [i for i in range(lo, lo + 64, 2) if i != 101], [b])  # 101 keeps a only
+        for lo in range(1600 + rank, n_videos, 64):
+            indices = range(lo, min(lo + 64, n_videos), 2)
+            write(journal, [i for i in indices if i % 500 != 1], [a, b], failed=[i for i in indices if i % 500 == 1])
+    write(second[0], [7, 1700], [a, b], version=1)  # a later chunk wins
+    chunks = second[0].chunks()
+    reads = 0
+    getitem = h5py.Dataset.__getitem__
+
+    def counting(self, key):
+        nonlocal reads
+        reads += 1
+        return getitem(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    cached, failed = cache.assemble(out, chunks=chunks, **kw)
+    monkeypatch.undo()
+    assert reads <= 7 * len(chunks) + 2 * (n_videos // 100) + 10, reads  # old code: 4 per video
+    data = read(out)
+    lost = {101} | {i for i in range(1600, n_videos) if i % 500 == 1}
+    kept = [i for i in range(n_videos) if i not in lost]
+    assert (cached, failed) == (len(kept), 1 + len(lost)) and data["ids"] == [f"v{i}" for i in kept]
+    assert list(data["failed"].items())[0] == ("list.txt:9", "malformed line")
+    assert data["failed"]["v2001"] == "cannot open video stream"
+    assert data["failed"]["v101"] == "features missing for b@8"
+    assert data["length"].tolist() == [1 + i % T for i in kept]
+    for row, i in enumerate(kept):
+        n, frames, _ = synthetic(i, a, T, dim)
+        assert data["frame_index"][row].tolist() == frames.tolist() + [-1] * (T - n)
+        for name in (a, b):
+            version = 1 if i in (7, 1700) else 0
+            assert np.array_equal(data["features"][name][row], synthetic(i, name, T, dim, version)[2]), (i, name)
+    assert [np.flatnonzero(r).tolist() for r in data["labels"]] == [sorted({i % 5, (i + 1) % 5}) for i in kept]
+    with h5py.File(out, "r") as f:
+        assert [p.decode() for p in f["videos/path"][:3]] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+
+
+def journal_from(reference, out, rows, weights=None, **attrs):
+    """Chunks of ``out``'s journal holding ``rows`` of the reference cache, as a killed run leaves them."""
+    from extract.cache import Journal, VideoFeatures, run_identity
+    from extract.datasets import load_annotations
+
+    with h5py.File(reference, "r") as f:
+        videos = load_annotations("demo", [], f.attrs["video_root"]).videos
+        journal = Journal(str(out), identity=run_identity({**f.attrs, **attrs}, videos))
+        weights = weights or json.loads(f.attrs["weights"])
+        n = f["videos/length"][:]
+        done = [VideoFeatures(row, f["videos/frame_index"][row, : n[row]],
+                              {name: f["features"][name][row, : n[row]] for name in weights}) for row in rows]
+    journal.write(done, [], weights)
+    return journal.folder
+
+
+def test_orphaned_journal_resumes_without_the_cache(reference, demo_root, tmp_path):
+    """The cache was deleted, its .parts folder was not: the run uses the chunks and writes the same cache."""
+    out = tmp_path / "orphan.h5"
+    parts = journal_from(reference[0], out, range(0, 4))
+    journal_from(reference[0], out, range(4, 8))
+    proc = extract(demo_root, out, *BACKBONES, "--workers", "0")
+    assert "12 processed" in proc.stdout and "20 videos cached" in proc.stdout
+    data, ref = read(out), read(reference[0])
+    assert data["ids"] == ref["ids"] and np.array_equal(data["frame_index"], ref["frame_index"])
+    for name in ref["features"]:
+        np.testing.assert_allclose(data["features"][name], ref["features"][name], atol=1e-3)
+    assert not os.path.exists(parts)
+
+
+@pytest.mark.parametrize("case", ["other weights", "unrequested backbone", "other sampling"])
+def test_journal_of_another_run_stops_with_one_line(case, reference, demo_root, tmp_path):
+    out = tmp_path / "foreign.h5"
+    weights = {"mobilenetv2@112": "torchvision:IMAGENET1K_V1"} if case == "other weights" else None
+    journal_from(reference[0], out, range(3), weights)
+    extra = {"other weights": BACKBONES, "unrequested backbone": BACKBONES[:2],
+             "other sampling": [*BACKBONES, "--num-frames", "8"]}[case]
+    proc = extract(demo_root, out, *extra, "--workers", "0", check=False)
+    expected = {"other weights": "foreign.h5.parts holds mobilenetv2@112 computed with weights "
+                                 "torchvision:IMAGENET1K_V1",
+                "unrequested backbone": "foreign.h5.parts holds resnet18@84 from an interrupted run: add --backbone "
+                                        "resnet18@84 to finish it, or delete that folder",
+                "other sampling": "foreign.h5.parts holds work of another dataset, sampling or video list"}[case]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and expected in proc.stderr
+    assert "delete that folder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_list_dataset_reads_a_folder_per_class_without_annotations(demo_root, tmp_path, monkeypatch):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from extract.cli import main
+
+    root = tmp_path / "folders"
+    for split, number in (("train", "000"), ("test", "001")):
+        for name in ("red_disc", "blue_disc"):
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(os.path.join(demo_root, "videos", f"{name}_{number}.mp4"), root / split / name)
+    out = tmp_path / "folders.h5"
+    proc = run_cli("extract.cli", "--dataset", "list", "--video-root", str(root), "--weights", "none", "--num-frames",
+                   "4", "--out", str(out), "--no-progress", "--workers", "0", "--backbone", "mobilenetv2@112",
+                   cwd=tmp_path)  # no data/list/annotations/ there
+    assert "4 videos cached" in proc.stdout
+    with h5py.File(out, "r") as f:
+        assert [c.decode() for c in f["classes"][:]] == ["blue_disc", "red_disc"]
+        assert [s.decode() for s in f["videos/split"][:]] == ["train", "train", "test", "test"]
+        assert [i.decode() for i in f["videos/id"][:]][:2] == ["train/blue_disc/blue_disc_000.mp4",
+                                                              "train/red_disc/red_disc_000.mp4"]
+        assert f["videos/labels"][:].argmax(axis=1).tolist() == [0, 1, 0, 1]
+    monkeypatch.chdir(tmp_path)
+    refused = CliRunner().invoke(main, ["--dataset", "minik", "--video-root", str(root), "--out", str(out)])
+    assert refused.exit_code == 2 and "no --annotations given and data/minik/annotations/ is empty" in refused.output

@@ -236,7 +236,8 @@ class _CountedDataset:
         return data
 
     def read_direct(self, out, source_sel, dest_sel):
-        self.counter.rows += source_sel.stop - source_sel.start
+        rows = source_sel[0] if isinstance(source_sel, tuple) else source_sel
+        self.counter.rows += rows.stop - rows.start
         self.dataset.read_direct(out, source_sel, dest_sel)
 
 
