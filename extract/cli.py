@@ -84,10 +84,12 @@ Examples:
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decoding processes.")
 @click.option("--chunk-videos", type=click.IntRange(1), default=32, show_default=True,
               help="Journal finished work every N videos (or 30 s): the most an interrupted run loses.")
+@click.option("--demo-seed", type=int, default=0, show_default=True,
+              help="demo only: the seed the demo videos are generated from (another seed needs another --video-root).")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any video failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, weights,
-         out, device, batch_size, workers, chunk_videos, strict, no_progress) -> None:
+         out, device, batch_size, workers, chunk_videos, demo_seed, strict, no_progress) -> None:
     """Decode every video once, sample frames, run every backbone@resolution on them and cache
     per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
     resumes: cached videos are skipped, new backbones are added without recomputing the others."""
@@ -101,11 +103,16 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
         raise click.UsageError(str(err)) from None
     video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
     annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
-    if dataset == "demo" and not annotations and not os.path.isfile(os.path.join(video_root, "classes.txt")):
-        from .demo import generate_demo
+    if dataset == "demo" and not annotations:
+        from .demo import check_seed, generate_demo
 
-        click.echo(f"generating the demo dataset in {video_root}", err=True)
-        generate_demo(video_root, progress=not no_progress)
+        try:
+            check_seed(video_root, demo_seed)
+        except AnnotationError as err:
+            raise click.UsageError(str(err)) from None
+        if not os.path.isfile(os.path.join(video_root, "classes.txt")):
+            click.echo(f"generating the demo dataset (seed {demo_seed}) in {video_root}", err=True)
+            generate_demo(video_root, seed=demo_seed, progress=not no_progress)
     if DATASETS[dataset].needs_annotations and not annotations:
         raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,

@@ -110,6 +110,20 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: int = FPS, gop: in
     os.replace(tmp, path)
 
 
+def check_seed(root: str, seed: int) -> None:
+    """Refuse a demo under ``root`` made with another seed (``seed.txt``; a demo without it is seed 0)."""
+    marker = os.path.join(root, "seed.txt")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            held = int(f.read())
+    elif os.path.isfile(os.path.join(root, "classes.txt")):
+        held = 0  # made before the seed was recorded
+    else:
+        return  # no demo there yet
+    if held != seed:
+        raise AnnotationError(f"{root} holds the demo of seed {held}, not {seed}: pass another --video-root")
+
+
 def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frames: int = 48,
                   test_fraction: float = 0.25, progress: bool = True) -> None:
     """Write the demo under ``root``: ``videos/*.mp4``, ``train.txt``, ``test.txt``, ``classes.txt``.
@@ -119,7 +133,10 @@ def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frame
     """
     from tqdm import tqdm
 
+    check_seed(root, seed)
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    with open(os.path.join(root, "seed.txt"), "w") as f:
+        f.write(f"{seed}\n")
     names = list(CLASSES)
     n_test = max(1, round(videos_per_class * test_fraction))
     lines: dict[str, list[str]] = {"train": [], "test": []}

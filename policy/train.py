@@ -174,7 +174,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
         log_rows.append(row)
         rng = all_rng_states(device, info.world)
         if info.main:
-            if val["mAP"] > best and method.selectable(epoch):
+            if val["mAP"] >= best and method.selectable(epoch):  # a tie goes to the later, longer-trained epoch
                 best = val["mAP"]
                 save_atomic({"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
