@@ -1,20 +1,28 @@
-"""Benchmark of phase 2 on a synthetic cache of FCVID's size, every number measured in this run.
+"""Benchmark of phase 2 at FCVID's shape, every number measured in this run.
 
-Writes a cache of N videos (default 45,611 = FCVID train), T = 25, coarse 1280-d, fine 2048-d
-(float16, about 7.6 GB), then trains ``liteeval`` (hidden 512/2048, batch 256) for a few batches
-with the features streamed from HDF5 under a memory budget smaller than the cache, and prints:
-sequences/s, the share of each step spent waiting for data (goal < 10%), achieved FLOP/s of the
-LSTM steps (forward + backward, counted by torch.utils.flop_counter) as a fraction of a float32
-matmul's, and the process's peak resident memory against the cache size.
+Writes a synthetic cache shaped like FCVID's (91,223 videos, train and test interleaved as in the
+official split file, T = 25, coarse 1280-d, fine 2048-d, float16: 15.2 GB; the test rows are left
+unwritten, a sparse file, since training never reads them), then, with the features streamed
+from HDF5 under a memory budget far smaller than the cache, trains ``liteeval`` (hidden
+512/2048, batch 256) over more than one streamed block and runs one validation pass over the
+validation rows carved from train (10%, scattered among the training rows). It prints:
+sequences/s, the share of each training step spent waiting for data (block reads included; goal
+< 10%), achieved FLOP/s of the LSTM steps (forward + backward, counted by
+``torch.utils.flop_counter``) against a float32 matmul's, validation videos/s, and the process's
+peak resident memory against the budget (goal: peak <= budget + 1.5 GiB of fixed overhead),
+with what lies outside the budget: torch's runtime, the cache index, weights + gradients + Adam's
+moments, one training step's activations (Linux: /proc/self/status). The cache is written by a
+child process, so the peak is the training's own.
 
-Usage: python bench/train.py [--videos 45611] [--batches 8] [--budget-gb 1] [--keep CACHE.h5]
+Usage: python bench/train.py [--videos 91223] [--budget-gb 1] [--device cpu|cuda] [--keep CACHE.h5]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -29,89 +37,142 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from policy.data import CachedFeatures
 from policy.methods import METHODS
+from policy.train import return_freed_memory, run_inference, summarise
+
+FEATURES = (("mobilenetv2@112", 1280, 0.08), ("resnet101@224", 2048, 7.82))
+GIB = 1 << 30
 
 
 def write_cache(path: str, videos: int, steps: int = 25, classes: int = 239) -> None:
+    """FCVID-shaped cache: as many train as test videos, assigned at random (interleaved)."""
     rng = np.random.default_rng(0)
+    split = np.array(["train"] * (videos // 2) + ["test"] * (videos - videos // 2))
+    rng.shuffle(split)
     with h5py.File(path, "w") as f:
         f.attrs.update({"dataset": "synthetic", "sampling": '{"num_frames": 25}'})
         f["classes"] = np.array([str(i) for i in range(classes)], dtype=h5py.string_dtype())
         f["videos/id"] = np.array([str(i) for i in range(videos)], dtype=h5py.string_dtype())
-        f["videos/split"] = np.array(["train"] * (videos - videos // 10) + ["test"] * (videos // 10),
-                                     dtype=h5py.string_dtype())
+        f["videos/split"] = split.astype(h5py.string_dtype())
         labels = np.zeros((videos, classes), np.uint8)
         labels[np.arange(videos), rng.integers(0, classes, videos)] = 1
         f["videos/labels"] = labels
         f["videos/length"] = np.full(videos, steps, np.int32)
         f["videos/frame_index"] = np.tile(np.arange(steps), (videos, 1))
-        for name, dim in (("mobilenetv2@112", 1280), ("resnet101@224", 2048)):
+        train = np.flatnonzero(split == "train")
+        for name, dim, _ in FEATURES:
             out = f.create_dataset(f"features/{name}", (videos, steps, dim), np.float16)
-            for s in range(0, videos, 2048):
-                n = min(2048, videos - s)
-                out[s:s + n] = rng.standard_normal((n, steps, dim), dtype=np.float32).astype(np.float16)
-        f["flops"] = np.array([("mobilenetv2@112", 112, 0.08, 0, 1280), ("resnet101@224", 224, 7.82, 0, 2048)],
+            for row in train:
+                out[row] = rng.standard_normal((steps, dim), dtype=np.float32).astype(np.float16)
+        f["flops"] = np.array([(n, int(n.split("@")[1]), g, 0, d) for n, d, g in FEATURES],
                               dtype=[("name", h5py.string_dtype()), ("resolution", "<i4"), ("gflops", "<f8"),
                                      ("params", "<i8"), ("dim", "<i4")])
 
 
-def matmul_flops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(device: torch.device, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(20):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
+def resident() -> tuple[int, int]:
+    """This process's resident memory now and its peak since the last :func:`reset_peak` (Linux), bytes."""
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=45611)
-    parser.add_argument("--batches", type=int, default=8, help="timed training batches")
+    parser.add_argument("--videos", type=int, default=91223)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--budget-gb", type=float, default=1.0, help="memory allowed for features")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", help="write (or reuse) the synthetic cache here instead of a temporary file")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    return_freed_memory()  # as train-policy does
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.keep or os.path.join(tmp, "fcvid_size.h5")
+        path = args.keep or os.path.join(tmp, "fcvid_shape.h5")
         if not os.path.exists(path):
             start = time.perf_counter()
-            write_cache(path, args.videos)
-            print(f"wrote {path}: {os.path.getsize(path) / 2**30:.2f} GiB in {time.perf_counter() - start:.0f} s")
+            writer = multiprocessing.get_context("fork").Process(target=write_cache, args=(path, args.videos))
+            writer.start()
+            writer.join()
+            print(f"wrote {path} ({args.videos} videos, {os.path.getsize(path) / 2**30:.1f} GiB) "
+                  f"in {time.perf_counter() - start:.0f} s")
         cfg = METHODS["liteeval"].Config(method="liteeval", features=path, coarse="mobilenetv2@112",
                                          fine="resnet101@224", batch_size=args.batch_size)
-        store = CachedFeatures(path, [cfg.coarse, cfg.fine], memory_budget=int(args.budget_gb * 2**30))
+        budget = int(args.budget_gb * GIB)
+        before_store = resident()[0]
+        store = CachedFeatures(path, [cfg.coarse, cfg.fine], memory_budget=budget, l2_normalise=True)
+        train_rows, val_rows, _, _ = store.splits(cfg.seed, cfg.val_fraction)
+        runtime, index = before_store, resident()[0] - before_store
         method = METHODS["liteeval"](cfg, store.dims, len(store.classes), store.flops)
+        state_bytes = 4 * 4 * sum(p.numel() for p in method.model.parameters())  # weights, grads, Adam's two moments
+        model = method.model.to(device)
         optimizer = method.optimizer()
-        rows = np.flatnonzero(store.split == "train")
-        batches = store.batches(rows, cfg.batch_size, generator=torch.Generator().manual_seed(0))
+        per_block = math.ceil(store.block_rows / cfg.batch_size)
+        steps = per_block + 1  # the first step warms up and is priced; the rest cross into a second block
+        batches = store.batches(train_rows, cfg.batch_size, generator=torch.Generator().manual_seed(0))
         wait = compute = 0.0
-        for i in range(args.batches + 1):  # the first batch warms up, is priced by the FLOP counter, not timed
+        model.train()
+        for i in range(steps + 1):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = next(batches).part(slice(None), device)
             t1 = time.perf_counter()
+            if i == 0:
+                step_start = resident()[0]
+                reset_peak()
             with FlopCounterMode(display=False) if i == 0 else contextlib.nullcontext() as counter:
-                loss, _ = method.loss(method.model, batch, 0)
+                loss, _ = method.loss(model, batch, 0)
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
+            sync(device)
             t2 = time.perf_counter()
             if i == 0:
                 flops_per_batch = counter.get_total_flops()
+                activations = resident()[1] - step_start - state_bytes / 2  # grads and moments appear in this step
             else:
                 wait, compute = wait + t1 - t0, compute + t2 - t1
-        flops = flops_per_batch * args.batches
-        total = wait + compute
-        peak = matmul_flops()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"cache {os.path.getsize(path) / 2**30:.2f} GiB, features {'in memory' if store.in_memory else 'streamed'} "
-              f"(budget {args.budget_gb:g} GiB), torch threads {torch.get_num_threads()}")
-        print(f"liteeval training: {args.batches * cfg.batch_size / total:.1f} sequences/s "
-              f"({args.batches} batches of {cfg.batch_size}, T=25, hidden 512/2048)")
-        print(f"data wait: {wait / total:.1%} of each step  (goal < 10%)")
-        print(f"LSTM steps: {flops / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), float32 matmul "
-              f"{peak / 1e9:.1f} GFLOP/s: fraction {flops / compute / peak:.2f}")
-        print(f"peak resident memory {rss / 2**30:.2f} GiB for a {os.path.getsize(path) / 2**30:.2f} GiB cache")
+        start = time.perf_counter()
+        val = summarise(run_inference(method, model, store, val_rows, cfg.batch_size), store.labels[val_rows], method)
+        val_seconds = time.perf_counter() - start
+        peak_rss = resident()[1]  # the peak since the reset before the first step: every earlier moment held less
+        timed = steps * cfg.batch_size
+        peak = matmul_flops(device)
+        print(f"cache {len(store)} videos ({len(train_rows)} train, {len(val_rows)} validation carved from train, "
+              f"interleaved), {os.path.getsize(path) / GIB:.1f} GiB; features "
+              f"{'in memory' if store.in_memory else 'streamed'}, blocks of {store.block_rows} videos; "
+              f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"liteeval training: {timed / (wait + compute):.1f} sequences/s ({steps} timed batches of "
+              f"{cfg.batch_size}, T=25, hidden 512/2048, crossing a block boundary)")
+        print(f"data wait: {wait / (wait + compute):.1%} of each step  (goal < 10%)")
+        print(f"LSTM steps: {flops_per_batch * steps / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), float32 matmul "
+              f"{peak / 1e9:.1f} GFLOP/s: fraction {flops_per_batch * steps / compute / peak:.2f}")
+        print(f"validation: {len(val_rows)} videos in {val_seconds:.1f} s ({len(val_rows) / val_seconds:.0f} videos/s), "
+              f"usage {val['fine_usage']:.3f}")
+        over = (peak_rss - budget) / GIB
+        print(f"peak resident memory {peak_rss / GIB:.2f} GiB = budget {budget / GIB:.2f} GiB + {over:.2f} GiB "
+              f"(goal <= budget + 1.5 GiB: {'yes' if over <= 1.5 else 'NO'}), for a {os.path.getsize(path) / GIB:.1f} "
+              f"GiB cache; outside the budget: torch runtime {runtime / GIB:.2f} GiB, cache index (ids, labels, "
+              f"splits) {index / GIB:.2f} GiB, weights + grads + Adam {state_bytes / GIB:.2f} GiB, one training "
+              f"step's activations {activations / GIB:.2f} GiB, the rest freed memory the allocator keeps")
 
 
 if __name__ == "__main__":

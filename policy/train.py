@@ -8,6 +8,7 @@ rank trains on its share of every batch order and gradients are averaged (DDP); 
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import os
@@ -24,6 +25,21 @@ from extract import distributed
 from .data import CacheError, CachedFeatures
 from .methods import METHODS, Inference, Method
 from .metrics import hit_at_k, mean_average_precision
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand freed blocks of 256 KiB and more back to the system at once. By default its
+    threshold rises with each large block freed, and the activations freed after every step then
+    stay resident: at FCVID's shape the peak fell from 4.6 to 3.3 GiB with it (bench/train.py). A no-op
+    where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 10)
 
 
 def save_atomic(obj, path: str) -> None:
@@ -108,6 +124,7 @@ def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: I
 
 def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Train ``cfg.method`` on ``cfg.features``, write the run folder ``cfg.out``, return its metrics."""
+    return_freed_memory()
     info = distributed.setup()
     torch.manual_seed(cfg.seed)
     device = distributed.device_for(cfg.device, info)
