@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--budget-gb", type=float, default=1.0, help="memory allowed for features")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpoint-steps", type=int, default=0,
+                        help="LiteEval's checkpoint_steps: recompute activations in blocks of this many steps")
     parser.add_argument("--keep", help="write (or reuse) the synthetic cache here instead of a temporary file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -116,7 +118,8 @@ def main() -> None:
             print(f"wrote {path} ({args.videos} videos, {os.path.getsize(path) / 2**30:.1f} GiB) "
                   f"in {time.perf_counter() - start:.0f} s")
         cfg = METHODS["liteeval"].Config(method="liteeval", features=path, coarse="mobilenetv2@112",
-                                         fine="resnet101@224", batch_size=args.batch_size)
+                                         fine="resnet101@224", batch_size=args.batch_size,
+                                         checkpoint_steps=args.checkpoint_steps)
         budget = int(args.budget_gb * GIB)
         before_store = resident()[0]
         store = CachedFeatures(path, [cfg.coarse, cfg.fine], memory_budget=budget, l2_normalise=True)
@@ -147,7 +150,7 @@ def main() -> None:
             t2 = time.perf_counter()
             if i == 0:
                 flops_per_batch = counter.get_total_flops()
-                activations = resident()[1] - step_start - state_bytes / 2  # grads and moments appear in this step
+                activations = resident()[1] - step_start - state_bytes * 3 / 4  # grads, moments appear in this step
             else:
                 wait, compute = wait + t1 - t0, compute + t2 - t1
         start = time.perf_counter()
@@ -161,18 +164,19 @@ def main() -> None:
               f"{'in memory' if store.in_memory else 'streamed'}, blocks of {store.block_rows} videos; "
               f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         print(f"liteeval training: {timed / (wait + compute):.1f} sequences/s ({steps} timed batches of "
-              f"{cfg.batch_size}, T=25, hidden 512/2048, crossing a block boundary)")
+              f"{cfg.batch_size}, T=25, hidden 512/2048, checkpoint_steps {args.checkpoint_steps}, crossing a block "
+              f"boundary)")
         print(f"data wait: {wait / (wait + compute):.1%} of each step  (goal < 10%)")
         print(f"LSTM steps: {flops_per_batch * steps / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), float32 matmul "
               f"{peak / 1e9:.1f} GFLOP/s: fraction {flops_per_batch * steps / compute / peak:.2f}")
-        print(f"validation: {len(val_rows)} videos in {val_seconds:.1f} s ({len(val_rows) / val_seconds:.0f} videos/s), "
-              f"usage {val['fine_usage']:.3f}")
+        print(f"validation: {len(val_rows)} videos in {val_seconds:.1f} s ({len(val_rows) / val_seconds:.0f} "
+              f"videos/s), usage {val['fine_usage']:.3f}")
         over = (peak_rss - budget) / GIB
         print(f"peak resident memory {peak_rss / GIB:.2f} GiB = budget {budget / GIB:.2f} GiB + {over:.2f} GiB "
               f"(goal <= budget + 1.5 GiB: {'yes' if over <= 1.5 else 'NO'}), for a {os.path.getsize(path) / GIB:.1f} "
               f"GiB cache; outside the budget: torch runtime {runtime / GIB:.2f} GiB, cache index (ids, labels, "
               f"splits) {index / GIB:.2f} GiB, weights + grads + Adam {state_bytes / GIB:.2f} GiB, one training "
-              f"step's activations {activations / GIB:.2f} GiB, the rest freed memory the allocator keeps")
+              f"step's working memory (activations, the optimiser's temporaries) {activations / GIB:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class LiteEvalConfig(TrainConfig):
     tau_end: float = 0.5  # ... to this small positive value
     sync: bool = True
     stochastic_eval: bool = False
+    checkpoint_steps: int = 0  # > 0: recompute activations in blocks of this many steps (memory for compute)
 
 
 @dataclass
@@ -232,7 +233,8 @@ class LiteEvalMethod(Method):
     def build(self) -> nn.Module:
         c = self.cfg
         return LiteEval(self.dims[c.coarse], self.dims[c.fine], self.num_classes, hidden_coarse=c.hidden_coarse,
-                        hidden_fine=c.hidden_fine, sync=c.sync, rl_baseline=self.name == "liteeval-rl")
+                        hidden_fine=c.hidden_fine, sync=c.sync, rl_baseline=self.name == "liteeval-rl",
+                        checkpoint_steps=c.checkpoint_steps)
 
     def tau(self, epoch: int) -> float:
         c = self.cfg

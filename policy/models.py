@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def project_inputs(cell: nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
@@ -30,11 +31,12 @@ class LiteEval(nn.Module):
     """
 
     def __init__(self, coarse_dim: int, fine_dim: int, num_classes: int, *, hidden_coarse: int = 512,
-                 hidden_fine: int = 2048, sync: bool = True, rl_baseline: bool = False):
+                 hidden_fine: int = 2048, sync: bool = True, rl_baseline: bool = False, checkpoint_steps: int = 0):
         super().__init__()
         if hidden_coarse > hidden_fine:
             raise ValueError("the coarse LSTM must not be wider than the fine LSTM (its state is copied into it)")
         self.hidden_coarse, self.hidden_fine, self.sync = hidden_coarse, hidden_fine, sync
+        self.checkpoint_steps = checkpoint_steps
         self.clstm = nn.LSTMCell(coarse_dim, hidden_coarse)  # eq. 1
         self.gate = nn.Linear(coarse_dim + 2 * hidden_fine, 2)  # eq. 2
         self.flstm = nn.LSTMCell(coarse_dim + fine_dim, hidden_fine)  # eq. 3
@@ -49,16 +51,39 @@ class LiteEval(nn.Module):
         Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T) and, with
         the RL baseline, ``baseline`` (N,) from the mean coarse feature over the real frames. The
         baseline is computed here, inside ``forward``, so that DistributedDataParallel sees it.
+        With ``checkpoint_steps`` K > 0, training keeps the activations of K steps at a time and
+        recomputes them in the backward pass (same numbers and noise; less memory, more compute).
         """
         n, steps, _ = coarse.shape
-        hc = coarse.new_zeros(n, self.hidden_coarse)
-        cc = torch.zeros_like(hc)
-        hf = coarse.new_zeros(n, self.hidden_fine)
-        cf = torch.zeros_like(hf)
+        state = (coarse.new_zeros(n, self.hidden_coarse), coarse.new_zeros(n, self.hidden_coarse),
+                 coarse.new_zeros(n, self.hidden_fine), coarse.new_zeros(n, self.hidden_fine))
+        chunk = self.checkpoint_steps if self.checkpoint_steps and torch.is_grad_enabled() else steps
+        parts = []
+        for t0 in range(0, steps, chunk):
+            args = (coarse[:, t0:t0 + chunk], fine[:, t0:t0 + chunk], length - t0,
+                    None if gate is None else gate[:, t0:t0 + chunk], *state)
+            if chunk < steps:
+                *part, hc, cc, hf, cf = checkpoint(self._steps, *args, mode=mode, tau=tau, use_reentrant=False)
+            else:
+                *part, hc, cc, hf, cf = self._steps(*args, mode=mode, tau=tau)
+            state = (hc, cc, hf, cf)
+            parts.append(part)
+        out = {key: torch.cat([p[i] for p in parts], 1) for i, key in enumerate(("logits", "gate", "log_prob"))}
+        if self.baseline is not None:
+            mean_coarse = coarse.sum(1) / length.clamp(min=1).unsqueeze(1).to(coarse.dtype)
+            out["baseline"] = self.baseline(mean_coarse).squeeze(1)
+        return out
+
+    def _steps(self, coarse: torch.Tensor, fine: torch.Tensor, length: torch.Tensor, gate: torch.Tensor | None,
+               hc: torch.Tensor, cc: torch.Tensor, hf: torch.Tensor, cf: torch.Tensor, *, mode: str,
+               tau: float) -> tuple[torch.Tensor, ...]:
+        """Eqs. 1-4 over the steps of ``coarse`` (N, K, Dc) from the states given; ``length`` counts
+        from the first of them. Returns logits (N, K, C), B (N, K), log-probabilities (N, K) and the
+        four states after the last step."""
         logits, gates, log_probs = [], [], []
-        coarse_in = project_inputs(self.clstm, coarse)  # one large matmul instead of T small ones
+        coarse_in = project_inputs(self.clstm, coarse)  # one large matmul instead of K small ones
         fine_in = project_inputs(self.flstm, torch.cat([coarse, fine], dim=2))
-        for t in range(steps):
+        for t in range(coarse.shape[1]):
             real = (t < length).to(coarse.dtype).unsqueeze(1)
             vc = coarse[:, t]
             b = self.gate(torch.cat([vc, hf, cf], dim=1))
@@ -88,11 +113,7 @@ class LiteEval(nn.Module):
             hf, cf = real * hf_next + (1 - real) * hf, real * cf_next + (1 - real) * cf
             logits.append(self.classifier(hf))
             gates.append(B)
-        out = {"logits": torch.stack(logits, 1), "gate": torch.stack(gates, 1), "log_prob": torch.stack(log_probs, 1)}
-        if self.baseline is not None:
-            mean_coarse = coarse.sum(1) / length.clamp(min=1).unsqueeze(1).to(coarse.dtype)
-            out["baseline"] = self.baseline(mean_coarse).squeeze(1)
-        return out
+        return torch.stack(logits, 1), torch.stack(gates, 1), torch.stack(log_probs, 1), hc, cc, hf, cf
 
 
 class FrameClassifier(nn.Module):

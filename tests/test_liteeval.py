@@ -92,6 +92,25 @@ def test_gradients_reach_the_gate():
     assert model.gate.weight.grad is not None and model.gate.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["gumbel", "bernoulli"])
+def test_checkpointed_steps_give_the_same_numbers_noise_and_gradients(mode):
+    model, coarse, fine, _ = hand_made(steps=9, n=3)
+    length = torch.tensor([9, 5, 7])
+    results = []
+    for blocks in (0, 2, 4):  # 0: every step's activations kept
+        model.checkpoint_steps = blocks
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(coarse, fine, length, mode=mode, tau=1.0)
+        (out["logits"][:, -1].logsumexp(1).sum() + out["gate"].sum() + out["log_prob"].sum()).backward()
+        results.append((out["logits"].detach(), out["gate"].detach(), [p.grad.clone() for p in model.parameters()]))
+    for logits, gate, grads in results[1:]:
+        assert torch.equal(gate, results[0][1])  # the same Gumbel / Bernoulli draws
+        torch.testing.assert_close(logits, results[0][0])
+        for a, b in zip(grads, results[0][2]):
+            torch.testing.assert_close(a, b)
+
+
 def config(method, cache, out, **kw):
     base = dict(method=method, features=cache, out=str(out), epochs=6, batch_size=4, lr=1e-3, hidden_coarse=16,
                 hidden_fine=32, hidden=32)
