@@ -1,7 +1,9 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,6 +36,20 @@ def run_cli(*args, check=True, env=None, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def killed_after_first_epoch(module_args, run, env=None):
+    """Start ``python -m <module_args> --out run`` in a session of its own and SIGKILL the whole
+    session (every rank under torchrun) once epoch 0 is logged; the resume point must be there."""
+    proc = subprocess.Popen([sys.executable, "-m", *module_args, "--out", str(run)], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "train_log.csv").exists():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
 
 
 @pytest.fixture(scope="session")

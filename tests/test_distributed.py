@@ -1,16 +1,11 @@
 """Every registered method trains under ``torchrun`` (2 CPU processes, gloo), and a killed
 distributed run resumes to the same numbers (every rank's generators are checkpointed)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import killed_after_first_epoch, run_cli
 from policy.methods import METHODS
 from policy.train import rng_state, set_rng_state
 
@@ -42,26 +37,13 @@ def test_every_method_trains_under_torchrun(method, demo_cache, tmp_path):
     assert proc.stdout.count("mAP") == 1  # only rank 0 reports
 
 
-def killed_after_first_epoch(module_args, run):
-    """Start ``python -m <module_args> --out run`` and SIGKILL its whole process group once epoch 0 is logged."""
-    proc = subprocess.Popen([sys.executable, "-m", *module_args, "--out", str(run)], cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": ROOT, **ENV}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "train_log.csv").exists():
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (run / "last.pt").exists() and not (run / "metrics.json").exists()
-
-
 def test_killed_distributed_run_resumes_to_the_same_numbers(demo_cache, tmp_path):
     args = ["--method", "liteeval", "--features", demo_cache, "--epochs", "4", "--batch-size", "3", "--no-progress",
             *small("liteeval")]
     torchrun(*args, "--out", str(tmp_path / "full"))
     run = tmp_path / "killed"
     killed_after_first_epoch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "policy.cli",
-                              *args], run)
+                              *args], run, ENV)
     state = torch.load(run / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2  # one state per rank: the ranks drew different amounts of noise
     torchrun(*args, "--out", str(run), "--resume")
@@ -86,7 +68,7 @@ def test_killed_run_on_cuda_resumes_to_the_same_numbers(demo_cache, tmp_path):
             "--batch-size", "2", "--no-progress", *small("liteeval")]
     run_cli(*args, "--out", str(tmp_path / "full"))
     run = tmp_path / "killed"
-    killed_after_first_epoch(args, run)
+    killed_after_first_epoch(args, run, ENV)
     assert "cuda" in torch.load(run / "last.pt", weights_only=True)["rng"][0]
     run_cli(*args, "--out", str(run), "--resume")
     assert json.load(open(run / "metrics.json")) == json.load(open(tmp_path / "full" / "metrics.json"))

@@ -1,17 +1,13 @@
 """LiteEval's equations on hand-made tensors, and the training framework on the demo cache."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import killed_after_first_epoch, run_cli
 from policy.data import CacheError, CachedFeatures
 from policy.methods import METHODS
 from policy.models import LiteEval
@@ -181,13 +177,7 @@ def test_resume_after_kill_mid_run_equals_uninterrupted(demo_cache, tmp_path):
             "--set", "hidden_coarse=64", "--set", "hidden_fine=256", "--no-progress"]
     run_cli("policy.cli", *args, "--out", str(tmp_path / "full"))
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "policy.cli", *args, "--out", str(run)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "train_log.csv").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_after_first_epoch(["policy.cli", *args], run)
     run_cli("policy.cli", *args, "--out", str(run), "--resume")
     assert json.load(open(run / "metrics.json")) == json.load(open(tmp_path / "full" / "metrics.json"))
     assert open(run / "train_log.csv").read().count("\n") == 9
