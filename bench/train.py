@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from extract.cache import FLOPS_DTYPE
 from policy.data import CachedFeatures
 from policy.methods import METHODS
 from policy.train import return_freed_memory, run_inference, summarise
@@ -63,9 +64,7 @@ def write_cache(path: str, videos: int, steps: int = 25, classes: int = 239) -> 
             out = f.create_dataset(f"features/{name}", (videos, steps, dim), np.float16)
             for row in train:
                 out[row] = rng.standard_normal((steps, dim), dtype=np.float32).astype(np.float16)
-        f["flops"] = np.array([(n, int(n.split("@")[1]), g, 0, d) for n, d, g in FEATURES],
-                              dtype=[("name", h5py.string_dtype()), ("resolution", "<i4"), ("gflops", "<f8"),
-                                     ("params", "<i8"), ("dim", "<i4")])
+        f["flops"] = np.array([(n, int(n.split("@")[1]), g, 0, d) for n, d, g in FEATURES], dtype=FLOPS_DTYPE)
 
 
 def matmul_flops(device: torch.device, n: int = 2048) -> float:

@@ -113,12 +113,12 @@ def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: I
         f["video_id"] = np.array([store.ids[i] for i in rows], dtype=h5py.string_dtype())
         f["labels"] = store.labels[rows].astype(np.uint8)
         f["scores"] = inf.scores.astype(np.float32)
-        f["step_scores"] = inf.step_scores.astype(np.float16)
+        f["step_scores"] = inf.step_scores.astype(np.float16, copy=False)  # run_inference made them float16
         f["actions"] = inf.actions.astype(np.int8)
         f["gflops"] = inf.gflops.astype(np.float64)
         f["step_gflops"] = inf.step_gflops.astype(np.float64)
         for key, value in inf.extra.items():
-            f[key] = value.astype(np.float16)
+            f[key] = value.astype(np.float16, copy=False)
     os.replace(tmp, path)
 
 
