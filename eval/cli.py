@@ -5,6 +5,8 @@ import os
 
 import click
 
+from policy.metrics import AP_KINDS
+
 from .formats import render, save_figure
 from .reports import REPORTS, Options
 from .runs import RunError, find_runs
@@ -16,7 +18,7 @@ DEFAULT_RUNS = os.path.join("data", "runs")
 Examples:
   evaluate --report table1
   evaluate --report table1 --paper --format md
-  evaluate --report online --runs data/runs/fcvid_fps1-max25 --plot online.png
+  evaluate --report online --runs data/runs/fcvid_fps1-max129 --plot online.png
   evaluate --report tradeoff --plot tradeoff.png
 """)
 @click.option("--report", type=click.Choice(sorted(REPORTS)), required=True,
@@ -27,14 +29,15 @@ Examples:
 @click.option("--format", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)
 @click.option("--plot", metavar="FILE.png", help="Also draw the report's figure (needs the plot extra).")
 @click.option("--paper", is_flag=True, help="Put the papers' published numbers beside ours, labelled as published.")
-@click.option("--ap", type=click.Choice(["sklearn", "interpolated"]), default="sklearn", show_default=True,
-              help="sklearn: non-interpolated AP (average_precision_score); interpolated: ActivityNet's evaluator.")
+@click.option("--ap", type=click.Choice(sorted(AP_KINDS)), default="sklearn", show_default=True,
+              help="sklearn: non-interpolated AP (average_precision_score); interpolated: ActivityNet's evaluator; "
+                   "arnet: AR-Net's cal_map (a class with no positive counts as AP 0).")
 @click.option("--videos", type=click.IntRange(1), default=4, show_default=True, help="frames report: videos shown.")
 def main(report, run_dirs, fmt, plot, paper, ap, videos) -> None:
     """Turn run folders into the papers' tables and figures: mAP and top-1 against GFLOPs."""
     try:
         runs = find_runs(list(run_dirs) or [DEFAULT_RUNS])
-        result = REPORTS[report](runs, Options(interpolated=ap == "interpolated", paper=paper, videos=videos))
+        result = REPORTS[report](runs, Options(ap=ap, paper=paper, videos=videos))
         click.echo(render(result, fmt), nl=False)
         if plot:
             save_figure(result, plot)

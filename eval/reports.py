@@ -37,7 +37,7 @@ class Report:
 
 @dataclass
 class Options:
-    interpolated: bool = False
+    ap: str = "sklearn"  # a key of policy.metrics.AP_KINDS
     paper: bool = False
     videos: int = 4  # frames report: how many videos
 
@@ -54,9 +54,9 @@ def register_report(name: str):
 
 
 def run_row(run: Run, opts: Options, **extra) -> dict:
-    m = run.metrics(opts.interpolated)
-    return {"source": "ours", "method": run.label, "dataset": run.dataset, **extra, "mAP": m["mAP"],
-            "top1": m["top1"], "GFLOPs/f": m["gflops_f"], "GFLOPs/V": m["gflops_v"], "_run": run}
+    m = run.metrics(opts.ap)
+    return {"source": "ours", "method": run.label, "dataset": run.dataset, "features": run.features, **extra,
+            "mAP": m["mAP"], "top1": m["top1"], "GFLOPs/f": m["gflops_f"], "GFLOPs/V": m["gflops_v"], "_run": run}
 
 
 def table_report(name: str, title: str, runs: list[Run], opts: Options, select: Callable[[Run], bool],
@@ -68,18 +68,28 @@ def table_report(name: str, title: str, runs: list[Run], opts: Options, select: 
     if sort_key:
         rows.sort(key=sort_key)
     keys = list(dict.fromkeys(k for r in rows for k in extra(r["_run"]))) if rows else []
-    report = Report(title, ["source", "method", "dataset", *keys, *METRIC_COLUMNS], rows)
+    report = Report(title, ["source", "method", "dataset", "features", *keys, *METRIC_COLUMNS], rows)
     if not chosen:
         report.notes.append("no matching run; produce one with: " + " ; ".join(missing))
+    else:
+        report.notes.append("features: l2 = per-frame L2-normalised (LiteEval's code), none = raw pooled features "
+                            "(AR-Net's heads); in parentheses, the official code's conventions a row used")
     for r in chosen:
-        left = r.metrics(opts.interpolated)["left_out"]
-        if left:
+        left = r.metrics(opts.ap)["left_out"]
+        if left and opts.ap == "arnet":
+            report.notes.append(f"{r.path}: {left} classes without a positive count as AP 0 (--ap arnet)")
+        elif left:
             report.notes.append(f"{r.path}: mAP over the classes with a positive; {left} classes left out")
+    for cache in dict.fromkeys(r.cache for r in chosen):
+        kinds = sorted({r.features for r in chosen if r.cache == cache})
+        if len(kinds) > 1:
+            report.notes.append(f"rows of {cache} mix feature normalisations ({', '.join(kinds)}): they do not "
+                                "compare like with like; train them with one --set normalise=...")
     if opts.paper:
         pub = published_rows(name)
-        report.columns = list(dict.fromkeys(report.columns[:3] + [k for p in pub for k in p if k not in
-                                                                   ("source", "method", "dataset", *METRIC_COLUMNS)]
-                                            + report.columns[3:]))
+        fixed = ("source", "method", "dataset", "features", "counted", *METRIC_COLUMNS)
+        report.columns = list(dict.fromkeys(report.columns[:4] + [k for p in pub for k in p if k not in fixed]
+                                            + report.columns[4:] + ["counted"]))
         report.rows += pub
     report.figure = lambda fig: scatter(fig, report.rows, title)
     return report
@@ -103,7 +113,8 @@ COMMAND = "train-policy --method {}"
 @register_report("table1")
 def table1(runs, opts):
     """Offline recognition: LiteEval Table 1 and AR-Net Tables 1-2 in one view."""
-    return table_report("table1", "Offline recognition", runs, opts, lambda r: True, lambda r: {},
+    return table_report("table1", "Offline recognition", runs, opts, lambda r: True,
+                        lambda r: {"frames/V": r.metrics(opts.ap)["frames_v"]},
                         [COMMAND.format(m) for m in ("uniform", "lstm", "liteeval-rl", "liteeval", "random",
                                                      "multiscale", "scsampler", "arnet")])
 
@@ -360,33 +371,33 @@ def claims(runs, opts):
     if uniform is None:
         report.notes.append("needs a uniform run: " + COMMAND.format("uniform"))
         return report
-    base = uniform.metrics(opts.interpolated)
+    base = uniform.metrics(opts.ap)
 
     def add(claim: str, measured: str, holds: bool) -> None:
         report.rows.append({"source": "ours", "claim": claim, "measured": measured, "holds": bool(holds)})
 
     for method in ("liteeval", "arnet"):
         for run in by.get(method, []):
-            m = run.metrics(opts.interpolated)
+            m = run.metrics(opts.ap)
             add(f"{run.label}: mAP within 1.5 points of UNIFORM at <= 55% of its GFLOPs/V",
                 f"mAP {m['mAP']:.1f} vs {base['mAP']:.1f}; GFLOPs/V {m['gflops_v']:.3f} = "
                 f"{100 * m['gflops_v'] / base['gflops_v']:.0f}% of {base['gflops_v']:.3f}",
                 m["mAP"] >= base["mAP"] - 1.5 and m["gflops_v"] <= 0.55 * base["gflops_v"])
     coarse = [r for r in by.get("uniform", []) if r is not uniform]
     if coarse:
-        m = min(coarse, key=lambda r: float(r.gflops.mean())).metrics(opts.interpolated)
+        m = min(coarse, key=lambda r: float(r.gflops.mean())).metrics(opts.ap)
         add("coarse features alone score >= 10 mAP points below UNIFORM",
             f"{m['mAP']:.1f} vs {base['mAP']:.1f}", m["mAP"] <= base["mAP"] - 10)
     for rnd in (r for r in by.get("random", []) if r.config.get("match_run")):
         learned = [r for r in runs if os.path.abspath(r.path) == os.path.abspath(rnd.config["match_run"])]
         if learned:
-            a, b = rnd.metrics(opts.interpolated), learned[0].metrics(opts.interpolated)
+            a, b = rnd.metrics(opts.ap), learned[0].metrics(opts.ap)
             add("random policy at the learned policy's budget scores clearly (>= 5 points) below it",
                 f"random {a['mAP']:.1f} at {a['gflops_v']:.3f} GFLOPs/V vs {learned[0].label} {b['mAP']:.1f} at "
                 f"{b['gflops_v']:.3f}", a["mAP"] <= b["mAP"] - 5)
     lite = [r for r in by.get("liteeval", []) if r.config.get("sync", True)]
     if len(lite) >= 2:
-        points = sorted((r.config["gamma"], r.metrics(opts.interpolated)["gflops_v"]) for r in lite)
+        points = sorted((r.config["gamma"], r.metrics(opts.ap)["gflops_v"]) for r in lite)
         add("the γ sweep moves GFLOPs monotonically", ", ".join(f"γ={g:g}: {v:.3f}" for g, v in points),
             all(a[1] < b[1] for a, b in zip(points, points[1:])))
     curve = online(runs, opts)

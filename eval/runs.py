@@ -9,6 +9,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
+from policy.methods import METHODS
 from policy.metrics import hit_at_k, mean_average_precision
 
 DISPLAY = {"uniform": "UNIFORM", "lstm": "LSTM", "liteeval": "LiteEval", "liteeval-rl": "LiteEval-RL",
@@ -39,8 +40,35 @@ class Run:
         return self.attrs.get("cache", self.config.get("features", ""))
 
     @property
+    def conventions(self) -> list[str]:
+        """The method's ``CONVENTIONS`` fields this run set away from the paper's reading (the
+        official code's options), as ``key=value``; empty: the paper's reading throughout."""
+        cls = METHODS.get(self.method)
+        if cls is None:
+            return []
+        defaults = cls.Config()
+        return [f"{k}={self.config[k]}" for k in cls.Config.CONVENTIONS
+                if k in self.config and self.config[k] != getattr(defaults, k)]
+
+    @property
+    def features(self) -> str:
+        """How the run read the features: ``l2`` (per-frame L2 normalised) or ``none`` (raw)."""
+        if "normalise" in self.config:
+            return self.config["normalise"]
+        return "l2" if self.config.get("l2_normalise") else "none"  # runs written before the normalise option
+
+    @property
     def label(self) -> str:
-        """Display name with what distinguishes this run from the method's defaults."""
+        """Display name with what distinguishes this run from the method's defaults, the official
+        code's conventions it used included."""
+        convention = "; ".join(self.conventions)
+        base = self._base_label
+        if not convention:
+            return base
+        return f"{base[:-1]}; {convention})" if base.endswith(")") else f"{base} ({convention})"
+
+    @property
+    def _base_label(self) -> str:
         c, name = self.config, DISPLAY.get(self.method, self.method)
         if self.method.startswith("liteeval"):
             extra = [f"γ={c['gamma']:g}"] + ([] if c.get("sync", True) else ["w/o sync"])
@@ -79,15 +107,17 @@ class Run:
     def legend(self) -> dict[int, str]:
         return {int(k): v for k, v in json.loads(self.attrs.get("actions_legend", "{}")).items()}
 
-    def metrics(self, interpolated: bool = False) -> dict[str, float]:
-        """mAP (%), classes left out, top-1 (%), GFLOPs per frame and per video; computed once per AP kind."""
-        if interpolated not in self._metrics:
-            mean_ap, left_out = mean_average_precision(self.scores, self.labels, interpolated=interpolated)
+    def metrics(self, ap: str = "sklearn") -> dict[str, float]:
+        """mAP (%) of AP kind ``ap``, classes without a positive, top-1 (%), frames per video, GFLOPs per
+        frame and per video; computed once per AP kind."""
+        if ap not in self._metrics:
+            mean_ap, left_out = mean_average_precision(self.scores, self.labels, kind=ap)
             frames = max(int((self.actions != -1).sum()), 1)
-            self._metrics[interpolated] = {
+            self._metrics[ap] = {
                 "mAP": 100 * mean_ap, "left_out": left_out, "top1": 100 * hit_at_k(self.scores, self.labels, 1),
+                "frames_v": frames / max(len(self.labels), 1),
                 "gflops_f": float(self.gflops.sum() / frames), "gflops_v": float(self.gflops.mean())}
-        return self._metrics[interpolated]
+        return self._metrics[ap]
 
 
 def load_run(path: str) -> Run:

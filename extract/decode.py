@@ -2,7 +2,8 @@
 
 Preprocessing: resize the short side to 256 (bilinear, antialiased), centre-crop 224, keep uint8
 ``(T, 3, 224, 224)``. Lower resolutions (168/112/84) are resized from that same crop later, on the
-compute device, by :func:`resize_crop`; normalisation is per backbone.
+compute device, by :func:`resize_crop` (antialiased bilinear by default; nearest neighbour as
+AR-Net's code); normalisation is per backbone.
 """
 from __future__ import annotations
 
@@ -119,9 +120,17 @@ def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torc
     return frames[np.searchsorted(targets, indices)], indices, strategy
 
 
-def resize_crop(crops: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 ``(B, 3, 224, 224)`` crops -> float ``(B, 3, r, r)`` in [0, 1], antialiased bilinear."""
+DOWNSAMPLE = {"antialias": "antialiased bilinear resize of the 224 crop",
+              "nearest": "nearest-neighbour resize of the 224 crop (AR-Net's code)"}
+
+
+def resize_crop(crops: torch.Tensor, resolution: int, downsample: str = "antialias") -> torch.Tensor:
+    """uint8 ``(B, 3, 224, 224)`` crops -> float ``(B, 3, r, r)`` in [0, 1], resized as ``downsample``
+    says (a key of ``DOWNSAMPLE``)."""
     x = crops.float().div_(255)
     if resolution != crops.shape[-1]:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        if downsample == "nearest":
+            x = F.interpolate(x, size=(resolution, resolution), mode="nearest")
+        else:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return x

@@ -16,7 +16,7 @@ from . import distributed
 from .backbones import Backbone, create_backbone, parse_name
 from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
 from .datasets import load_annotations
-from .decode import CROP, SHORT_SIDE, VideoError, read_frames, resize_crop
+from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, read_frames, resize_crop
 from .flops import backbone_flops
 from .sampling import Sampling
 
@@ -33,6 +33,7 @@ class ExtractConfig:
     out: str
     classes: str | None = None
     seek: str = "auto"
+    downsample: str = "antialias"  # how 168/112/84 are made from the 224 crop (a key of decode.DOWNSAMPLE)
     weights: str = "imagenet"
     device: str = "auto"
     batch_size: int = 32  # frames per forward pass
@@ -78,7 +79,8 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 
-def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device,
+                     downsample: str = "antialias") -> dict[str, np.ndarray]:
     """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution.
 
     CUDA: channels_last with fp16 autocast. CPU: float32 channels_last (bf16 is far slower there).
@@ -86,7 +88,7 @@ def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: tor
     x = crops.to(device, non_blocking=True)
     out: dict[str, np.ndarray] = {}
     for res in sorted({b.resolution for b in backbones}, reverse=True):
-        scaled = resize_crop(x, res)
+        scaled = resize_crop(x, res, downsample)
         for b in (b for b in backbones if b.resolution == res):
             mean = torch.tensor(b.arch.mean, device=device).view(1, 3, 1, 1)
             std = torch.tensor(b.arch.std, device=device).view(1, 3, 1, 1)
@@ -114,7 +116,7 @@ def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
         "video_root": os.path.abspath(cfg.video_root),
         "sampling": json.dumps(sampling, sort_keys=True),
         "preprocessing": json.dumps({"resize_short_side": SHORT_SIDE, "center_crop": CROP,
-                                     "lower_resolutions": "antialiased bilinear resize of the 224 crop",
+                                     "lower_resolutions": DOWNSAMPLE[cfg.downsample],
                                      "normalisation": "per backbone (ImageNet mean/std; EfficientNet-Lite 0.5/0.5)"}),
         "created_by": "extract-features",
     }
@@ -136,7 +138,7 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
 
     def run_pending() -> None:
         crops = torch.cat([frames for _, frames, _ in pending])
-        parts = [compute_features(backbones, crops[s:s + cfg.batch_size], device)
+        parts = [compute_features(backbones, crops[s:s + cfg.batch_size], device, cfg.downsample)
                  for s in range(0, len(crops), cfg.batch_size)]
         feats = {n: np.concatenate([p[n] for p in parts]) for n in names}
         start = 0
@@ -190,7 +192,8 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
         assemble(cfg.out, chunks=[], videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
                  flops={}, weights={}, max_length=cfg.sampling.max_length)
     distributed.barrier()
-    info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], classes=ann.classes)
+    info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], preprocessing=attrs["preprocessing"],
+                     classes=ann.classes)
     journal = Journal(cfg.out, info_dist.rank, run_identity(attrs, ann.videos))
     state = journal.load()
     journalled = set().union(*state.done.values())

@@ -24,7 +24,7 @@ class Sampling:
 
     @property
     def tag(self) -> str:
-        """Short name used in default cache file names: ``t16``, ``fps1``, ``fps1-max25``."""
+        """Short name used in default cache file names: ``t16``, ``fps1``, ``fps1-max129``."""
         if self.num_frames is not None:
             return f"t{self.num_frames}"
         return f"fps{self.fps:g}" + (f"-max{self.max_frames}" if self.max_frames else "")

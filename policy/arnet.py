@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import h5py
 import numpy as np
@@ -26,7 +27,7 @@ from torch import nn
 from extract.backbones import parse_name
 
 from .data import Batch
-from .methods import Inference, Method, TrainConfig, numpy, price, register_method, soft_cross_entropy
+from .methods import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto, soft_cross_entropy
 
 SKIPPED_OVER = -2
 
@@ -35,6 +36,8 @@ SKIPPED_OVER = -2
 class ARNetConfig(TrainConfig):
     """AR-Net's defaults: SGD momentum 0.9; warm-up 10 epochs at 0.02, joint 50 at 0.001,
     finetune 50 at 0.0005; tau 5 decayed by exp(-0.045) per epoch; alpha 0.1, beta 0.3."""
+
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head", "rank")
 
     l2_normalise: bool = False  # the heads are the backbones' own classifiers, on raw pooled features
     backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
@@ -55,8 +58,10 @@ class ARNetConfig(TrainConfig):
     finetune_lr: float = 0.0005
     momentum: float = 0.9
     optim: str = "sgd"  # sgd (the paper's, with momentum) | adam (the stage learning rates apply to it)
-    stochastic_eval: bool = False
+    stochastic_eval: bool = False  # sample actions at evaluation (the official code) instead of argmax
+    policy_head: bool = False  # the official code: the lowest resolution's prediction is a head on the policy LSTM's state
     topk: int = 10  # scsampler: frames kept
+    rank: str = "softmax"  # scsampler: frames ranked by max softmax | logit: by max logit (AR-Net's re-implementation)
     match_run: str = ""  # random: draw actions with the frequencies of this run's predictions
 
 
@@ -66,32 +71,52 @@ class ARNet(nn.Module):
     the action codes ``(N, T)`` and the policy's logits at visited frames (-inf for actions not
     allowed) and zero at frames it did not visit."""
 
-    def __init__(self, dims: list[int], policy_dim: int, num_classes: int, *, hidden: int = 512, skips: int = 3):
+    def __init__(self, dims: list[int], policy_dim: int, num_classes: int, *, hidden: int = 512, skips: int = 3,
+                 policy_head: bool = False):
         super().__init__()
+        self.policy_head = policy_head  # the lowest resolution's head reads the policy LSTM's hidden state
+        dims = [*dims[:-1], hidden] if policy_head else dims
         self.heads = nn.ModuleList(nn.Sequential(nn.Dropout(0.5), nn.Linear(d, num_classes)) for d in dims)
         self.lstm = nn.LSTMCell(policy_dim, hidden)
         self.fc = nn.Linear(hidden, len(dims) + skips)
 
-    def head_logits(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def head_logits(self, feats: list[torch.Tensor], states: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, L, C) logits of every head on every frame; with ``policy_head`` the last head reads
+        ``states``, the policy LSTM's hidden state at each step (N, T, hidden)."""
+        feats = [*feats[:-1], states] if self.policy_head else feats
         return torch.stack([head(x) for head, x in zip(self.heads, feats)], dim=2)
+
+    def states(self, policy_feats: torch.Tensor) -> torch.Tensor | None:
+        """The policy LSTM's hidden state after each frame when it reads every frame (N, T, hidden),
+        for the warm-up and the baselines; ``None`` without ``policy_head``."""
+        if not self.policy_head:
+            return None
+        h = policy_feats.new_zeros(policy_feats.shape[0], self.lstm.hidden_size)
+        c, out = torch.zeros_like(h), []
+        for t in range(policy_feats.shape[1]):
+            h, c = self.lstm(policy_feats[:, t], (h, c))
+            out.append(h)
+        return torch.stack(out, 1)
 
     def forward(self, feats: list[torch.Tensor], policy_feats: torch.Tensor, length: torch.Tensor, *,
                 skips: torch.Tensor, allowed: torch.Tensor, mode: str = "argmax", tau: float = 1.0,
-                probs: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``mode``: gumbel (straight-through, eq. 8), sample (Gumbel-max, eq. 6), argmax, random
-        (draw from ``probs``) or all (no policy). ``forced`` (N, T) fixes the actions (for tests)."""
-        logits = self.head_logits(feats)
+                forced: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``mode``: gumbel (straight-through, eq. 8), sample (Gumbel-max, eq. 6), argmax, or all (no
+        policy). ``forced`` (N, T) fixes the actions (for tests). ``frame_P`` (N, T, L + M) is ``P``
+        with each frame skipped over given the one-hot of the skip that jumped it (eq. 11 counts it)."""
         if mode == "all":
-            return {"logits": logits}
+            return {"logits": self.head_logits(feats, None if policy_feats is None else self.states(policy_feats))}
         n, steps = policy_feats.shape[:2]
         L = len(self.heads)
         h = policy_feats.new_zeros(n, self.lstm.hidden_size)
         c = torch.zeros_like(h)
         remaining = torch.zeros(n, dtype=torch.long, device=length.device)
-        actions, codes, scores = [], [], []
+        carried = policy_feats.new_zeros(n, L + len(skips))  # the one-hot of the skip still running
+        actions, codes, scores, frames, states = [], [], [], [], []
         for t in range(steps):
             active = (remaining == 0) & (t < length)
             h_new, c_new = self.lstm(policy_feats[:, t], (h, c))
+            states.append(h_new)
             a = active.unsqueeze(1).to(h.dtype)
             h, c = a * h_new + (1 - a) * h, a * c_new + (1 - a) * c
             z = self.fc(h_new).masked_fill(~allowed, float("-inf"))
@@ -101,8 +126,6 @@ class ARNet(nn.Module):
                 P = F.gumbel_softmax(z, tau=tau, hard=True)
             elif mode == "sample":
                 P = F.one_hot((z - torch.empty_like(z).exponential_().log()).argmax(1), z.shape[1]).to(z)
-            elif mode == "random":
-                P = F.one_hot(torch.multinomial(probs.expand(n, -1), 1).squeeze(1), z.shape[1]).to(z)
             else:
                 P = F.one_hot(z.argmax(1), z.shape[1]).to(z)
             P = P * a
@@ -113,9 +136,13 @@ class ARNet(nn.Module):
                                                                  (remaining - 1).clamp(min=0)))
             codes.append(torch.where(active, chosen, torch.where(t < length, SKIPPED_OVER, -1)))
             actions.append(P)
+            over = ((t < length) & ~active).unsqueeze(1)
+            frames.append(torch.where(over, carried, P))
+            carried = torch.where(active.unsqueeze(1), P * skip.unsqueeze(1).to(P), carried)
             scores.append(torch.where(active.unsqueeze(1), z, torch.zeros_like(z)))  # not z * a: -inf * 0 is NaN
+        logits = self.head_logits(feats, torch.stack(states, 1))
         return {"logits": logits, "P": torch.stack(actions, 1), "codes": torch.stack(codes, 1),
-                "policy_logits": torch.stack(scores, 1)}
+                "frame_P": torch.stack(frames, 1), "policy_logits": torch.stack(scores, 1)}
 
 
 def video_logits(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -139,10 +166,12 @@ def flops_per_frame(P: torch.Tensor, per_action: torch.Tensor, visit: float, len
     return step_gflops(P, per_action, visit).sum(1) / length.clamp(min=1).to(P.dtype)
 
 
-def uniform_usage(P: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """Eq. 11: sum over actions of (batch frequency of the action - 1 / (L + M))^2."""
-    frequency = (P.sum(1) / length.clamp(min=1).to(P.dtype).unsqueeze(1)).mean(0)
-    return ((frequency - 1.0 / P.shape[2]) ** 2).sum()
+def uniform_usage(frame_P: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: sum over actions of (batch frequency of the action - 1 / (L + M))^2. Every frame of
+    a video counts, normalised over its T frames: a frame skipped over carries the one-hot of the
+    skip that jumped it (``frame_P``), as in the official code, so the frequencies sum to 1."""
+    frequency = (frame_P.sum(1) / length.clamp(min=1).to(frame_P.dtype).unsqueeze(1)).mean(0)
+    return ((frequency - 1.0 / frame_P.shape[2]) ** 2).sum()
 
 
 class _Family(Method):
@@ -152,8 +181,10 @@ class _Family(Method):
     fine_code = 0  # "fine usage" = share of frames at the highest resolution
 
     @staticmethod
-    def resolve(cfg, flops: dict[str, float]) -> None:
-        """Policy = the cheapest feature; backbones = per resolution (descending) its most expensive feature."""
+    def resolve(cfg, flops: dict[str, float], sampling: dict) -> None:
+        """Policy = the cheapest feature; backbones = per resolution (descending) its most expensive
+        feature; ``auto`` choices as every method (:func:`resolve_auto`)."""
+        resolve_auto(cfg, sampling)
         if not cfg.policy:
             cfg.policy = min(flops, key=flops.get)
         if not cfg.backbones:
@@ -184,8 +215,11 @@ class _Family(Method):
         return codes
 
     def build(self) -> nn.Module:
+        if self.cfg.policy_head and self.names[-1] != self.cfg.policy:
+            raise ValueError(f"policy_head needs the lowest resolution to be the policy's feature {self.cfg.policy}, "
+                             f"not {self.names[-1]}")
         return ARNet([self.dims[n] for n in self.names], self.dims[self.cfg.policy], self.num_classes,
-                     hidden=self.cfg.hidden, skips=len(self.skips))
+                     hidden=self.cfg.hidden, skips=len(self.skips), policy_head=self.cfg.policy_head)
 
     def optimizer(self) -> torch.optim.Optimizer:
         if self.cfg.optim == "adam":
@@ -198,10 +232,14 @@ class _Family(Method):
     def _feats(self, batch: Batch) -> list[torch.Tensor]:
         return [batch.features[n] for n in self.names]
 
+    def all_logits(self, model, batch: Batch) -> torch.Tensor:
+        """Every head on every frame, no policy: (N, T, L, C)."""
+        return model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode="all",
+                     skips=None, allowed=None)["logits"]
+
     def warmup_loss(self, model, batch: Batch) -> torch.Tensor:
         """Every head on every real frame (the policy is not used): mean over heads of the video CE."""
-        logits = model(self._feats(batch), batch.features[self.cfg.policy], batch.length, mode="all",
-                       skips=None, allowed=None)["logits"]
+        logits = self.all_logits(model, batch)
         weight = (torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)).to(logits)
         return torch.stack([soft_cross_entropy(video_logits(logits[:, :, l], weight), batch.labels)
                             for l in range(logits.shape[2])]).mean()
@@ -209,7 +247,7 @@ class _Family(Method):
     @cached_property
     def head_costs(self) -> list[float]:
         """GMACs of each resolution's classifier head on one frame."""
-        return [price(h, 1, self.dims[n]) for h, n in zip(self.model.heads, self.names)]
+        return [price(h, 1, h[1].in_features) for h in self.model.heads]
 
     @cached_property
     def costs(self) -> tuple[list[float], float]:
@@ -241,8 +279,8 @@ class _Family(Method):
         per_action, visit = self.costs
         return torch.tensor(per_action, device=device), visit
 
-    def policy_inference(self, model, batch: Batch, mode: str, probs: torch.Tensor | None = None) -> Inference:
-        out, frame_logits, weight = self._route(model, batch, mode=mode, probs=probs)
+    def policy_inference(self, model, batch: Batch, mode: str) -> Inference:
+        out, frame_logits, weight = self._route(model, batch, mode=mode)
         spent = step_gflops(out["P"], *self.action_costs(batch.length.device))
         return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
                          step_scores=numpy(running_scores(frame_logits, weight)), actions=numpy(out["codes"]),
@@ -288,7 +326,7 @@ class ARNetMethod(_Family):
         out, frame_logits, weight = self._route(model, batch, mode="gumbel", tau=self.tau(epoch))
         ce = soft_cross_entropy(video_logits(frame_logits, weight), batch.labels)
         flops = flops_per_frame(out["P"], *self.action_costs(batch.length.device), batch.length)
-        uniform = uniform_usage(out["P"], batch.length)
+        uniform = uniform_usage(out["frame_P"], batch.length)
         loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
         return loss, {"ce": ce.mean().item(), "gflops_per_frame": flops.mean().item()}
 
@@ -307,25 +345,54 @@ class _WarmupOnly(_Family):
         return self.warmup_loss(model, batch), {}
 
 
+def frame_shares(codes: np.ndarray, actions: int) -> np.ndarray:
+    """Share of real frames per action code ``0 .. actions - 1`` in a run's ``actions`` array (N, T),
+    a frame skipped over counted with the skip that jumped it (as eq. 11 counts frames)."""
+    at = np.where(codes != SKIPPED_OVER, np.arange(codes.shape[1]), 0)
+    filled = np.take_along_axis(codes, np.maximum.accumulate(at, axis=1), axis=1)
+    counts = np.bincount(filled[(filled >= 0) & (codes != -1)], minlength=actions)[:actions].astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
 @register_method
 class RandomPolicy(_WarmupOnly):
-    """Random Policy: the heads of the warm-up, actions drawn at random (uniformly over the allowed
-    actions, or with the action frequencies of ``match_run`` to compare at the same budget)."""
+    """Random Policy (AR-Net Table 1): the warm-up's heads; each frame independently gets an action
+    drawn uniformly over the allowed L resolutions and M skips, and a skip drops that frame only.
+    The policy network still reads every frame, as in the paper's framework (its cost is charged:
+    with AR-Net's ResNet set this gives the published 1.04 GFLOPs/f). With ``match_run``, actions
+    are drawn with that run's per-frame action shares (frames skipped over counted with their skip),
+    which spends the learned run's backbone budget."""
 
     name = "random"
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
-        self.probs = self.allowed("cpu").float()
+        self.probs = self.allowed("cpu").double()
         if cfg.match_run:
             with h5py.File(os.path.join(cfg.match_run, "predictions.h5"), "r") as f:
                 codes = f["actions"][:]
-            counts = np.bincount(codes[codes >= 0], minlength=len(self.probs)).astype(np.float64)
-            self.probs = torch.tensor(counts[: len(self.probs)], dtype=torch.float32)
+            self.probs = torch.from_numpy(frame_shares(codes, len(self.probs)))
         self.probs = self.probs / self.probs.sum()
 
+    @property
+    def legend(self) -> dict[int, str]:
+        L = len(self.names)
+        return {-1: "no frame", **{i: n for i, n in enumerate(self.names)},
+                **{L + j: f"skip {f} (this frame only)" for j, f in enumerate(self.skips)}}
+
     def infer(self, model, batch):
-        return self.policy_inference(model, batch, "random", probs=self.probs.to(batch.length.device))
+        logits = self.all_logits(model, batch)
+        n, steps, L = logits.shape[:3]
+        real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
+        drawn = torch.multinomial(self.probs.float(), n * steps, replacement=True).view(n, steps).to(logits.device)
+        chosen = F.one_hot(drawn, len(self.probs)).to(logits) * real.unsqueeze(-1)
+        frame_logits = (logits * chosen[:, :, :L].unsqueeze(-1)).sum(2)
+        weight = chosen[:, :, :L].sum(-1)
+        spent = step_gflops(chosen, *self.action_costs(logits.device))
+        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
+                         step_scores=numpy(running_scores(frame_logits, weight)),
+                         actions=numpy(torch.where(real, drawn, -1)),
+                         step_gflops=numpy(spent.cumsum(1)).astype(np.float64))
 
 
 @register_method
@@ -335,7 +402,7 @@ class MultiScale(_WarmupOnly):
     name = "multiscale"
 
     def infer(self, model, batch):
-        logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
+        logits = self.all_logits(model, batch)
         real = torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)
         frame_logits = logits.mean(2)
         weight = real.to(logits)
@@ -349,8 +416,10 @@ class MultiScale(_WarmupOnly):
 @register_method
 class SCSampler(_WarmupOnly):
     """SCSampler: a classifier on the cheapest (sampler) feature ranks frames by confidence (max
-    softmax); the top ``topk`` are classified at the highest resolution and averaged. Both heads
-    are trained with frame-level cross-entropy on every frame (a stand-in for SCSampler's AC loss)."""
+    softmax, or max logit with ``rank=logit`` as AR-Net's re-implementation); the top ``topk`` are
+    classified at the highest resolution and their logits averaged. Both heads are trained as the
+    warm-up trains every head: video-level cross-entropy of the frame-averaged logits (the official
+    re-implementation's default sampler loss; a stand-in for SCSampler's saliency ranking loss)."""
 
     name = "scsampler"
 
@@ -363,10 +432,11 @@ class SCSampler(_WarmupOnly):
         return {-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]}
 
     def infer(self, model, batch):
-        logits = model(self._feats(batch), None, batch.length, mode="all", skips=None, allowed=None)["logits"]
+        logits = self.all_logits(model, batch)
         steps = logits.shape[1]
         real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
-        confidence = logits[:, :, 1].softmax(-1).amax(-1).masked_fill(~real, -1.0)
+        sampler_logits = logits[:, :, 1] if self.cfg.rank == "logit" else logits[:, :, 1].softmax(-1)
+        confidence = sampler_logits.amax(-1).masked_fill(~real, float("-inf"))
         k = torch.clamp(batch.length, max=self.cfg.topk)
         rank = confidence.argsort(1, descending=True).argsort(1)
         keep = (rank < k.unsqueeze(1)) & real

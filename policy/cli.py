@@ -10,7 +10,6 @@ import typing
 
 import click
 
-from .data import CacheError
 from .methods import METHODS
 from .train import train
 
@@ -62,7 +61,7 @@ def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
 Examples:
   train-policy --method liteeval --gamma 0.05
-  train-policy --method uniform --features data/features/fcvid_fps1-max25.h5
+  train-policy --method uniform --features data/features/fcvid_fps1-max129.h5
   train-policy --method liteeval --no-sync --set hidden_coarse=64 --set hidden_fine=512
   torchrun --standalone --nproc_per_node 4 -m policy.cli --method liteeval
 """)
@@ -71,7 +70,8 @@ Examples:
 @click.option("--out", metavar="RUN_DIR", help="Run folder. Default: data/runs/<cache name>/<method>[_<options>].")
 @click.option("--gamma", type=float, help="LiteEval: target fine-feature usage (default 0.05).")
 @click.option("--no-sync", is_flag=True, help="LiteEval: no cLSTM -> fLSTM synchronisation (Table 2).")
-@click.option("--stochastic-eval", is_flag=True, help="LiteEval: sample the gate at evaluation instead of argmax.")
+@click.option("--stochastic-eval", is_flag=True,
+              help="LiteEval, AR-Net: sample the gate / actions at evaluation (the official codes) instead of argmax.")
 @click.option("--epochs", type=click.IntRange(1))
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--lr", type=float)
@@ -98,7 +98,7 @@ def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_s
     cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)
     try:
         metrics = train(cfg, resume=resume, progress=not no_progress)
-    except CacheError as err:
+    except ValueError as err:  # a cache that cannot serve the method (CacheError) or an option out of range
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{cfg.out}: mAP {metrics['mAP']:.4f}, top-1 {metrics['top1']:.4f}, "

@@ -3,7 +3,10 @@
 ``average_precision``: sklearn's ``average_precision_score`` convention (non-interpolated; tied
 scores form one threshold). ``interpolated_average_precision``: the official ActivityNet
 classification evaluator's convention (VOC-2011 all-point interpolation over the ranked list,
-ties broken by a stable sort). ``hit_at_k``: a video is a hit when any of its labels is in its top k.
+ties broken by a stable sort). ``arnet_average_precision``: AR-Net's ``cal_map`` (precision at
+each positive of the ranked list, no interpolation, ties broken by a stable sort; a class with no
+positive counts as AP 0 in the mean). ``hit_at_k``: a video is a hit when any of its labels is in
+its top k. Scores are the softmax probabilities ``predictions.h5`` holds (``cal_map`` softmaxes logits).
 """
 from __future__ import annotations
 
@@ -45,12 +48,26 @@ def interpolated_average_precision(scores: np.ndarray, labels: np.ndarray) -> np
         return np.where(y > 0, envelope, 0.0).sum(axis=1) / y.sum(axis=1)
 
 
-def mean_average_precision(scores: np.ndarray, labels: np.ndarray, *, interpolated: bool = False
-                           ) -> tuple[float, int]:
-    """mAP over classes, ``(mAP in [0, 1], classes left out)``: classes with no positive among the
-    N videos are left out of the mean. ``scores`` (N, C), ``labels`` (N, C) multi-hot."""
-    ap = (interpolated_average_precision if interpolated else average_precision)(scores, labels)
+def arnet_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class AP (C,) as AR-Net's ``cal_map``: the mean precision at the ranks of the positives,
+    0 where a class has no positive."""
+    _, y = _ranked(scores, labels, "stable")
+    precision = np.cumsum(y, axis=1, dtype=np.float64) / np.arange(1, y.shape[1] + 1)
+    return np.where(y > 0, precision, 0.0).sum(axis=1) / np.maximum(y.sum(axis=1), 1)
+
+
+AP_KINDS = {"sklearn": average_precision, "interpolated": interpolated_average_precision,
+            "arnet": arnet_average_precision}
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray, *, kind: str = "sklearn") -> tuple[float, int]:
+    """mAP over classes, ``(mAP in [0, 1], classes without a positive)``. ``kind`` is a key of
+    ``AP_KINDS``; ``sklearn`` and ``interpolated`` leave classes with no positive among the N videos
+    out of the mean, ``arnet`` counts them as 0. ``scores`` (N, C), ``labels`` (N, C) multi-hot."""
+    ap = AP_KINDS[kind](scores, labels)
     present = labels.sum(axis=0) > 0
+    if kind == "arnet":
+        return float(ap.mean()), int((~present).sum())
     return (float(ap[present].mean()) if present.any() else float("nan")), int((~present).sum())
 
 

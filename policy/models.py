@@ -23,20 +23,41 @@ def cell_step(cell: nn.LSTMCell, gates_x: torch.Tensor, h: torch.Tensor, c: torc
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def projection(dim_in: int, dim_out: int) -> nn.Sequential:
+    """The official LiteEval code's input projection: BatchNorm, Linear, BatchNorm, ReLU."""
+    return nn.Sequential(nn.BatchNorm1d(dim_in), nn.Linear(dim_in, dim_out), nn.BatchNorm1d(dim_out), nn.ReLU())
+
+
+def project_real(module: nn.Module, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``module`` on the real steps of (N, T, D) ``x`` only (BatchNorm statistics exclude padding); zeros elsewhere."""
+    real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < length.unsqueeze(1)
+    out = x.new_zeros(*x.shape[:2], module[1].out_features)
+    out[real] = module(x[real])
+    return out
+
+
 class LiteEval(nn.Module):
     """LiteEval (Wu et al., NeurIPS 2019), eqs. 1-4 with the cLSTM -> fLSTM synchronisation.
 
     Eq. 2's ``b_t`` is read as logits (``log b_t = W_g^T [v^c_t, h^f_{t-1}, c^f_{t-1}]``) so that
     eq. 6's ``log b_k`` is defined; index 1 means "compute fine features".
+
+    ``project`` (the official code, not the paper): each feature first goes through BatchNorm ->
+    Linear -> BatchNorm -> ReLU, the coarse one to ``hidden_coarse`` units, the fine one to its own
+    width; the LSTMs and the gate then read the projected features.
     """
 
     def __init__(self, coarse_dim: int, fine_dim: int, num_classes: int, *, hidden_coarse: int = 512,
-                 hidden_fine: int = 2048, sync: bool = True, rl_baseline: bool = False, checkpoint_steps: int = 0):
+                 hidden_fine: int = 2048, sync: bool = True, rl_baseline: bool = False, checkpoint_steps: int = 0,
+                 project: bool = False):
         super().__init__()
         if hidden_coarse > hidden_fine:
             raise ValueError("the coarse LSTM must not be wider than the fine LSTM (its state is copied into it)")
         self.hidden_coarse, self.hidden_fine, self.sync = hidden_coarse, hidden_fine, sync
         self.checkpoint_steps = checkpoint_steps
+        self.project_coarse = projection(coarse_dim, hidden_coarse) if project else None
+        self.project_fine = projection(fine_dim, fine_dim) if project else None
+        coarse_dim = hidden_coarse if project else coarse_dim
         self.clstm = nn.LSTMCell(coarse_dim, hidden_coarse)  # eq. 1
         self.gate = nn.Linear(coarse_dim + 2 * hidden_fine, 2)  # eq. 2
         self.flstm = nn.LSTMCell(coarse_dim + fine_dim, hidden_fine)  # eq. 3
@@ -55,6 +76,8 @@ class LiteEval(nn.Module):
         recomputes them in the backward pass (same numbers and noise; less memory, more compute).
         """
         n, steps, _ = coarse.shape
+        if self.project_coarse is not None:
+            coarse, fine = project_real(self.project_coarse, coarse, length), project_real(self.project_fine, fine, length)
         state = (coarse.new_zeros(n, self.hidden_coarse), coarse.new_zeros(n, self.hidden_coarse),
                  coarse.new_zeros(n, self.hidden_fine), coarse.new_zeros(n, self.hidden_fine))
         chunk = self.checkpoint_steps if self.checkpoint_steps and torch.is_grad_enabled() else steps

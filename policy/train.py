@@ -23,7 +23,7 @@ from tqdm import tqdm
 from extract import distributed
 
 from .data import CacheError, CachedFeatures
-from .methods import METHODS, Inference, Method
+from .methods import METHODS, Inference, Method, check_config
 from .metrics import hit_at_k, mean_average_precision
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -93,11 +93,12 @@ def all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Ten
 
 
 def summarise(inf: Inference, labels: np.ndarray, method: Method) -> dict:
-    """Metrics of one split; GFLOPs per frame divide by every real frame, skipped ones included."""
+    """Metrics of one split; GFLOPs per frame divide by every frame the method sampled (skipped ones
+    included), ``frames_per_video`` is their mean number."""
     mean_ap, left_out = mean_average_precision(inf.scores, labels)
     frames = max(int((inf.actions != -1).sum()), 1)
     usage = {name: float((inf.actions == code).sum() / frames) for code, name in method.legend.items() if code != -1}
-    return {"mAP": mean_ap, "classes_without_positives": left_out, "top1": hit_at_k(inf.scores, labels, 1),
+    return {"mAP": mean_ap, "frames_per_video": frames / max(len(labels), 1), "classes_without_positives": left_out, "top1": hit_at_k(inf.scores, labels, 1),
             "hit@5": hit_at_k(inf.scores, labels, 5), "gflops_per_video": float(inf.gflops.mean()),
             "gflops_per_frame": float(inf.gflops.sum() / frames),
             "fine_usage": float((inf.actions == method.fine_code).sum() / frames), "action_usage": usage,
@@ -130,11 +131,16 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     device = distributed.device_for(cfg.device, info)
     method_cls = METHODS[cfg.method]
     probe = CachedFeatures(cfg.features, [], memory_budget=0)
-    method_cls.resolve(cfg, probe.flops)
+    method_cls.resolve(cfg, probe.flops, probe.sampling)
     probe.file.close()
+    check_config(cfg)
     budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None
-    store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget, l2_normalise=cfg.l2_normalise)
+    store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget,
+                           l2_normalise=cfg.normalise == "l2")
     train_rows, val_rows, eval_rows, val_note = store.splits(cfg.seed, cfg.val_fraction)
+    if cfg.select_on == "eval":  # both official codes' protocol: the kept epoch is the best on the evaluation split
+        train_rows = np.sort(np.concatenate([train_rows, val_rows[store.split[val_rows] == "train"]]))
+        val_rows, val_note = eval_rows, "the evaluation split itself (select_on=eval, as the official codes)"
     method = method_cls(cfg, store.dims, len(store.classes), store.flops)
     raw_model = method.model.to(device)  # saved and used for inference; hooks that train get `model`
     optimizer = method.optimizer()

@@ -36,7 +36,7 @@ def test_claims_on_a_small_demo_of_another_seed(tmp_path):
     assert high["fine_usage"] > low["fine_usage"] + 0.15  # gamma, not cross-entropy alone, sets the usage
     run("arnet", "arnet")
     run("random", "random", match_run=str(runs / "arnet"))
-    report = REPORTS["claims"](find_runs([str(runs)]), Options(interpolated=False, paper=False, videos=4))
+    report = REPORTS["claims"](find_runs([str(runs)]), Options(paper=False, videos=4))
     claims = {row["claim"]: row for row in report.rows}
     assert sum("within 1.5 points of UNIFORM" in c for c in claims) == 3  # two LiteEval runs and AR-Net
     assert {"coarse features alone score >= 10 mAP points below UNIFORM",
