@@ -39,7 +39,6 @@ class ARNetConfig(TrainConfig):
 
     CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head", "rank")
 
-    l2_normalise: bool = False  # the heads are the backbones' own classifiers, on raw pooled features
     backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
     policy: str = ""  # the policy's feature; "": the cache's cheapest
     hidden: int = 512
