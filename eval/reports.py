@@ -213,11 +213,12 @@ def online(runs, opts):
     report = Report("Online recognition with a budget of K fine reads",
                     ["source", "curve", "K", "top1", "GFLOPs/V"])
     lite = [r for r in runs if r.method == "liteeval"]
-    uniform = [r for r in runs if r.method == "uniform"]
+    uniform = [r for r in runs if r.method == "uniform" and not r.config.get("frames", 0)]  # over every frame
     if not lite or not uniform:
-        report.notes.append("needs a liteeval and a uniform run of one cache; produce them with: "
-                            + " ; ".join(COMMAND.format(m) for m, have in (("liteeval", lite), ("uniform", uniform))
-                                         if not have))
+        report.notes.append("needs a liteeval run and a uniform run over every frame of one cache; produce them with: "
+                            + " ; ".join(command for command, have in ((COMMAND.format("liteeval"), lite),
+                                                                       (COMMAND.format("uniform") + " --set frames=0",
+                                                                        uniform)) if not have))
         return report
     base = max(uniform, key=lambda r: float(r.gflops.mean()))  # UNIFORM on the fine features
     frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")

@@ -59,7 +59,8 @@ def cache129(tmp_path_factory):
 
 def config(method, cache, out, **kw):
     kw = {"fine": FINE, **({"coarse": COARSE} if method.startswith("liteeval") else {}), **kw}
-    return METHODS[method].Config(method=method, features=cache, out=str(out), epochs=2, batch_size=8, lr=1e-2, **kw)
+    kw = {"epochs": 2, "batch_size": 8, "lr": 1e-2, **kw}
+    return METHODS[method].Config(method=method, features=cache, out=str(out), **kw)
 
 
 def test_spread_frames_takes_segment_centres():
@@ -259,3 +260,16 @@ def test_nearest_downsampling_is_recorded_and_not_mixed(demo_root, tmp_path):
         assert "nearest" in json.loads(f.attrs["preprocessing"])["lower_resolutions"]
     mixed = run_cli(*args, "--backbone", "resnet18@112", check=False)
     assert mixed.returncode != 0 and "holds preprocessing" in mixed.stderr
+
+
+def test_online_report_needs_uniform_over_every_frame_of_a_long_cache(cache129, tmp_path):
+    from eval.reports import REPORTS, Options
+
+    runs = tmp_path / "runs"
+    train(config("liteeval", cache129, runs / "lite", hidden_coarse=4, hidden_fine=8, epochs=1), progress=False)
+    train(config("uniform", cache129, runs / "u25", epochs=1), progress=False)
+    report = REPORTS["online"](find_runs([str(runs)]), Options())
+    assert report.empty and "--set frames=0" in report.notes[0]
+    train(config("uniform", cache129, runs / "all", frames=0, epochs=1), progress=False)
+    report = REPORTS["online"](find_runs([str(runs)]), Options())
+    assert {r["curve"] for r in report.rows} >= {"UNIFORM-K", "SEQ-K"} and max(r["K"] for r in report.rows) == T

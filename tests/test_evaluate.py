@@ -76,7 +76,9 @@ def synthetic_runs(demo_cache, tmp_path_factory):
     for k, (method, overrides) in enumerate(RUNS):
         folder = root / f"{k:02d}_{method}"
         folder.mkdir()
-        cfg = dataclasses.asdict(METHODS[method].Config(method=method, features=demo_cache, **overrides))
+        cfg = METHODS[method].Config(method=method, features=demo_cache, **overrides)
+        METHODS[method].resolve(cfg, {"efficientnet_lite0@224": 0.38, "efficientnet_lite0@112": 0.1}, {"num_frames": T})
+        cfg = dataclasses.asdict(cfg)  # resolved, as train-policy saves it
         json.dump({**cfg, "cache_dataset": "demo"}, open(folder / "config.json", "w"))
         actions = rng.choice([1, 2], size=(n, T)) if method.startswith("liteeval") else rng.choice([0, 1, 2, 4, -2],
                                                                                                    size=(n, T))
