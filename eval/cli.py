@@ -5,7 +5,7 @@ import os
 
 import click
 
-from policy.metrics import AP_KINDS
+from extract.metrics import AP_KINDS
 
 from .formats import render, save_figure
 from .reports import REPORTS, Options

@@ -9,8 +9,8 @@ from functools import cached_property
 import h5py
 import numpy as np
 
+from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
-from policy.metrics import hit_at_k, mean_average_precision
 
 DISPLAY = {"uniform": "UNIFORM", "lstm": "LSTM", "liteeval": "LiteEval", "liteeval-rl": "LiteEval-RL",
            "random": "Random Policy", "multiscale": "Multi-Scale", "scsampler": "SCSampler", "arnet": "AR-Net"}

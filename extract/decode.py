@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
+from typing import Callable
 
 import numpy as np
 import torch
@@ -114,10 +115,31 @@ def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torc
     except VideoError:
         raise
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise VideoError(f"decoding failed ({reason})") from None
+        raise _decoding_failed(err) from None
     frames = torch.cat(decoded)
     return frames[np.searchsorted(targets, indices)], indices, strategy
+
+
+def _decoding_failed(err: Exception) -> VideoError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return VideoError(f"decoding failed ({reason})")
+
+
+def read_resized(path: str, choose: Callable[[int], np.ndarray]) -> torch.Tensor:
+    """The frames ``choose(n)`` of a video of ``n`` frames (any order, repeats allowed), short side
+    resized to 256 (antialiased), not cropped: ``(K, 3, H, W)`` uint8. Decoded 8 at a time (bounded
+    memory for 4K sources). For training crops; extraction uses :func:`read_frames`."""
+    reader = open_reader(path)
+    indices = np.asarray(choose(len(reader)), dtype=np.int64)
+    targets = np.unique(indices)
+    parts = []
+    try:
+        for start in range(0, len(targets), 8):
+            x = torch.from_numpy(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()).permute(0, 3, 1, 2)
+            parts.append(x if min(x.shape[-2:]) == SHORT_SIDE else TF.resize(x, [SHORT_SIDE], antialias=True))
+    except Exception as err:
+        raise _decoding_failed(err) from None
+    return torch.cat(parts)[np.searchsorted(targets, indices)]
 
 
 DOWNSAMPLE = {"antialias": "antialiased bilinear resize of the 224 crop",

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import distributed
-from .backbones import Backbone, create_backbone, parse_name
+from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
 from .datasets import load_annotations
 from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, read_frames, resize_crop
@@ -106,6 +106,17 @@ def canonical(names: list[str]) -> list[str]:
         if f"{arch}@{res}" not in seen:
             seen.append(f"{arch}@{res}")
     return seen
+
+
+def weights_for(cfg: ExtractConfig, name: str) -> str:
+    """``cfg.weights`` for backbone ``name``: ``finetuned`` names its file from ``finetune-backbone``."""
+    if cfg.weights != "finetuned":
+        return cfg.weights
+    path = finetuned_path(cfg.dataset, name)
+    if not os.path.isfile(path):
+        raise WeightsUnavailable(f"--weights finetuned: no {path}; make it with `finetune-backbone --dataset "
+                                 f"{cfg.dataset} --backbone {name}` or pass --weights PATH")
+    return path
 
 
 def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
@@ -205,7 +216,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
 
     def model(name: str) -> Backbone:
         if name not in models:
-            backbone = create_backbone(name, weights=cfg.weights)
+            backbone = create_backbone(name, weights=weights_for(cfg, name))
             for where, held, advice in ((cfg.out, {info.weights.get(name)}, "pass another --out"),
                                         (journal.folder, state.weights.get(name, set()),
                                          "delete that folder or pass another --out")):

@@ -1,14 +1,14 @@
 """``train-policy``: train a method on a feature cache and write a run folder."""
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import os
 import re
-import typing
 
 import click
+
+from extract.options import apply_overrides
 
 from .methods import METHODS
 from .train import train
@@ -33,29 +33,6 @@ def folder_name(value: object, limit: int = 64) -> str:
     if len(text) > limit:
         text = text[: limit - 9] + "-" + hashlib.sha1(str(value).encode()).hexdigest()[:8]
     return text
-
-
-def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
-    """``key=value`` strings onto the config dataclass, typed by its fields; returns the keys set."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    hints = typing.get_type_hints(type(cfg))
-    keys = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise click.UsageError(f"--set {pair}: expected key=value with key in {', '.join(sorted(fields))}")
-        kind = hints[key]
-        if kind is bool:
-            parsed = value.lower() in ("1", "true", "yes", "on")
-        else:
-            try:
-                parsed = kind(value)
-            except ValueError:
-                raise click.UsageError(f"--set {pair}: {value!r} is not a {kind.__name__}") from None
-        setattr(cfg, key, parsed)
-        keys.append(key)
-    return keys
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b

@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from extract import distributed
+from extract.metrics import hit_at_k, mean_average_precision
 
 from .data import CacheError, CachedFeatures
 from .methods import METHODS, Inference, Method, check_config
-from .metrics import hit_at_k, mean_average_precision
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 

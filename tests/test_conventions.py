@@ -17,7 +17,7 @@ from extract.flops import FlopsEntry
 from policy.arnet import ARNet
 from policy.data import Batch
 from policy.methods import METHODS, spread_frames
-from policy.metrics import mean_average_precision
+from extract.metrics import mean_average_precision
 from policy.train import train
 
 FINE, COARSE, CLASSES, T = "big@224", "small@112", 4, 129

@@ -16,7 +16,7 @@ from eval.formats import save_figure
 from eval.reports import REPORTS, Options
 from eval.runs import find_runs
 from policy.methods import METHODS
-from policy.metrics import (average_precision, hit_at_k, interpolated_average_precision,
+from extract.metrics import (average_precision, hit_at_k, interpolated_average_precision,
                             mean_average_precision)
 
 

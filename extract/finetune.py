@@ -1,0 +1,346 @@
+"""``finetune-backbone``: train one ``arch@res`` on a dataset's videos, TSN-style, for phase 1.
+
+AR-Net's step A-1 (``scripts_train.sh``): K segments per video (16), one frame per segment,
+average consensus of the frame logits, SGD momentum 0.9, lr 0.02 stepped x0.1 at epochs 20 and
+40, weight decay 1e-4, gradient norm clipped at 20, dropout 0.5, 10 epochs. Training frames: a
+random offset in each segment, short side 256, random-resized crop to the backbone's resolution
+and a horizontal flip (the same for every frame of a clip). Validation (the ``val`` split, else a seeded
+10% of train; never the test split): segment centres through phase 1's own decoding and preprocessing (short side 256, centre crop 224, resized to the
+resolution), so it sees what ``extract-features`` sees.
+
+Outputs, next to ``--out``: ``OUT`` (the backbone's state dict with the classifier stripped,
+best validation mAP; what ``extract-features --weights`` loads), ``OUT.last.pt`` (resume point),
+``OUT.log.csv`` (per epoch). All written atomically; checkpoints load with ``weights_only=True``.
+Under ``torchrun`` every rank trains on its shard (DistributedDataParallel); rank 0 validates,
+logs and saves.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from . import distributed
+from .backbones import WeightsUnavailable, create_backbone, finetuned_path, parse_name
+from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
+from .decode import VideoError, read_frames, read_resized, resize_crop
+from .metrics import hit_at_k, mean_average_precision
+from .options import apply_overrides
+from .sampling import Sampling
+
+LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
+
+
+@dataclass
+class FinetuneConfig:
+    """``finetune-backbone``'s options; every field can be set with ``--set key=value``."""
+
+    dataset: str = ""
+    backbone: str = ""  # arch@res
+    out: str = ""  # the finetuned backbone's state dict
+    annotations: list[str] = field(default_factory=list)
+    video_root: str = ""
+    classes: str = ""
+    init: str = "imagenet"  # the starting weights: imagenet | none | a state-dict path (as extract-features --weights)
+    segments: int = 0  # 0: 25 for LiteEval's backbones, else 16
+    epochs: int = 10
+    batch_size: int = 48  # videos per step (each `segments` frames)
+    lr: float = 0.02
+    lr_steps: str = "20,40"  # epochs at which the learning rate is multiplied by 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip_grad: float = 20.0  # max gradient norm
+    dropout: float = 0.5
+    min_scale: float = 0.25  # random-resized crop: smallest share of the frame's area kept
+    amp: str = "bf16"  # CUDA autocast: bf16 | fp16 | none
+    val_fraction: float = 0.1  # without a val split: this share of train, carved with the seed, validates
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 4  # decoding processes
+
+    def resolved_segments(self) -> int:
+        return self.segments or (25 if self.backbone in LITEEVAL_BACKBONES else 16)
+
+
+def segment_indices(n: int, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One frame in each of ``k`` equal segments of ``n`` frames: a random offset (``rng``) or the
+    centre (as ``Sampling(num_frames=k)``, so validation sees extraction's frames)."""
+    if rng is None:
+        return Sampling(num_frames=k).indices(n, 1.0)
+    edges = np.floor(np.arange(k + 1) * n / k).astype(np.int64)
+    span = np.maximum(edges[1:] - edges[:-1], 1)
+    return np.minimum(edges[:-1] + rng.integers(0, span), n - 1)
+
+
+class Clips(Dataset):
+    """Item ``i`` -> ``(video id, clip (K, 3, r, r) float normalised | None, labels (C,) | None, error | None)``.
+
+    Training draws come from a generator seeded by (seed, epoch, i): the same in any worker, after
+    any resume."""
+
+    def __init__(self, videos: list[VideoRecord], num_classes: int, backbone: str, segments: int, *,
+                 train: bool, seed: int = 0, min_scale: float = 0.25, mean=(0.0,) * 3, std=(1.0,) * 3):
+        self.videos, self.num_classes, self.segments, self.train = videos, num_classes, segments, train
+        self.resolution = parse_name(backbone)[1]
+        self.seed, self.epoch = seed, 0
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.augment = v2.Compose([v2.RandomResizedCrop(self.resolution, scale=(min_scale, 1.0), antialias=True),
+                                   v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int):
+        video = self.videos[i]
+        try:
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                frames = read_resized(video.path, lambda n: segment_indices(n, self.segments, rng))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(rng.integers(2**31)))
+                    x = self.augment(frames).float().div_(255)  # one crop and flip for the whole clip
+            else:
+                crops, _, _ = read_frames(video.path, Sampling(num_frames=self.segments))
+                x = resize_crop(crops, self.resolution)
+        except VideoError as err:
+            return video.id, None, None, str(err)
+        labels = torch.zeros(self.num_classes)
+        labels[list(video.labels)] = 1.0
+        return video.id, (x - self.mean) / self.std, labels, None
+
+
+def collate(items: list) -> tuple[list[str], torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
+    """Stack the clips that decoded; return the failures ``(video id, reason)`` apart."""
+    good = [it for it in items if it[3] is None]
+    failed = [(it[0], it[3]) for it in items if it[3] is not None]
+    if not good:
+        return [], None, None, failed
+    return [g[0] for g in good], torch.stack([g[1] for g in good]), torch.stack([g[2] for g in good]), failed
+
+
+class TSN(nn.Module):
+    """A backbone with a new classifier; video logits = mean of the frame logits (average consensus)."""
+
+    def __init__(self, features: nn.Module, dim: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.features = features
+        self.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, K, 3, r, r) -> (B, C)."""
+        b, k = clips.shape[:2]
+        return self.fc(self.features(clips.flatten(0, 1))).view(b, k, -1).mean(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the multi-hot labels normalised to a distribution."""
+    return -(labels / labels.sum(1, keepdim=True).clamp(min=1) * logits.log_softmax(1)).sum(1).mean()
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             failed: dict[str, str], progress: bool) -> tuple[float, float]:
+    """Validation ``(mAP, top-1)`` with the project's metrics (sklearn-convention mAP over the classes
+    with a positive); videos that do not decode are recorded in ``failed`` and left out."""
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for _, clips, target, bad in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not progress):
+            failed.update(bad)
+            if clips is None:
+                continue
+            scores.append(model(clips.to(device)).float().softmax(1).cpu().numpy())
+            labels.append(target.numpy())
+    if not scores:
+        return float("nan"), float("nan")
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    return mean_average_precision(s, y)[0], hit_at_k(s, y, 1)
+
+
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Finetune ``cfg.backbone`` on ``cfg.dataset``; returns the best epoch's metrics."""
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    info = distributed.setup("nccl" if on_gpu else "gloo")
+    device = distributed.device_for(cfg.device, info)
+    ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes or None)
+    train_videos = [v for v in ann.videos if v.split == "train"]
+    val_videos, val_split = [v for v in ann.videos if v.split == "val"], "val"
+    if not val_videos and len(train_videos) >= 2:  # no val split: carve one from train, never select on test
+        order = np.random.default_rng(cfg.seed).permutation(len(train_videos))
+        cut = max(1, round(cfg.val_fraction * len(train_videos)))
+        val_videos = [train_videos[i] for i in sorted(order[:cut])]
+        train_videos, val_split = [train_videos[i] for i in sorted(order[cut:])], "carved-from-train"
+    if not train_videos or not val_videos:
+        raise AnnotationError(f"{cfg.dataset}: finetuning needs at least 2 training videos (or train and val); "
+                              f"found {len(train_videos)} train and {len(val_videos)} val")
+    untrained = sorted(set(range(len(ann.classes))) - {c for v in train_videos for c in v.labels})
+    if untrained and info.main:
+        names = ", ".join(ann.classes[c] for c in untrained[:5]) + (" ..." if len(untrained) > 5 else "")
+        click.echo(f"warning: {len(untrained)} class(es) have no training video ({names}): their classifier rows "
+                   "stay untrained; the backbone is trained on the others", err=True)
+    segments = cfg.resolved_segments()
+    backbone = create_backbone(cfg.backbone, weights=cfg.init)
+    torch.manual_seed(cfg.seed)
+    raw_model = TSN(backbone.module, backbone.dim, len(ann.classes), cfg.dropout).to(device)
+    raw_model.features.requires_grad_(True)
+    if device.type == "cuda":
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(raw_model) if info.world > 1 else raw_model
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    steps = [int(s) for s in str(cfg.lr_steps).split(",") if s.strip()]
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    use_amp = device.type == "cuda" and amp is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
+    stats = dict(mean=backbone.arch.mean, std=backbone.arch.std, min_scale=cfg.min_scale)
+    train_set = Clips(train_videos, len(ann.classes), cfg.backbone, segments, train=True, seed=cfg.seed, **stats)
+    val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False, **stats)
+    sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
+    loader_kw = dict(collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    train_loader = DataLoader(train_set, batch_size=max(1, cfg.batch_size // info.world), sampler=sampler,
+                              **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // 2), **loader_kw)
+    last_path, log_path = cfg.out + ".last.pt", cfg.out + ".log.csv"
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    start, best, log, failed = 0, -1.0, [], {}
+    if resume and os.path.exists(last_path):
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state["backbone"] != cfg.backbone or state["classes"] != len(ann.classes):
+            raise WeightsUnavailable(f"{last_path} belongs to {state['backbone']} with {state['classes']} classes, "
+                                     f"not {cfg.backbone} with {len(ann.classes)}: pass another --out")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, log = state["epoch"] + 1, state["best"], state["log"]
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + info.rank)  # dropout: the same after a resume
+        train_set.epoch = epoch
+        sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.1 ** sum(epoch >= s for s in steps)
+        model.train()
+        started, losses, wait, frames = time.monotonic(), [], 0.0, 0
+        tick = time.monotonic()
+        bar = tqdm(train_loader, desc=f"finetune {cfg.backbone} epoch {epoch}", unit="batch",
+                   disable=not (progress and info.main))
+        for _, clips, labels, bad in bar:
+            wait += time.monotonic() - tick
+            failed.update(bad)
+            if clips is None:
+                tick = time.monotonic()
+                continue
+            clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=use_amp):
+                loss = soft_cross_entropy(model(clips).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            frames += clips.shape[0] * clips.shape[1]
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            tick = time.monotonic()
+        distributed.barrier()
+        if info.main:
+            val_map, val_top1 = evaluate(raw_model, val_loader, device, len(ann.classes), failed, progress)
+            seconds = time.monotonic() - started
+            log.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": float(np.mean(losses or [np.nan])),
+                        "val_mAP": val_map, "val_top1": val_top1, "train_frames_per_s": frames * info.world / seconds,
+                        "data_wait_share": wait / seconds, "seconds": seconds})
+            if val_map >= best or best < 0:  # a tie goes to the later epoch
+                best = val_map
+                save_atomic(raw_model.features.state_dict(), cfg.out)
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "log": log,
+                         "backbone": cfg.backbone, "classes": len(ann.classes),
+                         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "annotations"}},
+                        last_path)
+            tmp = f"{log_path}.{os.getpid()}.tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(log[0]))
+                writer.writeheader()
+                writer.writerows(log)
+            os.replace(tmp, log_path)
+            click.echo(f"epoch {epoch}: loss {log[-1]['loss']:.4f}, val mAP {val_map:.4f}, top-1 {val_top1:.4f} "
+                       f"on {len(val_videos)} {val_split} videos", err=True)
+        distributed.barrier()
+    distributed.teardown()
+    if info.main:
+        for vid, reason in sorted(failed.items())[:20]:
+            click.echo(f"failed (skipped): {vid}: {reason}", err=True)
+        if len(failed) > 20:
+            click.echo(f"... and {len(failed) - 20} more skipped videos", err=True)
+    return {"best_val_mAP": best, "epochs": log, "failed": failed}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
+Examples:
+  finetune-backbone --dataset demo --backbone efficientnet_lite0@112 --epochs 3 --batch-size 8
+  finetune-backbone --dataset activitynet --backbone resnet50@224      (AR-Net step A-1, then 34@168, 18@112)
+  torchrun --standalone --nproc_per_node 4 -m extract.finetune --dataset fcvid --backbone resnet101@224
+  extract-features --dataset activitynet --preset arnet --weights finetuned
+""")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True)
+@click.option("--backbone", required=True, metavar="ARCH@RES", help="One backbone at its own resolution.")
+@click.option("--annotations", multiple=True, metavar="PATH", help="As extract-features (default: data/<dataset>/annotations/).")
+@click.option("--video-root", metavar="DIR", help="As extract-features (default: data/<dataset>/videos, data/demo).")
+@click.option("--classes", metavar="PATH", help="Class list, for formats whose labels are indices.")
+@click.option("--out", metavar="FILE.pt", help="Default: data/weights/<dataset>_<arch>@<res>.pt (what "
+                                               "extract-features --weights finetuned reads).")
+@click.option("--epochs", type=click.IntRange(1), help="Default 10.")
+@click.option("--batch-size", type=click.IntRange(1), help="Videos per step, each --set segments frames. Default 48.")
+@click.option("--lr", type=float, help="Default 0.02, x0.1 at --set lr_steps (20,40).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Decoding processes.")
+@click.option("--demo-seed", type=int, default=0, show_default=True, help="demo only: the seed of the demo videos.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Any other setting: init, segments, lr_steps, momentum, weight_decay, clip_grad, dropout, "
+                   "min_scale, amp, val_fraction, seed.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.last.pt, the last finished epoch.")
+@click.option("--no-progress", is_flag=True)
+def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch_size, lr, device, workers, demo_seed,
+         sets, resume, no_progress) -> None:
+    """Finetune one ImageNet backbone on a dataset's videos (TSN-style: K segments, average consensus)
+    and write its state dict for extract-features --weights."""
+    from .cli import dataset_inputs
+
+    try:
+        name = "{}@{}".format(*parse_name(backbone))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
+    cfg = FinetuneConfig(dataset=dataset, backbone=name, out=out or finetuned_path(dataset, name),
+                         annotations=annotations, video_root=video_root, classes=classes or "", device=device,
+                         workers=workers)
+    named = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    apply_overrides(cfg, tuple(f"{k}={v}" for k, v in named.items() if v is not None) + tuple(sets))
+    try:
+        result = finetune(cfg, resume=resume, progress=not no_progress)
+    except (AnnotationError, WeightsUnavailable) as err:
+        raise click.ClickException(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{cfg.out}: {cfg.backbone} finetuned on {dataset}, best validation mAP {result['best_val_mAP']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
