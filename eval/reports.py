@@ -47,6 +47,8 @@ REPORTS: dict[str, Callable[[list[Run], Options], Report]] = {}
 
 def register_report(name: str):
     def add(fn):
+        if name in REPORTS:
+            raise ValueError(f"report {name!r} is registered twice")
         REPORTS[name] = fn
         return fn
 

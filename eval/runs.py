@@ -12,10 +12,6 @@ import numpy as np
 from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
 
-DISPLAY = {"uniform": "UNIFORM", "lstm": "LSTM", "liteeval": "LiteEval", "liteeval-rl": "LiteEval-RL",
-           "random": "Random Policy", "multiscale": "Multi-Scale", "scsampler": "SCSampler", "arnet": "AR-Net"}
-
-
 class RunError(ValueError):
     """A run folder that cannot be read or does not belong with the others."""
 
@@ -69,19 +65,9 @@ class Run:
 
     @property
     def _base_label(self) -> str:
-        c, name = self.config, DISPLAY.get(self.method, self.method)
-        if self.method.startswith("liteeval"):
-            extra = [f"γ={c['gamma']:g}"] + ([] if c.get("sync", True) else ["w/o sync"])
-            extra += [f"{c['hidden_coarse']}/{c['hidden_fine']}"] if (c["hidden_coarse"], c["hidden_fine"]) != (512, 2048) else []
-            return f"{name} ({', '.join(extra)})"
-        if self.method in ("uniform", "lstm"):
-            return f"{name} ({c.get('fine', '?')})"
-        if self.method == "arnet":
-            extra = [] if c["actions"] == "both" else [c["actions"] + " only"]
-            extra += [] if (c["alpha"], c["beta"]) == (0.1, 0.3) else [f"α={c['alpha']:g}, β={c['beta']:g}"]
-            extra += [] if c["stages"] == "warmup,joint,finetune" else [c["stages"]]
-            return f"{name} ({'; '.join(extra)})" if extra else name
-        return name
+        """The method's own label for this config (a run of a method no longer registered: its name)."""
+        cls = METHODS.get(self.method)
+        return cls.label(self.config) if cls else self.method
 
     @cached_property
     def _per_video(self) -> dict[str, np.ndarray]:

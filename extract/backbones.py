@@ -38,6 +38,13 @@ class Arch:
 ARCHS: dict[str, Arch] = {}
 
 
+def register_arch(arch: Arch) -> None:
+    """Add ``arch`` to ``ARCHS``; a name already taken is refused."""
+    if arch.name in ARCHS:
+        raise ValueError(f"architecture {arch.name!r} is registered twice")
+    ARCHS[arch.name] = arch
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -65,13 +72,13 @@ def _torchvision_weights(enum_member) -> Callable[[], tuple[dict, str]]:
 
 def _register_torchvision(name: str, dim: int, head: str, weights_enum, builder_name: str = "", **init) -> None:
     builder = getattr(torchvision.models, builder_name or name)
-    ARCHS[name] = Arch(
+    register_arch(Arch(
         name=name,
         dim=dim,
         head=head,
         build=lambda resolution: builder(weights=None, **init),
         imagenet=_torchvision_weights(weights_enum.IMAGENET1K_V1),
-    )
+    ))
 
 
 _W = torchvision.models
@@ -105,10 +112,10 @@ def _lite0_weights() -> tuple[dict, str]:
 
 
 # The TF-Lite port expects inputs scaled to [-1, 1]: mean = std = 0.5.
-ARCHS["efficientnet_lite0"] = Arch(
+register_arch(Arch(
     name="efficientnet_lite0", dim=1280, head="_fc", build=_lite0_build, imagenet=_lite0_weights,
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-)
+))
 
 
 def finetuned_path(dataset: str, name: str, folder: str = os.path.join("data", "weights")) -> str:

@@ -51,6 +51,8 @@ DATASETS: dict[str, DatasetFormat] = {}
 
 def register_dataset(name: str, *, needs_annotations: bool = True) -> Callable[[Parser], Parser]:
     def add(parser: Parser) -> Parser:
+        if name in DATASETS:
+            raise ValueError(f"dataset format {name!r} is registered twice")
         DATASETS[name] = DatasetFormat(parser, needs_annotations)
         return parser
 

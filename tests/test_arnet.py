@@ -6,7 +6,7 @@ import torch
 
 from extract.backbones import create_backbone
 from extract.flops import backbone_flops
-from policy.arnet import ARNet, SKIPPED_OVER, flops_per_frame, uniform_usage
+from policy.methods.arnet import ARNet, SKIPPED_OVER, flops_per_frame, uniform_usage
 from policy.data import Batch
 from policy.methods import METHODS
 from policy.train import train
@@ -52,7 +52,7 @@ def test_routing_and_video_prediction_average_the_chosen_heads():
         if code in (0, 1):
             expected.append(model.heads[code](feats[code][0, t]))
             chosen.append(t)
-    from policy.arnet import video_logits
+    from policy.methods.arnet import video_logits
     L = 2
     frame_logits = (out["logits"] * out["P"][:, :, :L].unsqueeze(-1)).sum(2)
     video = video_logits(frame_logits, out["P"][:, :, :L].sum(-1))

@@ -14,7 +14,7 @@ from extract.cache import Journal, VideoFeatures, assemble
 from extract.datasets import VideoRecord
 from extract.decode import resize_crop
 from extract.flops import FlopsEntry
-from policy.arnet import ARNet
+from policy.methods.arnet import ARNet
 from policy.data import Batch
 from policy.methods import METHODS, spread_frames
 from extract.metrics import mean_average_precision

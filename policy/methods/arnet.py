@@ -26,8 +26,8 @@ from torch import nn
 
 from extract.backbones import parse_name
 
-from .data import Batch
-from .methods import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto, soft_cross_entropy
+from ..data import Batch
+from .base import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto, soft_cross_entropy
 
 SKIPPED_OVER = -2
 
@@ -291,6 +291,17 @@ class ARNetMethod(_Family):
     """AR-Net: loss (1 - alpha) CE + alpha L_flops + beta L_uni (eqs. 9-12), in stages."""
 
     name = "arnet"
+    display = "AR-Net"
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        """``AR-Net``, plus the action space, α and β, and the stages where they are not the paper's."""
+        extra = [] if config["actions"] == "both" else [config["actions"] + " only"]
+        if (config["alpha"], config["beta"]) != (0.1, 0.3):
+            extra.append(f"α={config['alpha']:g}, β={config['beta']:g}")
+        if config["stages"] != "warmup,joint,finetune":
+            extra.append(config["stages"])
+        return f"{cls.display} ({'; '.join(extra)})" if extra else cls.display
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
@@ -363,6 +374,7 @@ class RandomPolicy(_WarmupOnly):
     which spends the learned run's backbone budget."""
 
     name = "random"
+    display = "Random Policy"
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
@@ -399,6 +411,7 @@ class MultiScale(_WarmupOnly):
     """Multi-Scale: every resolution on every frame, logits averaged over heads and frames."""
 
     name = "multiscale"
+    display = "Multi-Scale"
 
     def infer(self, model, batch):
         logits = self.all_logits(model, batch)
@@ -421,6 +434,7 @@ class SCSampler(_WarmupOnly):
     re-implementation's default sampler loss; a stand-in for SCSampler's saliency ranking loss)."""
 
     name = "scsampler"
+    display = "SCSampler"
 
     def __init__(self, cfg, dims, num_classes, flops):
         cfg.backbones = cfg.backbones.split(",")[0] + "," + cfg.policy

@@ -1,0 +1,199 @@
+"""Method registry: one config dataclass, one model, one loss and one inference per method.
+
+Actions (``predictions.h5/actions``, legend in its ``actions_legend`` attribute), per frame for
+LiteEval, UNIFORM and LSTM: -1 no frame (padding), 1 coarse features only, 2 fine features (for
+LiteEval coarse and fine; for UNIFORM/LSTM fine only). AR-Net's codes are in :mod:`policy.arnet`.
+GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
+plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
+
+Where the papers and their official code differ, the paper's reading is the default and the
+code's is a named option; each config lists those fields in ``CONVENTIONS`` (shown in every row
+whose run departs from the default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract.flops import count_gflops
+
+from ..data import Batch
+
+ACTIONS_LEGEND = {-1: "no frame", 1: "coarse only", 2: "fine"}
+
+
+def sampled_by_fps(sampling: dict) -> bool:
+    """Whether a cache's sampling (its ``sampling`` attribute) is LiteEval's (frames per second)
+    rather than AR-Net's / TSN's (a fixed number of segments)."""
+    return sampling.get("fps") is not None
+
+
+def resolve_auto(cfg, sampling: dict) -> None:
+    """The ``auto`` choices a cache decides (see :class:`TrainConfig`, :class:`UniformConfig`)."""
+    if cfg.normalise == "auto":
+        cfg.normalise = "l2" if sampled_by_fps(sampling) else "none"
+    if getattr(cfg, "frames", 0) == -1:
+        cfg.frames = 25 if sampled_by_fps(sampling) else 0
+
+
+@dataclass
+class TrainConfig:
+    """Options every method shares (LiteEval's optimiser: Adam, lr 1e-4)."""
+
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on",)
+
+    method: str = ""
+    features: str = ""  # cache path
+    out: str = ""  # run folder
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    # features as read: l2 (per-frame L2 normalisation, as LiteEval's code) | none (raw pooled features, as
+    # AR-Net's heads see them) | auto: one choice for every method on a cache, so one table compares like with
+    # like: l2 on caches sampled by fps (LiteEval's protocol), none on caches of T segments (AR-Net's)
+    normalise: str = "auto"
+    select_on: str = "val"  # the checkpoint kept: best on the held-out val split | eval (both official codes)
+    val_fraction: float = 0.1
+    device: str = "auto"
+    memory_budget_gb: float = 0.0  # 0: half the memory available
+    fine: str = ""  # feature name; "": the cache's most expensive feature
+    coarse: str = ""  # feature name; "": the cache's cheapest feature
+
+
+@dataclass
+class Inference:
+    scores: np.ndarray  # (N, C) video-level prediction (probabilities)
+    step_scores: np.ndarray  # (N, T, C) prediction if stopped after each step
+    actions: np.ndarray  # (N, T) int, see the method's legend
+    step_gflops: np.ndarray  # (N, T) GMACs spent up to and including each step (a prediction included)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> np.ndarray:
+        """(N,) GMACs per video: what was spent by the last step."""
+        return self.step_gflops[:, -1]
+
+
+class Method:
+    """Base class; subclasses set ``name``, ``Config`` and implement the four hooks."""
+
+    name: ClassVar[str]
+    display: ClassVar[str] = ""  # the method's name in tables ("": the registry name)
+    Config: ClassVar[type] = TrainConfig
+    fine_code: ClassVar[int] = 2  # the action whose share is reported as "fine_usage"
+
+    def __init__(self, cfg, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
+        self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
+        self.model = self.build()
+
+    @staticmethod
+    def resolve(cfg, flops: dict[str, float], sampling: dict) -> None:
+        """Fill what was left to the cache: feature names from its FLOPs table (GMACs per frame by
+        name; fine = the most expensive feature, coarse = the cheapest) and ``auto`` choices from
+        its ``sampling`` (see :class:`TrainConfig`)."""
+        by_cost = sorted(flops, key=flops.get)
+        if by_cost and not cfg.fine:
+            cfg.fine = by_cost[-1]
+        if by_cost and not cfg.coarse:
+            cfg.coarse = by_cost[0]
+        resolve_auto(cfg, sampling)
+
+    @staticmethod
+    def needs(cfg) -> list[str]:
+        return [cfg.fine]
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        """A table row's name for a run of this method with the saved ``config`` (``config.json``):
+        the display name and, in parentheses, what sets the run apart."""
+        return cls.display or cls.name
+
+    @property
+    def legend(self) -> dict[int, str]:
+        return ACTIONS_LEGEND
+
+    def on_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each training epoch (stages, learning rates, freezing)."""
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether this epoch's model may become the kept checkpoint."""
+        return True
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
+        raise NotImplementedError
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+
+METHODS: dict[str, type[Method]] = {}
+CHOICES = {"normalise": ("l2", "none"), "select_on": ("val", "eval"), "budget": ("video", "batch"),
+           "consensus": ("softmax", "logits"), "readout": ("last", "mean"), "rank": ("softmax", "logit")}
+
+
+def check_config(cfg) -> None:
+    """Refuse a value of a string option that is not one of its ``CHOICES`` (after ``resolve``)."""
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"--set {key}={value}: {key} must be one of {', '.join(allowed)}")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add ``cls`` to ``METHODS`` under ``cls.name``; a name already taken is refused."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice ({METHODS[cls.name].__module__} and {cls.__module__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the multi-hot labels normalised to a distribution (one-hot: plain CE)."""
+    target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(target * logits.log_softmax(dim=1)).sum(dim=1)
+
+
+def last_step(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``x[i, length[i] - 1]`` for (N, T, ...) ``x``."""
+    return x[torch.arange(len(x)), (length - 1).clamp(min=0)]
+
+
+def real_mask(length: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.arange(steps, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+
+
+def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
+    """``batch`` cut to ``k`` frames per video spread uniformly over its real frames (the centre of
+    ``k`` equal segments, TSN's test-time sampling); all of them when a video has fewer. ``k`` 0:
+    unchanged. Features of ``names`` only; steps are the picked frames in order."""
+    if k <= 0:
+        return batch
+    kept = batch.length.clamp(max=k)
+    i = torch.arange(k, device=kept.device).unsqueeze(0)
+    step = ((i + 0.5) * batch.length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
+    step = torch.where(i < kept.unsqueeze(1), step.clamp(max=batch.length.max().item() - 1), 0)
+    rows = torch.arange(len(kept), device=kept.device).unsqueeze(1)
+    return Batch(batch.index, {n: batch.features[n][rows, step] for n in names}, batch.labels, kept)
+
+
+def numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def price(module: nn.Module, *shape: int) -> float:
+    """GMACs of ``module`` on one zero input of ``shape``, on the module's device (shapes decide, not weights)."""
+    return count_gflops(module, torch.zeros(*shape, device=next(module.parameters()).device))
+
+

@@ -1,0 +1,125 @@
+"""UNIFORM and LSTM: the baselines every table has, on the fine features of each frame."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Batch
+from ..models import FrameClassifier, LSTMClassifier
+from .base import (Inference, Method, TrainConfig, last_step, numpy, price, real_mask, register_method,
+                   soft_cross_entropy, spread_frames)
+
+
+@dataclass
+class UniformConfig(TrainConfig):
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "consensus")
+
+    frames: int = -1  # K frames spread uniformly over each video's frames; 0: all; -1: 25 on fps caches, else all
+    consensus: str = "softmax"  # average of frame softmaxes (LiteEval) | logits: average of logits (TSN, AR-Net's code)
+
+
+@dataclass
+class LSTMConfig(TrainConfig):
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "readout")
+
+    hidden: int = 2048
+    frames: int = -1  # as UNIFORM's
+    readout: str = "last"  # last: the last step's prediction (LiteEval) | mean: per-step logits averaged (AR-Net's code)
+
+
+
+class _OnFineFeatures(Method):
+    """What UNIFORM and LSTM share: their row names the feature they read."""
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        return f"{cls.display} ({config.get('fine', '?')})"
+
+
+@register_method
+class Uniform(_OnFineFeatures):
+    """UNIFORM: a frame classifier on the fine features of ``frames`` frames spread over the video;
+    the video's scores are the average of the frame softmaxes (or of the logits, TSN's consensus)."""
+
+    name = "uniform"
+    display = "UNIFORM"
+    Config = UniformConfig
+
+    def build(self) -> nn.Module:
+        return FrameClassifier(self.dims[self.cfg.fine], self.num_classes)
+
+    def loss(self, model, batch, epoch):
+        batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        mask = real_mask(batch.length, logits.shape[1])
+        per_frame = soft_cross_entropy(logits[mask], batch.labels.repeat_interleave(batch.length, dim=0))
+        return per_frame.mean(), {}
+
+    @cached_property
+    def frame_cost(self) -> float:
+        """GMACs per frame: the fine backbone and the classifier."""
+        return self.flops[self.cfg.fine] + price(self.model.head, 1, self.dims[self.cfg.fine])
+
+    def infer(self, model, batch):
+        batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        mask = real_mask(batch.length, logits.shape[1])
+        probs = logits.softmax(-1) * mask.unsqueeze(-1)
+        seen = torch.arange(1, probs.shape[1] + 1, device=probs.device).view(1, -1, 1)
+        if self.cfg.consensus == "logits":
+            running = ((logits * mask.unsqueeze(-1)).cumsum(1) / seen).softmax(-1)
+        else:
+            running = probs.cumsum(1) / seen
+        real = numpy(mask)
+        return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
+                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * self.frame_cost, 1),
+                         extra={"frame_scores": numpy(probs)})
+
+
+@register_method
+class LSTMBaseline(_OnFineFeatures):
+    """LSTM: an LSTM over the fine features of ``frames`` frames spread over the video; the
+    prediction is the last step's (``readout=last``) or the running mean of the per-step logits
+    (``readout=mean``, AR-Net's LSTM baseline)."""
+
+    name = "lstm"
+    display = "LSTM"
+    Config = LSTMConfig
+
+    def build(self) -> nn.Module:
+        return LSTMClassifier(self.dims[self.cfg.fine], self.num_classes, hidden=self.cfg.hidden)
+
+    def step_logits(self, model, batch: Batch) -> torch.Tensor:
+        """(N, T, C): what the video's prediction would be after each step."""
+        logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
+        if self.cfg.readout == "mean":
+            mask = real_mask(batch.length, logits.shape[1]).unsqueeze(-1)
+            seen = torch.arange(1, logits.shape[1] + 1, device=logits.device).view(1, -1, 1)
+            logits = (logits * mask).cumsum(1) / seen
+        return logits
+
+    def loss(self, model, batch, epoch):
+        batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
+        logits = self.step_logits(model, batch)
+        return soft_cross_entropy(last_step(logits, batch.length), batch.labels).mean(), {}
+
+    @cached_property
+    def costs(self) -> tuple[float, float]:
+        """GMACs (per frame: fine backbone + LSTM step; per video: classifier)."""
+        step = price(self.model.lstm, 1, 1, self.dims[self.cfg.fine])
+        return self.flops[self.cfg.fine] + step, price(self.model.classifier, 1, self.cfg.hidden)
+
+    def infer(self, model, batch):
+        batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
+        logits = self.step_logits(model, batch)
+        mask = real_mask(batch.length, logits.shape[1])
+        probs = logits.softmax(-1)
+        per_frame, head = self.costs
+        real = numpy(mask)
+        return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
+                         actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * per_frame, 1) + head)

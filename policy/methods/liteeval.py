@@ -1,0 +1,134 @@
+"""LiteEval (Wu et al., NeurIPS 2019) and LiteEval-RL: a coarse LSTM on every frame, a gate that
+decides per frame whether to read the fine features too (the network: :class:`policy.models.LiteEval`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import LiteEval
+from .base import (Inference, Method, TrainConfig, last_step, numpy, price, real_mask, register_method,
+                   soft_cross_entropy)
+
+
+@dataclass
+class LiteEvalConfig(TrainConfig):
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "budget", "project", "stochastic_eval")
+
+    hidden_coarse: int = 512  # FCVID 512/2048, ActivityNet 64/512
+    hidden_fine: int = 2048
+    gamma: float = 0.05  # target fine-feature usage
+    lam: float = 2.0  # lambda of eq. 5
+    tau_start: float = 5.0  # Gumbel temperature, annealed exponentially per epoch ...
+    tau_end: float = 0.5  # ... to this small positive value
+    sync: bool = True
+    stochastic_eval: bool = False
+    budget: str = "video"  # eq. 5 per video: mean over videos of (usage - gamma)^2 | batch: the code's (batch usage - gamma)^2
+    project: bool = False  # the code's BN-Linear-BN-ReLU on each feature (coarse -> hidden_coarse, fine -> its own dim)
+    checkpoint_steps: int = 0  # > 0: recompute activations in blocks of this many steps (memory for compute)
+
+
+
+@register_method
+class LiteEvalMethod(Method):
+    """LiteEval: loss CE(rho_T) + lambda (mean_t B_t - gamma)^2 (eq. 5), straight-through Gumbel."""
+
+    name = "liteeval"
+    display = "LiteEval"
+    Config = LiteEvalConfig
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        """``LiteEval (γ=0.05)``, plus ``w/o sync`` and the LSTM sizes when not 512/2048."""
+        extra = [f"γ={config['gamma']:g}"]
+        if not config.get("sync", True):
+            extra.append("w/o sync")
+        if (config["hidden_coarse"], config["hidden_fine"]) != (512, 2048):
+            extra.append(f"{config['hidden_coarse']}/{config['hidden_fine']}")
+        return f"{cls.display} ({', '.join(extra)})"
+
+    @staticmethod
+    def needs(cfg) -> list[str]:
+        return [cfg.coarse, cfg.fine]
+
+    def build(self) -> nn.Module:
+        c = self.cfg
+        return LiteEval(self.dims[c.coarse], self.dims[c.fine], self.num_classes, hidden_coarse=c.hidden_coarse,
+                        hidden_fine=c.hidden_fine, sync=c.sync, rl_baseline=self.name == "liteeval-rl",
+                        checkpoint_steps=c.checkpoint_steps, project=c.project)
+
+    def tau(self, epoch: int) -> float:
+        c = self.cfg
+        if c.epochs <= 1:
+            return c.tau_end
+        return c.tau_start * (c.tau_end / c.tau_start) ** (epoch / (c.epochs - 1))
+
+    def _run(self, model, batch, **kwargs):
+        return model(batch.features[self.cfg.coarse], batch.features[self.cfg.fine], batch.length, **kwargs)
+
+    def usage(self, gate: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        return gate.sum(1) / length.clamp(min=1)
+
+    def budget(self, usage: torch.Tensor) -> torch.Tensor:
+        """lambda (usage - gamma)^2 per video (eq. 5), or ``budget=batch``: of the batch's mean usage
+        (the official code's MSE), the same value for every video of the batch."""
+        if self.cfg.budget == "batch":
+            return self.cfg.lam * (usage.mean() - self.cfg.gamma) ** 2 * torch.ones_like(usage)
+        return self.cfg.lam * (usage - self.cfg.gamma) ** 2
+
+    def loss(self, model, batch, epoch):
+        out = self._run(model, batch, mode="gumbel", tau=self.tau(epoch))
+        ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
+        usage = self.usage(out["gate"], batch.length)
+        return (ce + self.budget(usage)).mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
+
+    @cached_property
+    def policy_costs(self) -> tuple[float, float, float]:
+        """GMACs of (per frame: coarse projection + cLSTM step + gate; per fine read: fine projection
+        + fLSTM step; per video: classifier)."""
+        m, dc, df = self.model, self.dims[self.cfg.coarse], self.dims[self.cfg.fine]
+        per_frame = price(m.clstm, 1, m.clstm.input_size) + price(m.gate, 1, m.gate.in_features)
+        per_read = price(m.flstm, 1, m.flstm.input_size)
+        if m.project_coarse is not None:
+            per_frame += price(m.project_coarse, 1, dc)
+            per_read += price(m.project_fine, 1, df)
+        return per_frame, per_read, price(m.classifier, 1, m.hidden_fine)
+
+    def infer(self, model, batch):
+        out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
+        probs = out["logits"].softmax(-1)
+        mask = numpy(real_mask(batch.length, probs.shape[1]))
+        gate = numpy(out["gate"])
+        per_frame, per_read, head = self.policy_costs
+        read = gate > 0.5
+        step = mask * (self.flops[self.cfg.coarse] + per_frame) + read * (self.flops[self.cfg.fine] + per_read)
+        return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
+                         actions=np.where(mask, 1 + read, -1), step_gflops=np.cumsum(step, 1) + head)
+
+
+@register_method
+class LiteEvalRL(LiteEvalMethod):
+    """LiteEval-RL: the same model, gate trained with REINFORCE and a learned, input-dependent baseline.
+
+    Reward R = -(CE + lambda (usage - gamma)^2) per video; the baseline regresses R from the mean
+    coarse feature; the LSTMs and classifier are trained by back-propagating CE through the sampled path.
+    """
+
+    name = "liteeval-rl"
+    display = "LiteEval-RL"
+
+    def loss(self, model, batch, epoch):
+        out = self._run(model, batch, mode="bernoulli")
+        ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
+        usage = self.usage(out["gate"], batch.length)
+        reward = -(ce + self.budget(usage)).detach()
+        baseline = out["baseline"]
+        advantage = (reward - baseline).detach()
+        policy = -(advantage * out["log_prob"].sum(1))
+        loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")
+        return loss.mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}

@@ -1,0 +1,85 @@
+"""Registries refuse duplicates; a new method is one new file under policy/methods/."""
+import json
+import os
+import textwrap
+
+import pytest
+
+from conftest import ROOT, run_cli
+from eval.reports import register_report
+from extract.backbones import ARCHS, register_arch
+from extract.datasets import register_dataset
+from policy.methods import METHODS, Method, register_method
+
+
+def test_every_registry_refuses_a_duplicate_name():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_arch(ARCHS["resnet18"])
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset("demo")(lambda *args: None)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_report("table1")(lambda runs, opts: None)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(type("Again", (Method,), {"name": "uniform"}))
+    assert METHODS["uniform"].__name__ == "Uniform"
+
+
+TOY = '''
+"""A toy method for a test: a linear classifier on the first frame's fine features."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from .base import Inference, Method, TrainConfig, numpy, register_method, soft_cross_entropy
+
+
+@dataclass
+class FirstFrameConfig(TrainConfig):
+    dropout: float = 0.0
+
+
+@register_method
+class FirstFrame(Method):
+    name = "{name}"
+    display = "First frame"
+    Config = FirstFrameConfig
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        return f"{{cls.display}} ({{config['fine']}})"
+
+    def build(self) -> nn.Module:
+        return nn.Linear(self.dims[self.cfg.fine], self.num_classes)
+
+    def loss(self, model, batch, epoch):
+        logits = model(batch.features[self.cfg.fine][:, 0])
+        return soft_cross_entropy(logits, batch.labels).mean(), {{}}
+
+    def infer(self, model, batch):
+        probs = numpy(model(batch.features[self.cfg.fine][:, 0]).softmax(-1))
+        cost = np.full((len(probs), 1), self.flops[self.cfg.fine])
+        return Inference(scores=probs, step_scores=probs[:, None], actions=np.full((len(probs), 1), 2),
+                         step_gflops=cost)
+'''
+
+
+def test_a_new_method_is_one_new_file(demo_cache, tmp_path):
+    name = f"toy-first-frame-{os.getpid()}"
+    module = os.path.join(ROOT, "policy", "methods", f"toy_{os.getpid()}.py")
+    with open(module, "w") as f:
+        f.write(textwrap.dedent(TOY.format(name=name)))
+    try:
+        run = tmp_path / "runs" / "toy"
+        proc = run_cli("policy.cli", "--method", name, "--features", demo_cache, "--out", str(run), "--epochs", "2",
+                       "--no-progress")
+        assert "mAP" in proc.stdout
+        table = json.loads(run_cli("eval.cli", "--report", "table1", "--runs", str(tmp_path / "runs"),
+                                   "--format", "json").stdout)
+    finally:
+        os.remove(module)
+    row = table["rows"][0]
+    assert row["method"] == "First frame (efficientnet_lite0@224)" and row["frames/V"] == 1.0
+    assert row["GFLOPs/V"] == pytest.approx(json.load(open(run / "metrics.json"))["gflops_per_video"])
