@@ -6,6 +6,7 @@ import io
 import json
 
 from .reports import Report
+from .runs import RunError
 
 
 def _cell(value) -> str:
@@ -48,9 +49,9 @@ def save_figure(report: Report, path: str) -> None:
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'framegate[plot]' (the plot extra)") from None
+        raise RunError("--plot needs matplotlib: pip install 'framegate[plot]' (the plot extra)") from None
     if report.figure is None or report.empty:
-        raise RuntimeError(f"report {report.title!r} has nothing of ours to draw")
+        raise RunError(f"report {report.title!r} has nothing of ours to draw")
     fig = Figure(figsize=report.figure_size, dpi=120)
     report.figure(fig)
     fig.savefig(path)

@@ -53,15 +53,12 @@ def dataset_inputs(dataset: str, annotations: tuple[str, ...], video_root: str |
     video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
     annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
     if dataset == "demo" and not annotations:
-        from .demo import check_seed, generate_demo
+        from .demo import ensure_demo
 
         try:
-            check_seed(video_root, demo_seed)
+            ensure_demo(video_root, demo_seed, progress)
         except AnnotationError as err:
             raise click.UsageError(str(err)) from None
-        if not os.path.isfile(os.path.join(video_root, "classes.txt")):
-            click.echo(f"generating the demo dataset (seed {demo_seed}) in {video_root}", err=True)
-            generate_demo(video_root, seed=demo_seed, progress=progress)
     if DATASETS[dataset].needs_annotations and not annotations:
         raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
     return annotations, video_root

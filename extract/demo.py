@@ -9,6 +9,7 @@ in pairs that share the coloured shape and differ only in a 1-pixel luminance te
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterable
 
 import numpy as np
@@ -122,6 +123,15 @@ def check_seed(root: str, seed: int) -> None:
         return  # no demo there yet
     if held != seed:
         raise AnnotationError(f"{root} holds the demo of seed {held}, not {seed}: pass another --video-root")
+
+
+def ensure_demo(root: str, seed: int, progress: bool = True) -> None:
+    """The demo of ``seed`` in ``root``: generated there the first time (one line on stderr says so),
+    refused (:class:`AnnotationError`) when ``root`` holds another seed's."""
+    check_seed(root, seed)
+    if not os.path.isfile(os.path.join(root, "classes.txt")):
+        print(f"generating the demo dataset (seed {seed}) in {root}", file=sys.stderr)
+        generate_demo(root, seed=seed, progress=progress)
 
 
 def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frames: int = 48,

@@ -131,7 +131,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     device = distributed.device_for(cfg.device, info)
     method_cls = METHODS[cfg.method]
     probe = CachedFeatures(cfg.features, [], memory_budget=0)
-    method_cls.resolve(cfg, probe.flops, probe.sampling)
+    cfg = method_cls.resolve(cfg, probe.flops, probe.sampling)
     probe.file.close()
     check_config(cfg)
     budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None

@@ -1,4 +1,7 @@
 """AR-Net and its baselines: skip semantics, routing, costs, losses, stages, and the published FLOPs."""
+import dataclasses
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -112,7 +115,10 @@ def arnet_config(cache, out, method="arnet", **kw):
 
 def test_stages_freeze_what_they_must(demo_cache, tmp_path):
     cfg = arnet_config(demo_cache, tmp_path / "a")
-    METHODS["arnet"].resolve(cfg, {"efficientnet_lite0@224": 0.384, "efficientnet_lite0@112": 0.106}, {"num_frames": 8})
+    before = dataclasses.replace(cfg)
+    cfg = METHODS["arnet"].resolve(cfg, {"efficientnet_lite0@224": 0.384, "efficientnet_lite0@112": 0.106},
+                                   {"num_frames": 8})
+    assert before == arnet_config(demo_cache, tmp_path / "a") != cfg  # resolving returns a new config
     method = METHODS["arnet"](cfg, {"efficientnet_lite0@224": 1280, "efficientnet_lite0@112": 1280}, 10,
                               {"efficientnet_lite0@224": 0.384, "efficientnet_lite0@112": 0.106})
     assert cfg.epochs == 3 and method.schedule == ["warmup", "joint", "finetune"]
@@ -183,7 +189,9 @@ def test_published_gflops_of_uniform_and_multiscale(arnet_flops_cache, tmp_path)
     assert multi["gflops_per_frame"] == pytest.approx(6.90, rel=0.02)
     cfg = arnet_config(arnet_flops_cache, tmp_path / "r", method="random", batch_size=256)
     random = train(cfg, progress=False)
-    assert cfg.backbones == "resnet50@224,resnet34@168,resnet18@112,mobilenetv2@84" and cfg.policy == "mobilenetv2@84"
+    saved = json.load(open(tmp_path / "r" / "config.json"))
+    assert saved["backbones"] == "resnet50@224,resnet34@168,resnet18@112,mobilenetv2@84"
+    assert saved["policy"] == "mobilenetv2@84" and cfg.backbones == "" and saved["epochs"] == cfg.warmup_epochs
     # AR-Net Table 1 (ResNet): 1.04 GFLOPs/f, 16.57 GFLOPs/V at T = 16; each frame drawn independently
     assert random["gflops_per_frame"] == pytest.approx(1.04, rel=0.02)
     assert random["gflops_per_video"] == pytest.approx(16.57, rel=0.02)

@@ -77,7 +77,9 @@ def test_spread_frames_takes_segment_centres():
 def test_uniform_and_lstm_take_25_frames_of_a_129_frame_cache(cache129, tmp_path, method):
     cfg = config(method, cache129, tmp_path / method, **({"hidden": 8} if method == "lstm" else {}))
     metrics = train(cfg, progress=False)
-    assert cfg.frames == 25 and cfg.normalise == "l2"  # the defaults on a cache sampled by fps
+    saved = json.load(open(tmp_path / method / "config.json"))
+    assert saved["frames"] == 25 and saved["normalise"] == "l2"  # the defaults on a cache sampled by fps
+    cfg = METHODS[method].resolve(cfg, COSTS, {"fps": 1.0})
     with h5py.File(tmp_path / method / "predictions.h5", "r") as f:
         ids, actions, gflops = [v.decode() for v in f["video_id"][:]], f["actions"][:], f["gflops"][:]
     with h5py.File(cache129, "r") as f:
@@ -139,7 +141,7 @@ def test_liteeval_projections_train_and_are_priced(cache129, tmp_path):
 
 def test_uniform_logit_consensus_and_lstm_mean_readout(cache129, tmp_path):
     cfg = config("uniform", cache129, tmp_path / "u", consensus="logits")
-    METHODS["uniform"].resolve(cfg, COSTS, {"fps": 1.0})
+    cfg = METHODS["uniform"].resolve(cfg, COSTS, {"fps": 1.0})
     uniform = METHODS["uniform"](cfg, {FINE: 8}, CLASSES, COSTS)
     feats, length = torch.randn(2, 25, 8), torch.tensor([25, 7])
     batch = Batch(np.arange(2), {FINE: feats}, torch.zeros(2, CLASSES), length)
@@ -148,7 +150,7 @@ def test_uniform_logit_consensus_and_lstm_mean_readout(cache129, tmp_path):
     logits = model.head(feats[1, :7])
     np.testing.assert_allclose(inf.scores[1], logits.mean(0).softmax(-1).detach().numpy(), rtol=1e-5)
     cfg = config("lstm", cache129, tmp_path / "l", readout="mean", hidden=6)
-    METHODS["lstm"].resolve(cfg, COSTS, {"fps": 1.0})
+    cfg = METHODS["lstm"].resolve(cfg, COSTS, {"fps": 1.0})
     lstm = METHODS["lstm"](cfg, {FINE: 8}, CLASSES, COSTS)
     model = lstm.model.eval()
     inf = lstm.infer(model, batch)
@@ -207,7 +209,7 @@ def test_arnet_conventions_train_and_show_in_the_row(tmp_path):
     cfg = METHODS["arnet"].Config(method="arnet", features=cache, out=str(tmp_path / "a"), policy_head=True,
                                   stochastic_eval=True, **base)
     metrics = train(cfg, progress=False)
-    assert cfg.normalise == "none" and metrics["videos"] == 8
+    assert json.load(open(tmp_path / "a" / "config.json"))["normalise"] == "none" and metrics["videos"] == 8
     sc = METHODS["scsampler"].Config(method="scsampler", features=cache, out=str(tmp_path / "s"), rank="logit",
                                      topk=4, **base)
     assert train(sc, progress=False)["gflops_per_video"] == pytest.approx(16 * 0.08 + 4 * 7.8, rel=1e-3)

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 from eval.cli import main as evaluate
 from eval.formats import save_figure
 from eval.reports import REPORTS, Options
-from eval.runs import find_runs
+from eval.runs import RunError, find_runs
 from policy.methods import METHODS
 from extract.metrics import (average_precision, hit_at_k, interpolated_average_precision,
                             mean_average_precision)
@@ -77,7 +77,7 @@ def synthetic_runs(demo_cache, tmp_path_factory):
         folder = root / f"{k:02d}_{method}"
         folder.mkdir()
         cfg = METHODS[method].Config(method=method, features=demo_cache, **overrides)
-        METHODS[method].resolve(cfg, {"efficientnet_lite0@224": 0.38, "efficientnet_lite0@112": 0.1}, {"num_frames": T})
+        cfg = METHODS[method].resolve(cfg, {"efficientnet_lite0@224": 0.38, "efficientnet_lite0@112": 0.1}, {"num_frames": T})
         cfg = dataclasses.asdict(cfg)  # resolved, as train-policy saves it
         json.dump({**cfg, "cache_dataset": "demo"}, open(folder / "config.json", "w"))
         actions = rng.choice([1, 2], size=(n, T)) if method.startswith("liteeval") else rng.choice([0, 1, 2, 4, -2],
@@ -152,7 +152,7 @@ def test_plots_are_written_and_not_blank(report, synthetic_runs, tmp_path):
 def test_plot_without_matplotlib_says_to_install_the_extra(synthetic_runs, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = REPORTS["table1"](find_runs([synthetic_runs]), Options())
-    with pytest.raises(RuntimeError, match=r"framegate\[plot\]"):
+    with pytest.raises(RunError, match=r"framegate\[plot\]"):
         save_figure(report, str(tmp_path / "x.png"))
 
 

@@ -12,6 +12,7 @@ chosen at that frame, -2 skipped over by an earlier skip, -1 no frame (padding).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class ARNetConfig(TrainConfig):
     """AR-Net's defaults: SGD momentum 0.9; warm-up 10 epochs at 0.02, joint 50 at 0.001,
     finetune 50 at 0.0005; tau 5 decayed by exp(-0.045) per epoch; alpha 0.1, beta 0.3."""
 
-    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head", "rank")
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head")
 
     backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
     policy: str = ""  # the policy's feature; "": the cache's cheapest
@@ -59,9 +60,19 @@ class ARNetConfig(TrainConfig):
     optim: str = "sgd"  # sgd (the paper's, with momentum) | adam (the stage learning rates apply to it)
     stochastic_eval: bool = False  # sample actions at evaluation (the official code) instead of argmax
     policy_head: bool = False  # the official code: the lowest resolution's prediction is a head on the policy LSTM's state
-    topk: int = 10  # scsampler: frames kept
-    rank: str = "softmax"  # scsampler: frames ranked by max softmax | logit: by max logit (AR-Net's re-implementation)
-    match_run: str = ""  # random: draw actions with the frequencies of this run's predictions
+
+
+@dataclass
+class RandomConfig(ARNetConfig):
+    match_run: str = ""  # draw actions with this run's per-frame action shares instead of uniformly
+
+
+@dataclass
+class SCSamplerConfig(ARNetConfig):
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "rank")
+
+    topk: int = 10  # frames kept for the highest resolution
+    rank: str = "softmax"  # frames ranked by max softmax | logit: by max logit (AR-Net's re-implementation)
 
 
 class ARNet(nn.Module):
@@ -179,19 +190,18 @@ class _Family(Method):
     Config = ARNetConfig
     fine_code = 0  # "fine usage" = share of frames at the highest resolution
 
-    @staticmethod
-    def resolve(cfg, flops: dict[str, float], sampling: dict) -> None:
-        """Policy = the cheapest feature; backbones = per resolution (descending) its most expensive
-        feature; ``auto`` choices as every method (:func:`resolve_auto`)."""
-        resolve_auto(cfg, sampling)
-        if not cfg.policy:
-            cfg.policy = min(flops, key=flops.get)
-        if not cfg.backbones:
+    @classmethod
+    def resolve(cls, cfg, flops: dict[str, float], sampling: dict):
+        """A copy of ``cfg``: policy = the cheapest feature; backbones = per resolution (descending)
+        its most expensive feature; ``auto`` choices as every method (:func:`resolve_auto`)."""
+        cfg = resolve_auto(cfg, sampling)
+        policy, backbones = cfg.policy or min(flops, key=flops.get), cfg.backbones
+        if not backbones:
             best: dict[int, str] = {}
             for name in sorted(flops, key=flops.get):
                 best[parse_name(name)[1]] = name
-            cfg.backbones = ",".join(best[r] for r in sorted(best, reverse=True))
-        cfg.fine = cfg.fine or cfg.backbones.split(",")[0]
+            backbones = ",".join(best[r] for r in sorted(best, reverse=True))
+        return dataclasses.replace(cfg, policy=policy, backbones=backbones, fine=cfg.fine or backbones.split(",")[0])
 
     @staticmethod
     def needs(cfg) -> list[str]:
@@ -303,14 +313,23 @@ class ARNetMethod(_Family):
             extra.append(config["stages"])
         return f"{cls.display} ({'; '.join(extra)})" if extra else cls.display
 
-    def __init__(self, cfg, dims, num_classes, flops):
-        super().__init__(cfg, dims, num_classes, flops)
+    @staticmethod
+    def schedule_of(cfg) -> list[str]:
+        """The stage of each epoch, from ``stages`` and the stages' epoch counts."""
         stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
         if not stages or set(stages) - {"warmup", "joint", "finetune"}:
             raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {cfg.stages!r}")
-        self.schedule = [s for s in ("warmup", "joint", "finetune") if s in stages
-                         for _ in range(getattr(cfg, f"{s}_epochs"))]
-        cfg.epochs = len(self.schedule)
+        return [s for s in ("warmup", "joint", "finetune") if s in stages for _ in range(getattr(cfg, f"{s}_epochs"))]
+
+    @classmethod
+    def resolve(cls, cfg, flops, sampling):
+        """As the family's, with ``epochs`` the length of the stage schedule."""
+        cfg = super().resolve(cfg, flops, sampling)
+        return dataclasses.replace(cfg, epochs=len(cls.schedule_of(cfg)))
+
+    def __init__(self, cfg, dims, num_classes, flops):
+        super().__init__(cfg, dims, num_classes, flops)
+        self.schedule = self.schedule_of(cfg)
 
     def stage(self, epoch: int) -> str:
         return self.schedule[epoch]
@@ -319,7 +338,7 @@ class ARNetMethod(_Family):
         start = self.schedule.index("joint") if "joint" in self.schedule else 0
         return self.cfg.tau_start * math.exp(-self.cfg.tau_decay * max(0, epoch - start))
 
-    def on_epoch(self, epoch, optimizer):
+    def on_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         stage = self.stage(epoch)
         for group in optimizer.param_groups:
             group["lr"] = getattr(self.cfg, f"{stage}_lr")
@@ -330,7 +349,7 @@ class ARNetMethod(_Family):
     def selectable(self, epoch: int) -> bool:
         return self.stage(epoch) == self.schedule[-1]
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.stage(epoch) == "warmup":
             return self.warmup_loss(model, batch), {}
         out, frame_logits, weight = self._route(model, batch, mode="gumbel", tau=self.tau(epoch))
@@ -340,18 +359,20 @@ class ARNetMethod(_Family):
         loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
         return loss, {"ce": ce.mean().item(), "gflops_per_frame": flops.mean().item()}
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
 
 
 class _WarmupOnly(_Family):
     """Baselines that train only what AR-Net's warm-up trains: every head on every frame."""
 
-    def __init__(self, cfg, dims, num_classes, flops):
-        super().__init__(cfg, dims, num_classes, flops)
-        cfg.epochs = cfg.warmup_epochs
+    @classmethod
+    def resolve(cls, cfg, flops, sampling):
+        """As the family's, with ``epochs`` the warm-up's."""
+        cfg = super().resolve(cfg, flops, sampling)
+        return dataclasses.replace(cfg, epochs=cfg.warmup_epochs)
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         return self.warmup_loss(model, batch), {}
 
 
@@ -375,6 +396,7 @@ class RandomPolicy(_WarmupOnly):
 
     name = "random"
     display = "Random Policy"
+    Config = RandomConfig
 
     def __init__(self, cfg, dims, num_classes, flops):
         super().__init__(cfg, dims, num_classes, flops)
@@ -391,7 +413,7 @@ class RandomPolicy(_WarmupOnly):
         return {-1: "no frame", **{i: n for i, n in enumerate(self.names)},
                 **{L + j: f"skip {f} (this frame only)" for j, f in enumerate(self.skips)}}
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
         n, steps, L = logits.shape[:3]
         real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
@@ -413,7 +435,7 @@ class MultiScale(_WarmupOnly):
     name = "multiscale"
     display = "Multi-Scale"
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
         real = torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)
         frame_logits = logits.mean(2)
@@ -436,15 +458,19 @@ class SCSampler(_WarmupOnly):
     name = "scsampler"
     display = "SCSampler"
 
-    def __init__(self, cfg, dims, num_classes, flops):
-        cfg.backbones = cfg.backbones.split(",")[0] + "," + cfg.policy
-        super().__init__(cfg, dims, num_classes, flops)
+    Config = SCSamplerConfig
+
+    @classmethod
+    def resolve(cls, cfg, flops, sampling):
+        """As the warm-up's, with two heads: the highest resolution and the sampler's feature."""
+        cfg = super().resolve(cfg, flops, sampling)
+        return dataclasses.replace(cfg, backbones=cfg.backbones.split(",")[0] + "," + cfg.policy)
 
     @property
     def legend(self) -> dict[int, str]:
         return {-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]}
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
         steps = logits.shape[1]
         real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)

@@ -12,6 +12,7 @@ whose run departs from the default).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,12 +33,15 @@ def sampled_by_fps(sampling: dict) -> bool:
     return sampling.get("fps") is not None
 
 
-def resolve_auto(cfg, sampling: dict) -> None:
-    """The ``auto`` choices a cache decides (see :class:`TrainConfig`, :class:`UniformConfig`)."""
+def resolve_auto(cfg, sampling: dict):
+    """A copy of ``cfg`` with the ``auto`` choices a cache decides made (see :class:`TrainConfig`,
+    :class:`UniformConfig`)."""
+    changes = {}
     if cfg.normalise == "auto":
-        cfg.normalise = "l2" if sampled_by_fps(sampling) else "none"
+        changes["normalise"] = "l2" if sampled_by_fps(sampling) else "none"
     if getattr(cfg, "frames", 0) == -1:
-        cfg.frames = 25 if sampled_by_fps(sampling) else 0
+        changes["frames"] = 25 if sampled_by_fps(sampling) else 0
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -92,17 +96,15 @@ class Method:
         self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
         self.model = self.build()
 
-    @staticmethod
-    def resolve(cfg, flops: dict[str, float], sampling: dict) -> None:
-        """Fill what was left to the cache: feature names from its FLOPs table (GMACs per frame by
-        name; fine = the most expensive feature, coarse = the cheapest) and ``auto`` choices from
-        its ``sampling`` (see :class:`TrainConfig`)."""
+    @classmethod
+    def resolve(cls, cfg, flops: dict[str, float], sampling: dict):
+        """A copy of ``cfg`` with what was left to the cache filled in (``cfg`` is not changed):
+        feature names from its FLOPs table (GMACs per frame by name; fine = the most expensive
+        feature, coarse = the cheapest) and ``auto`` choices from its ``sampling``."""
         by_cost = sorted(flops, key=flops.get)
-        if by_cost and not cfg.fine:
-            cfg.fine = by_cost[-1]
-        if by_cost and not cfg.coarse:
-            cfg.coarse = by_cost[0]
-        resolve_auto(cfg, sampling)
+        if by_cost:
+            cfg = dataclasses.replace(cfg, fine=cfg.fine or by_cost[-1], coarse=cfg.coarse or by_cost[0])
+        return resolve_auto(cfg, sampling)
 
     @staticmethod
     def needs(cfg) -> list[str]:

@@ -53,7 +53,7 @@ class Uniform(_OnFineFeatures):
     def build(self) -> nn.Module:
         return FrameClassifier(self.dims[self.cfg.fine], self.num_classes)
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
@@ -65,7 +65,7 @@ class Uniform(_OnFineFeatures):
         """GMACs per frame: the fine backbone and the classifier."""
         return self.flops[self.cfg.fine] + price(self.model.head, 1, self.dims[self.cfg.fine])
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
@@ -103,7 +103,7 @@ class LSTMBaseline(_OnFineFeatures):
             logits = (logits * mask).cumsum(1) / seen
         return logits
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = self.step_logits(model, batch)
         return soft_cross_entropy(last_step(logits, batch.length), batch.labels).mean(), {}
@@ -114,7 +114,7 @@ class LSTMBaseline(_OnFineFeatures):
         step = price(self.model.lstm, 1, 1, self.dims[self.cfg.fine])
         return self.flops[self.cfg.fine] + step, price(self.model.classifier, 1, self.cfg.hidden)
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = self.step_logits(model, batch)
         mask = real_mask(batch.length, logits.shape[1])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import Batch
 from ..models import LiteEval
 from .base import (Inference, Method, TrainConfig, last_step, numpy, price, real_mask, register_method,
                    soft_cross_entropy)
@@ -81,7 +82,7 @@ class LiteEvalMethod(Method):
             return self.cfg.lam * (usage.mean() - self.cfg.gamma) ** 2 * torch.ones_like(usage)
         return self.cfg.lam * (usage - self.cfg.gamma) ** 2
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = self._run(model, batch, mode="gumbel", tau=self.tau(epoch))
         ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
         usage = self.usage(out["gate"], batch.length)
@@ -99,7 +100,7 @@ class LiteEvalMethod(Method):
             per_read += price(m.project_fine, 1, df)
         return per_frame, per_read, price(m.classifier, 1, m.hidden_fine)
 
-    def infer(self, model, batch):
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
         out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
         probs = out["logits"].softmax(-1)
         mask = numpy(real_mask(batch.length, probs.shape[1]))
@@ -122,7 +123,7 @@ class LiteEvalRL(LiteEvalMethod):
     name = "liteeval-rl"
     display = "LiteEval-RL"
 
-    def loss(self, model, batch, epoch):
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = self._run(model, batch, mode="bernoulli")
         ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
         usage = self.usage(out["gate"], batch.length)
