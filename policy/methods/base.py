@@ -2,7 +2,7 @@
 
 Actions (``predictions.h5/actions``, legend in its ``actions_legend`` attribute), per frame for
 LiteEval, UNIFORM and LSTM: -1 no frame (padding), 1 coarse features only, 2 fine features (for
-LiteEval coarse and fine; for UNIFORM/LSTM fine only). AR-Net's codes are in :mod:`policy.arnet`.
+LiteEval coarse and fine; for UNIFORM/LSTM fine only). AR-Net's codes are in :mod:`policy.methods.arnet`.
 GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
 plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
 
