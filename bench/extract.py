@@ -27,7 +27,7 @@ from extract.backbones import create_backbone
 from extract.datasets import load_annotations
 from extract.decode import choose_strategy, open_reader, read_frames
 from extract.demo import generate_demo, write_video
-from extract.distributed import Dist, device_for
+from extract.distributed import Dist, device_for, synchronize
 from extract.flops import backbone_flops
 from extract.pipeline import ExtractConfig, compute_features, run_extraction
 from extract.sampling import Sampling
@@ -45,9 +45,8 @@ def timed(fn, repeat: int = 1) -> float:
 
 def matmul_flops(device: torch.device, n: int = 2048) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    (a @ b), sync()
-    seconds = timed(lambda: ((a @ b), sync()), repeat=20)
+    (a @ b), synchronize(device)
+    seconds = timed(lambda: ((a @ b), synchronize(device)), repeat=20)
     return 2 * n**3 / seconds
 
 
@@ -88,9 +87,8 @@ def main() -> None:
         for b in backbones:
             b.module.to(device)
         compute_features(backbones, frames[: args.batch_size], device)  # warm-up
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         t_compute = timed(lambda: ([compute_features(backbones, frames[s:s + args.batch_size], device)
-                                    for s in range(0, len(frames), args.batch_size)], sync()))
+                                    for s in range(0, len(frames), args.batch_size)], synchronize(device)))
         # 1c. the whole pipeline (decode workers overlapped with compute, HDF5 journal and assembly)
         with open(os.path.join(root, "bench.txt"), "w") as f:
             f.write("".join(f"{os.path.relpath(v.path, root)} {v.labels[0]}\n" for v in videos))
@@ -117,7 +115,7 @@ def main() -> None:
         def forward():
             with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
                 r101.module(x)
-            sync()
+            synchronize(device)
 
         forward()
         seconds = timed(forward, repeat=3)

@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader
 
 from extract.backbones import create_backbone
 from extract.datasets import VideoRecord
-from extract.finetune import TSN, Clips, collate, soft_cross_entropy
+from extract.distributed import synchronize
+from extract.finetune import TSN, Clips, collate
+from extract.training import soft_cross_entropy
 
 CLASSES = 10
 
@@ -37,17 +39,13 @@ CLASSES = 10
 def step_fn(model, optimizer, device, amp):
     def step(clips: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = soft_cross_entropy(model(clips).float(), labels)
+            loss = soft_cross_entropy(model(clips).float(), labels).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)
         optimizer.step()
     return step
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -77,19 +75,19 @@ def main() -> None:
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         model(clips)  # warm-up
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             model(clips)
-        sync(device)
+        synchronize(device)
     forward = frames * args.steps / (time.perf_counter() - start)
     model.train()
     step(clips, labels)  # warm-up
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step(clips, labels)
-    sync(device)
+    synchronize(device)
     train = frames * args.steps / (time.perf_counter() - start)
     print(f"{args.backbone} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{args.batch_size} videos x {args.segments} segments a step")
@@ -116,7 +114,7 @@ def main() -> None:
         _, x, y, _ = next(batches)
         got = time.perf_counter()
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        sync(device)
+        synchronize(device)
         wait, busy = wait + got - tick, busy + time.perf_counter() - got
     share = wait / (wait + busy)
     print(f"real decoding ({args.workers} workers, {len(videos)} videos of {args.videos}): "

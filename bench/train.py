@@ -36,6 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from extract.cache import FLOPS_DTYPE
+from extract.distributed import synchronize
 from policy.data import CachedFeatures
 from policy.methods import METHODS
 from policy.train import return_freed_memory, run_inference, summarise
@@ -71,10 +72,10 @@ def matmul_flops(device: torch.device, n: int = 2048) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(20):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -89,10 +90,6 @@ def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -145,7 +142,7 @@ def main() -> None:
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
-            sync(device)
+            synchronize(device)
             t2 = time.perf_counter()
             if i == 0:
                 flops_per_batch = counter.get_total_flops()

@@ -69,11 +69,11 @@ def table_report(name: str, title: str, runs: list[Run], opts: Options, select: 
     rows = [run_row(r, opts, **extra(r)) for r in chosen]
     if sort_key:
         rows.sort(key=sort_key)
+    keys = list(dict.fromkeys(k for r in rows for k in extra(r["_run"])))
     if len({r.cache for r in chosen}) > 1:  # rows of several caches (other weights, sampling): say which is which
+        keys.insert(0, "cache")
         for row in rows:
             row["cache"] = os.path.splitext(os.path.basename(row["_run"].cache))[0]
-    keys = list(dict.fromkeys(["cache"] * ("cache" in rows[0]) + [k for r in rows for k in extra(r["_run"])])) \
-        if rows else []
     report = Report(title, ["source", "method", "dataset", "features", *keys, *METRIC_COLUMNS], rows)
     if not chosen:
         report.notes.append("no matching run; produce one with: " + " ; ".join(missing))

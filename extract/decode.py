@@ -66,12 +66,15 @@ def choose_strategy(targets: np.ndarray, keyframes: list[int]) -> str:
     return "pass" if int(targets[-1]) + 1 <= seek_cost(targets, keyframes) else "exact"
 
 
+def short_side(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 RGB -> ``(T, 3, H', W')`` uint8 with the short side resized to 256 (antialiased)."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    return x if min(x.shape[-2:]) == SHORT_SIDE else TF.resize(x, [SHORT_SIDE], antialias=True)
+
+
 def preprocess(frames: np.ndarray) -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 RGB -> ``(T, 3, 224, 224)`` uint8: short side 256, centre crop 224."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
-    if min(x.shape[-2:]) != SHORT_SIDE:
-        x = TF.resize(x, [SHORT_SIDE], antialias=True)
-    return TF.center_crop(x, [CROP, CROP]).contiguous()
+    return TF.center_crop(short_side(frames), [CROP, CROP]).contiguous()
 
 
 def _nearest(keyframes: list[int], t: int) -> int:
@@ -135,8 +138,7 @@ def read_resized(path: str, choose: Callable[[int], np.ndarray]) -> torch.Tensor
     parts = []
     try:
         for start in range(0, len(targets), 8):
-            x = torch.from_numpy(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()).permute(0, 3, 1, 2)
-            parts.append(x if min(x.shape[-2:]) == SHORT_SIDE else TF.resize(x, [SHORT_SIDE], antialias=True))
+            parts.append(short_side(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
     except Exception as err:
         raise _decoding_failed(err) from None
     return torch.cat(parts)[np.searchsorted(targets, indices)]

@@ -40,6 +40,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for on the CPU), before timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_for(choice: str, info: Dist) -> torch.device:
     """``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):

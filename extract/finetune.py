@@ -16,7 +16,6 @@ logs and saves.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import time
@@ -34,11 +33,13 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import WeightsUnavailable, create_backbone, finetuned_path, parse_name
+from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
 from .decode import VideoError, read_frames, read_resized, resize_crop
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
+from .training import save_atomic, soft_cross_entropy, write_log
 
 LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
 
@@ -144,17 +145,6 @@ class TSN(nn.Module):
         return self.fc(self.features(clips.flatten(0, 1))).view(b, k, -1).mean(1)
 
 
-def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the multi-hot labels normalised to a distribution."""
-    return -(labels / labels.sum(1, keepdim=True).clamp(min=1) * logits.log_softmax(1)).sum(1).mean()
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
              failed: dict[str, str], progress: bool) -> tuple[float, float]:
     """Validation ``(mAP, top-1)`` with the project's metrics (sklearn-convention mAP over the classes
@@ -249,7 +239,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
                 continue
             clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=use_amp):
-                loss = soft_cross_entropy(model(clips).float(), labels)
+                loss = soft_cross_entropy(model(clips).float(), labels).mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -275,12 +265,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
                          "backbone": cfg.backbone, "classes": len(ann.classes),
                          "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "annotations"}},
                         last_path)
-            tmp = f"{log_path}.{os.getpid()}.tmp"
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(log[0]))
-                writer.writeheader()
-                writer.writerows(log)
-            os.replace(tmp, log_path)
+            write_log(log_path, log)
             click.echo(f"epoch {epoch}: loss {log[-1]['loss']:.4f}, val mAP {val_map:.4f}, top-1 {val_top1:.4f} "
                        f"on {len(val_videos)} {val_split} videos", err=True)
         distributed.barrier()
@@ -322,8 +307,6 @@ def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch
          sets, resume, no_progress) -> None:
     """Finetune one ImageNet backbone on a dataset's videos (TSN-style: K segments, average consensus)
     and write its state dict for extract-features --weights."""
-    from .cli import dataset_inputs
-
     try:
         name = "{}@{}".format(*parse_name(backbone))
     except ValueError as err:

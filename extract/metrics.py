@@ -37,12 +37,17 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.where(y > 0, precision_at_end, 0.0).sum(axis=1) / y.sum(axis=1)
 
 
+def _precision_at_ranks(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (rows), the labels ranked by descending score (ties broken by a stable sort) and the
+    precision of the top i + 1 at each rank i: two (C, N) arrays."""
+    _, y = _ranked(scores, labels, "stable")
+    return y, np.cumsum(y, axis=1, dtype=np.float64) / np.arange(1, y.shape[1] + 1)
+
+
 def interpolated_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-class AP (C,) as ActivityNet's classification evaluator: precision made monotone from the
     right (``max_{j >= i} P_j``), summed over the recall steps. NaN where no positive."""
-    _, y = _ranked(scores, labels, "stable")
-    tp = np.cumsum(y, axis=1, dtype=np.float64)
-    precision = tp / np.arange(1, y.shape[1] + 1)
+    y, precision = _precision_at_ranks(scores, labels)
     envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(y > 0, envelope, 0.0).sum(axis=1) / y.sum(axis=1)
@@ -51,8 +56,7 @@ def interpolated_average_precision(scores: np.ndarray, labels: np.ndarray) -> np
 def arnet_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-class AP (C,) as AR-Net's ``cal_map``: the mean precision at the ranks of the positives,
     0 where a class has no positive."""
-    _, y = _ranked(scores, labels, "stable")
-    precision = np.cumsum(y, axis=1, dtype=np.float64) / np.arange(1, y.shape[1] + 1)
+    y, precision = _precision_at_ranks(scores, labels)
     return np.where(y > 0, precision, 0.0).sum(axis=1) / np.maximum(y.sum(axis=1), 1)
 
 

@@ -23,6 +23,11 @@ def cell_step(cell: nn.LSTMCell, gates_x: torch.Tensor, h: torch.Tensor, c: torc
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def real_mask(length: torch.Tensor, steps: int) -> torch.Tensor:
+    """(N, steps) bool: True at each video's real steps (``t < length``), False on padding."""
+    return torch.arange(steps, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+
+
 def projection(dim_in: int, dim_out: int) -> nn.Sequential:
     """The official LiteEval code's input projection: BatchNorm, Linear, BatchNorm, ReLU."""
     return nn.Sequential(nn.BatchNorm1d(dim_in), nn.Linear(dim_in, dim_out), nn.BatchNorm1d(dim_out), nn.ReLU())
@@ -30,7 +35,7 @@ def projection(dim_in: int, dim_out: int) -> nn.Sequential:
 
 def project_real(module: nn.Module, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """``module`` on the real steps of (N, T, D) ``x`` only (BatchNorm statistics exclude padding); zeros elsewhere."""
-    real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < length.unsqueeze(1)
+    real = real_mask(length, x.shape[1])
     out = x.new_zeros(*x.shape[:2], module[1].out_features)
     out[real] = module(x[real])
     return out

@@ -7,7 +7,6 @@ rank trains on its share of every batch order and gradients are averaged (DDP); 
 """
 from __future__ import annotations
 
-import csv
 import ctypes
 import dataclasses
 import json
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from extract import distributed
 from extract.metrics import hit_at_k, mean_average_precision
+from extract.training import save_atomic, write_log
 
 from .data import CacheError, CachedFeatures
 from .methods import METHODS, Inference, Method, check_config
@@ -40,12 +40,6 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 10)
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures, rows: np.ndarray,
@@ -98,7 +92,8 @@ def summarise(inf: Inference, labels: np.ndarray, method: Method) -> dict:
     mean_ap, left_out = mean_average_precision(inf.scores, labels)
     frames = max(int((inf.actions != -1).sum()), 1)
     usage = {name: float((inf.actions == code).sum() / frames) for code, name in method.legend.items() if code != -1}
-    return {"mAP": mean_ap, "frames_per_video": frames / max(len(labels), 1), "classes_without_positives": left_out, "top1": hit_at_k(inf.scores, labels, 1),
+    return {"mAP": mean_ap, "frames_per_video": frames / max(len(labels), 1), "classes_without_positives": left_out,
+            "top1": hit_at_k(inf.scores, labels, 1),
             "hit@5": hit_at_k(inf.scores, labels, 5), "gflops_per_video": float(inf.gflops.mean()),
             "gflops_per_frame": float(inf.gflops.sum() / frames),
             "fine_usage": float((inf.actions == method.fine_code).sum() / frames), "action_usage": usage,
@@ -202,10 +197,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                 save_atomic({"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": rng, "epoch": epoch, "best": best, "log": log_rows}, last_path)
-            with open(os.path.join(cfg.out, "train_log.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in log_rows for k in r)))
-                writer.writeheader()
-                writer.writerows(log_rows)
+            write_log(os.path.join(cfg.out, "train_log.csv"), log_rows)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_mAP=f"{val['mAP']:.3f}")
     bar.close()

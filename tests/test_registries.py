@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .base import Inference, Method, TrainConfig, numpy, register_method, soft_cross_entropy
+from extract.training import soft_cross_entropy
+
+from .base import Inference, Method, TrainConfig, numpy, register_method
 
 
 @dataclass

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from extract.backbones import parse_name
+from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from .base import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto, soft_cross_entropy
+from ..models import real_mask
+from .base import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
 
 SKIPPED_OVER = -2
 
@@ -166,6 +168,14 @@ def running_scores(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (total / weight.cumsum(1).clamp(min=1e-6).unsqueeze(-1)).softmax(-1)
 
 
+def averaged_inference(frame_logits: torch.Tensor, weight: torch.Tensor, actions: np.ndarray,
+                       step_gflops: np.ndarray) -> Inference:
+    """What every method of the family reports: the video's softmax of the weighted mean frame logits
+    (N, T, C) -> (N, C), the same after each step, the action codes and the GMACs spent by each step."""
+    return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
+                     step_scores=numpy(running_scores(frame_logits, weight)), actions=actions, step_gflops=step_gflops)
+
+
 def step_gflops(P: torch.Tensor, per_action: torch.Tensor, visit: float) -> torch.Tensor:
     """GMACs at each step (N, T): the chosen action's cost, plus ``visit`` wherever the policy read the frame."""
     return (P * per_action).sum(-1) + visit * P.sum(-1)
@@ -249,7 +259,7 @@ class _Family(Method):
     def warmup_loss(self, model, batch: Batch) -> torch.Tensor:
         """Every head on every real frame (the policy is not used): mean over heads of the video CE."""
         logits = self.all_logits(model, batch)
-        weight = (torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)).to(logits)
+        weight = real_mask(batch.length, logits.shape[1]).to(logits)
         return torch.stack([soft_cross_entropy(video_logits(logits[:, :, l], weight), batch.labels)
                             for l in range(logits.shape[2])]).mean()
 
@@ -291,9 +301,7 @@ class _Family(Method):
     def policy_inference(self, model, batch: Batch, mode: str) -> Inference:
         out, frame_logits, weight = self._route(model, batch, mode=mode)
         spent = step_gflops(out["P"], *self.action_costs(batch.length.device))
-        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
-                         step_scores=numpy(running_scores(frame_logits, weight)), actions=numpy(out["codes"]),
-                         step_gflops=numpy(spent.cumsum(1)).astype(np.float64))
+        return averaged_inference(frame_logits, weight, numpy(out["codes"]), numpy(spent.cumsum(1)).astype(np.float64))
 
 
 @register_method
@@ -416,16 +424,14 @@ class RandomPolicy(_WarmupOnly):
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
         n, steps, L = logits.shape[:3]
-        real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
+        real = real_mask(batch.length, steps)
         drawn = torch.multinomial(self.probs.float(), n * steps, replacement=True).view(n, steps).to(logits.device)
         chosen = F.one_hot(drawn, len(self.probs)).to(logits) * real.unsqueeze(-1)
         frame_logits = (logits * chosen[:, :, :L].unsqueeze(-1)).sum(2)
         weight = chosen[:, :, :L].sum(-1)
         spent = step_gflops(chosen, *self.action_costs(logits.device))
-        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
-                         step_scores=numpy(running_scores(frame_logits, weight)),
-                         actions=numpy(torch.where(real, drawn, -1)),
-                         step_gflops=numpy(spent.cumsum(1)).astype(np.float64))
+        return averaged_inference(frame_logits, weight, numpy(torch.where(real, drawn, -1)),
+                                  numpy(spent.cumsum(1)).astype(np.float64))
 
 
 @register_method
@@ -437,14 +443,12 @@ class MultiScale(_WarmupOnly):
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
-        real = torch.arange(logits.shape[1], device=logits.device) < batch.length.unsqueeze(1)
+        real = real_mask(batch.length, logits.shape[1])
         frame_logits = logits.mean(2)
         weight = real.to(logits)
         per_frame = sum(self.flops[n] + h for n, h in zip(self.names, self.head_costs))  # everything, every frame
-        return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
-                         step_scores=numpy(running_scores(frame_logits, weight)),
-                         actions=np.where(numpy(real), 0, -1),
-                         step_gflops=np.cumsum(numpy(real) * float(per_frame), 1))
+        return averaged_inference(frame_logits, weight, np.where(numpy(real), 0, -1),
+                                  np.cumsum(numpy(real) * float(per_frame), 1))
 
 
 @register_method
@@ -473,7 +477,7 @@ class SCSampler(_WarmupOnly):
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
         steps = logits.shape[1]
-        real = torch.arange(steps, device=logits.device) < batch.length.unsqueeze(1)
+        real = real_mask(batch.length, steps)
         sampler_logits = logits[:, :, 1] if self.cfg.rank == "logit" else logits[:, :, 1].softmax(-1)
         confidence = sampler_logits.amax(-1).masked_fill(~real, float("-inf"))
         k = torch.clamp(batch.length, max=self.cfg.topk)
@@ -482,7 +486,6 @@ class SCSampler(_WarmupOnly):
         weight = keep.to(logits)
         full, sampler = self.flops[self.names[0]] + self.head_costs[0], self.flops[self.cfg.policy] + self.head_costs[1]
         step = numpy(real) * sampler + numpy(keep) * full
-        return Inference(scores=numpy(video_logits(logits[:, :, 0], weight).softmax(-1)),
-                         step_scores=numpy(running_scores(logits[:, :, 0], weight)),
-                         actions=np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)), step_gflops=np.cumsum(step, 1))
+        return averaged_inference(logits[:, :, 0], weight, np.where(numpy(keep), 0, np.where(numpy(real), 1, -1)),
+                                  np.cumsum(step, 1))
 

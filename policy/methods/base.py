@@ -161,19 +161,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the multi-hot labels normalised to a distribution (one-hot: plain CE)."""
-    target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
-    return -(target * logits.log_softmax(dim=1)).sum(dim=1)
-
-
 def last_step(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """``x[i, length[i] - 1]`` for (N, T, ...) ``x``."""
     return x[torch.arange(len(x)), (length - 1).clamp(min=0)]
-
-
-def real_mask(length: torch.Tensor, steps: int) -> torch.Tensor:
-    return torch.arange(steps, device=length.device).unsqueeze(0) < length.unsqueeze(1)
 
 
 def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:

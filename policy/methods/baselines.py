@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from extract.training import soft_cross_entropy
+
 from ..data import Batch
-from ..models import FrameClassifier, LSTMClassifier
-from .base import (Inference, Method, TrainConfig, last_step, numpy, price, real_mask, register_method,
-                   soft_cross_entropy, spread_frames)
+from ..models import FrameClassifier, LSTMClassifier, real_mask
+from .base import Inference, Method, TrainConfig, last_step, numpy, price, register_method, spread_frames
 
 
 @dataclass

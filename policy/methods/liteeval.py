@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.training import soft_cross_entropy
+
 from ..data import Batch
-from ..models import LiteEval
-from .base import (Inference, Method, TrainConfig, last_step, numpy, price, real_mask, register_method,
-                   soft_cross_entropy)
+from ..models import LiteEval, real_mask
+from .base import Inference, Method, TrainConfig, last_step, numpy, price, register_method
 
 
 @dataclass
