@@ -1,11 +1,12 @@
 """Benchmark of cache assembly, the step that ends every extraction run.
 
 Writes a journal of ``--videos`` videos in chunks of 32 through ``Journal.write`` (two backbones of
-16 dims, T = 129 with LiteEval's 1-fps lengths: 10 to 200 s, so a third are cut at 129; a few
-failed videos; not counted), then times ``assemble`` merging it into a new cache (goal: the rate
-of 100,000 videos of 25 frames in 10 s, 250,000 real frames per second), and once more re-assembling that cache from itself (the old-cache path:
-rows read in runs of consecutive rows). It also prints the features' bytes on disk against the
-real frames' bytes: padding past a video's length must not be stored.
+16 dims, T = 129 with LiteEval's 1-fps lengths: 10 to 200 s, so a third are cut at 129; a few failed
+videos; not counted), then times ``assemble`` merging it into a new cache (goal: the rate of 100,000
+videos of 25 frames in 10 s, 250,000 real frames per second), and once more re-assembling that cache
+from itself (the old-cache path: rows read in runs of consecutive rows). It also prints the
+features' bytes on disk against the real frames' bytes: padding past a video's length must not be
+stored.
 
 Usage: python bench/assemble.py [--videos 100000]
 """
@@ -42,7 +43,8 @@ def write_journal(path: str, videos: list[VideoRecord], rng: np.random.Generator
         indices = range(lo, min(lo + CHUNK_VIDEOS, len(videos)))
         lengths = np.minimum(rng.integers(10, 201, len(indices)), T)
         done = [VideoFeatures(i, np.arange(n, dtype=np.int64) * 25,
-                              {name: rng.standard_normal((n, dim)).astype(np.float16) for name, dim in BACKBONES.items()})
+                              {name: rng.standard_normal((n, dim)).astype(np.float16)
+                               for name, dim in BACKBONES.items()})
                 for i, n in zip(indices, lengths) if i % 9973 != 17]
         journal.write(done, [(i, "cannot open video stream") for i in indices if i % 9973 == 17], weights)
     return journal

@@ -30,42 +30,42 @@ import time
 if not __package__:  # run as `python bench/train.py`: keep the repository root importable
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from extract.cache import FLOPS_DTYPE
+from extract.cache import write_cache
 from extract.distributed import synchronize
+from extract.flops import FlopsEntry
 from policy.data import CachedFeatures
 from policy.methods import METHODS
-from policy.train import return_freed_memory, run_inference, summarise
+from policy.train import evaluate_split, return_freed_memory, run_inference
 
 FEATURES = (("mobilenetv2@112", 1280, 0.08), ("resnet101@224", 2048, 7.82))
 GIB = 1 << 30
 
 
-def write_cache(path: str, videos: int, steps: int = 25, classes: int = 239) -> None:
+def make_cache(path: str, videos: int, steps: int = 25, classes: int = 239) -> None:
     """FCVID-shaped cache: as many train as test videos, assigned at random (interleaved)."""
     rng = np.random.default_rng(0)
     split = np.array(["train"] * (videos // 2) + ["test"] * (videos - videos // 2))
     rng.shuffle(split)
-    with h5py.File(path, "w") as f:
-        f.attrs.update({"dataset": "synthetic", "sampling": '{"num_frames": 25}'})
-        f["classes"] = np.array([str(i) for i in range(classes)], dtype=h5py.string_dtype())
-        f["videos/id"] = np.array([str(i) for i in range(videos)], dtype=h5py.string_dtype())
-        f["videos/split"] = split.astype(h5py.string_dtype())
-        labels = np.zeros((videos, classes), np.uint8)
-        labels[np.arange(videos), rng.integers(0, classes, videos)] = 1
-        f["videos/labels"] = labels
-        f["videos/length"] = np.full(videos, steps, np.int32)
-        f["videos/frame_index"] = np.tile(np.arange(steps), (videos, 1))
-        train = np.flatnonzero(split == "train")
-        for name, dim, _ in FEATURES:
-            out = f.create_dataset(f"features/{name}", (videos, steps, dim), np.float16)
-            for row in train:
-                out[row] = rng.standard_normal((steps, dim), dtype=np.float32).astype(np.float16)
-        f["flops"] = np.array([(n, int(n.split("@")[1]), g, 0, d) for n, d, g in FEATURES], dtype=FLOPS_DTYPE)
+    labels = np.zeros((videos, classes), np.uint8)
+    labels[np.arange(videos), rng.integers(0, classes, videos)] = 1
+    train = split == "train"
+
+    def rows(dim: int):
+        def block(lo: int, hi: int) -> np.ndarray:  # random features for train videos, zeros for test
+            out = np.zeros((hi - lo, steps, dim), np.float16)
+            out[train[lo:hi]] = rng.standard_normal((int(train[lo:hi].sum()), steps, dim), dtype=np.float32)
+            return out
+        return block
+
+    write_cache(path, dataset="synthetic", sampling={"num_frames": steps}, classes=[str(i) for i in range(classes)],
+                ids=[str(i) for i in range(videos)], splits=split.tolist(), labels=labels,
+                length=np.full(videos, steps), frame_index=np.tile(np.arange(steps), (videos, 1)),
+                flops=[FlopsEntry(n, int(n.split("@")[1]), g, 0, d) for n, d, g in FEATURES],
+                features={n: rows(d) for n, d, _ in FEATURES}, block_rows=256)
 
 
 def matmul_flops(device: torch.device, n: int = 2048) -> float:
@@ -108,7 +108,7 @@ def main() -> None:
         path = args.keep or os.path.join(tmp, "fcvid_shape.h5")
         if not os.path.exists(path):
             start = time.perf_counter()
-            writer = multiprocessing.get_context("fork").Process(target=write_cache, args=(path, args.videos))
+            writer = multiprocessing.get_context("fork").Process(target=make_cache, args=(path, args.videos))
             writer.start()
             writer.join()
             print(f"wrote {path} ({args.videos} videos, {os.path.getsize(path) / 2**30:.1f} GiB) "
@@ -150,7 +150,8 @@ def main() -> None:
             else:
                 wait, compute = wait + t1 - t0, compute + t2 - t1
         start = time.perf_counter()
-        val = summarise(run_inference(method, model, store, val_rows, cfg.batch_size), store.labels[val_rows], method)
+        inf = run_inference(method, model, store, val_rows, cfg.batch_size)
+        val = evaluate_split(method, inf, store.labels[val_rows])
         val_seconds = time.perf_counter() - start
         peak_rss = resident()[1]  # the peak since the reset before the first step: every earlier moment held less
         timed = steps * cfg.batch_size

@@ -22,8 +22,8 @@ Examples:
   evaluate --report tradeoff --plot tradeoff.png
 """)
 @click.option("--report", type=click.Choice(sorted(REPORTS)), required=True,
-              help="table1 (offline results), sync, gamma, lstm-size (LiteEval Tables 2-4), online (Fig. 2), "
-                   "usage (Fig. 3), frames (Fig. 4), actions, losses, stages (AR-Net Tables 4-6), tradeoff.")
+              help="; ".join(f"{name}: {fn.__doc__.split('.')[0].split(':')[0]}"
+                             for name, fn in sorted(REPORTS.items())))
 @click.option("--runs", "run_dirs", multiple=True, metavar="DIR",
               help="Run folders, or folders holding them (searched recursively). Default: data/runs.")
 @click.option("--format", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)

@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-import h5py
 import numpy as np
 
+from extract.cache import Cache
 from extract.metrics import hit_at_k
+from policy.methods import METHODS
+from policy.methods.base import Ablation
 
 from .published import published_rows
 from .runs import Run, RunError
@@ -56,9 +58,10 @@ def register_report(name: str):
 
 
 def run_row(run: Run, opts: Options, **extra) -> dict:
-    m = run.metrics(opts.ap)
+    m = run.summary(opts.ap)
     return {"source": "ours", "method": run.label, "dataset": run.dataset, "features": run.features, **extra,
-            "mAP": m["mAP"], "top1": m["top1"], "GFLOPs/f": m["gflops_f"], "GFLOPs/V": m["gflops_v"], "_run": run}
+            "mAP": 100 * m["mAP"], "top1": 100 * m["top1"], "GFLOPs/f": m["gflops_per_frame"],
+            "GFLOPs/V": m["gflops_per_video"], "_run": run}
 
 
 def table_report(name: str, title: str, runs: list[Run], opts: Options, select: Callable[[Run], bool],
@@ -81,7 +84,7 @@ def table_report(name: str, title: str, runs: list[Run], opts: Options, select: 
         report.notes.append("features: l2 = per-frame L2-normalised (LiteEval's code), none = raw pooled features "
                             "(AR-Net's heads); in parentheses, the official code's conventions a row used")
     for r in chosen:
-        left = r.metrics(opts.ap)["left_out"]
+        left = r.summary(opts.ap)["classes_without_positives"]
         if left and opts.ap == "arnet":
             report.notes.append(f"{r.path}: {left} classes without a positive count as AP 0 (--ap arnet)")
         elif left:
@@ -116,78 +119,68 @@ def scatter(fig, rows: list[dict], title: str) -> None:
 COMMAND = "train-policy --method {}"
 
 
+def showing(report: str) -> list[str]:
+    """Registry names of the methods whose runs ``report`` shows (their ``reports`` name it)."""
+    return [name for name, cls in METHODS.items() if report in cls.reports]
+
+
+def shows(run: Run, report: str) -> bool:
+    cls = METHODS.get(run.method)
+    return cls is not None and report in cls.reports
+
+
+def is_baseline(run: Run) -> bool:
+    cls = METHODS.get(run.method)
+    return cls is not None and cls.baseline
+
+
+def baseline_names() -> list[str]:
+    return [name for name, cls in METHODS.items() if cls.baseline]
+
+
 @register_report("table1")
 def table1(runs, opts):
     """Offline recognition: LiteEval Table 1 and AR-Net Tables 1-2 in one view."""
     return table_report("table1", "Offline recognition", runs, opts, lambda r: True,
-                        lambda r: {"frames/V": r.metrics(opts.ap)["frames_v"]},
-                        [COMMAND.format(m) for m in ("uniform", "lstm", "liteeval-rl", "liteeval", "random",
-                                                     "multiscale", "scsampler", "arnet")])
+                        lambda r: {"frames/V": r.summary(opts.ap)["frames_per_video"]},
+                        [COMMAND.format(m) for m in METHODS])
 
 
-@register_report("sync")
-def sync(runs, opts):
-    """LiteEval Table 2: with and without synchronising the LSTMs."""
-    report = table_report("sync", "Synchronising the fine LSTM with the coarse LSTM", runs, opts,
-                          lambda r: r.method == "liteeval", lambda r: {"sync": r.config.get("sync", True)},
-                          [COMMAND.format("liteeval"), COMMAND.format("liteeval") + " --no-sync"])
-    variants = {r["sync"] for r in report.rows if r["source"] == "ours"}
-    for sync_on, command in ((True, COMMAND.format("liteeval")), (False, COMMAND.format("liteeval") + " --no-sync")):
-        if variants and sync_on not in variants:
-            report.notes.append(f"no run with sync={sync_on}; produce one with: {command}")
+def _order(value) -> tuple:
+    """Sort key of a cell: numbers by value, before anything else by text."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _cell(value):
+    """A config value in a table cell: lists as comma lists."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def ablation_report(owner: str, ablation: Ablation) -> Callable[[list[Run], Options], Report]:
+    """The report of one method's declared :class:`~policy.methods.base.Ablation`."""
+
+    def report(runs: list[Run], opts: Options) -> Report:
+        columns = ablation.columns
+        sort_key = (lambda row: tuple(_order(row[c]) for c in columns)) if ablation.sort else None
+        return table_report(ablation.report, ablation.title, runs, opts,
+                            lambda r: r.method == owner or shows(r, ablation.report),
+                            lambda r: {c: _cell(r.config.get(key, "-")) for c, key in columns.items()},
+                            [f"{COMMAND.format(owner)} {v}".strip() for v in ablation.variants], sort_key=sort_key)
+
+    report.__doc__ = f"{ablation.title}: {METHODS[owner].display or owner} runs by {', '.join(ablation.columns)}."
     return report
 
 
-@register_report("gamma")
-def gamma(runs, opts):
-    """LiteEval Table 3: mAP and GFLOPs per target usage gamma."""
-    return table_report("gamma", "Fine-feature usage target γ", runs, opts, lambda r: r.method == "liteeval",
-                        lambda r: {"γ": r.config["gamma"]},
-                        [COMMAND.format("liteeval") + f" --gamma {g}" for g in (0.01, 0.03, 0.05, 0.1)],
-                        sort_key=lambda row: row["γ"])
-
-
-@register_report("lstm-size")
-def lstm_size(runs, opts):
-    """LiteEval Table 4: hidden units of the coarse (and fine) LSTM."""
-    return table_report("lstm-size", "LSTM sizes", runs, opts, lambda r: r.method == "liteeval",
-                        lambda r: {"cLSTM units": r.config["hidden_coarse"], "fLSTM units": r.config["hidden_fine"]},
-                        [COMMAND.format("liteeval") + f" --set hidden_coarse={u}" for u in (64, 128, 256, 512)],
-                        sort_key=lambda row: (row["fLSTM units"], row["cLSTM units"]))
-
-
-@register_report("actions")
-def actions(runs, opts):
-    """AR-Net Table 4: action spaces (resolution / skip / both) against UNIFORM and LSTM."""
-    return table_report("actions", "AR-Net action spaces", runs, opts,
-                        lambda r: r.method in ("uniform", "lstm", "arnet"),
-                        lambda r: {"actions": r.config.get("actions", "-")},
-                        [COMMAND.format("arnet") + f" --set actions={a}" for a in ("resolution", "skip", "both")])
-
-
-@register_report("losses")
-def losses(runs, opts):
-    """AR-Net Table 5: the loss terms through alpha and beta."""
-    return table_report("losses", "AR-Net losses", runs, opts, lambda r: r.method == "arnet",
-                        lambda r: {"α": r.config["alpha"], "β": r.config["beta"]},
-                        [COMMAND.format("arnet") + f" --set alpha={a} --set beta={b}" for a, b in
-                         ((0, 0), (0.1, 0), (0.1, 0.3))], sort_key=lambda row: (row["α"], row["β"]))
-
-
-@register_report("stages")
-def stages(runs, opts):
-    """AR-Net Table 6: training stages."""
-    return table_report("stages", "AR-Net training stages", runs, opts, lambda r: r.method == "arnet",
-                        lambda r: {"stages": r.config["stages"]},
-                        [COMMAND.format("arnet") + f" --set stages={s}" for s in
-                         ("joint", "warmup,joint", "warmup,joint,finetune")])
+for _owner, _cls in METHODS.items():
+    for _ablation in _cls.__dict__.get("ablations", ()):  # declared by this class, not inherited
+        register_report(_ablation.report)(ablation_report(_owner, _ablation))
 
 
 @register_report("tradeoff")
 def tradeoff(runs, opts):
     """mAP against GFLOPs per video for every run, the Pareto front marked."""
     report = table_report("tradeoff", "Accuracy against computation", runs, opts, lambda r: True, lambda r: {},
-                          [COMMAND.format("uniform"), COMMAND.format("liteeval"), COMMAND.format("arnet")])
+                          [COMMAND.format(m) for m in METHODS])
     ours = [r for r in report.rows if r["source"] == "ours"]
     for r in ours:
         r["pareto"] = not any(o["mAP"] >= r["mAP"] and o["GFLOPs/V"] <= r["GFLOPs/V"] and
@@ -213,20 +206,21 @@ def _same_videos(a: Run, b: Run) -> None:
 
 @register_report("online")
 def online(runs, opts):
-    """LiteEval Fig. 2: top-1 against GFLOPs when LiteEval stops after its K-th fine read
-    (LiteEval-K), against UNIFORM-K (K frames spread over the first K' frames, K' where LiteEval
-    stopped) and SEQ-K (the first K frames), both from the UNIFORM run's per-frame scores."""
-    report = Report("Online recognition with a budget of K fine reads",
+    """LiteEval Fig. 2: top-1 against GFLOPs when a method that can stop early (its ``reports`` name
+    ``online``) stops after its K-th expensive read (``NAME-K``), against UNIFORM-K (K frames spread
+    over the first K' frames, K' where that method stopped) and SEQ-K (the first K frames), both from
+    the baseline run's per-frame scores."""
+    report = Report("Online recognition with a budget of K expensive reads",
                     ["source", "curve", "K", "top1", "GFLOPs/V"])
-    lite = [r for r in runs if r.method == "liteeval"]
-    uniform = [r for r in runs if r.method == "uniform" and not r.config.get("frames", 0)]  # over every frame
-    if not lite or not uniform:
-        report.notes.append("needs a liteeval run and a uniform run over every frame of one cache; produce them with: "
-                            + " ; ".join(command for command, have in ((COMMAND.format("liteeval"), lite),
-                                                                       (COMMAND.format("uniform") + " --set frames=0",
-                                                                        uniform)) if not have))
+    stopping = [r for r in runs if shows(r, "online")]
+    every = [r for r in runs if is_baseline(r) and not r.config.get("frames", 0)]  # the baseline over every frame
+    if not stopping or not every:
+        needed = [(" / ".join(COMMAND.format(m) for m in showing("online")), stopping),
+                  (" / ".join(COMMAND.format(m) + " --set frames=0" for m in baseline_names()), every)]
+        report.notes.append("needs a run of a method that can stop early and a baseline run over every frame of one "
+                            "cache; produce them with: " + " ; ".join(command for command, have in needed if not have))
         return report
-    base = max(uniform, key=lambda r: float(r.gflops.mean()))  # UNIFORM on the fine features
+    base = max(every, key=lambda r: float(r.gflops.mean()))  # the baseline on the expensive features
     frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")
     labels = base.labels
     curves: dict[str, list[tuple[float, float]]] = {}
@@ -236,25 +230,25 @@ def online(runs, opts):
         curves.setdefault(curve, []).append((spent, top1))
         report.rows.append({"source": "ours", "curve": curve, "K": K, "top1": top1, "GFLOPs/V": spent})
 
-    for run in lite:
+    for run in stopping:
         _same_videos(run, base)  # same videos, so the same T
         steps, cost = run.array("step_scores"), run.array("step_gflops")
-        reads = np.cumsum(run.actions == 2, axis=1)
-        last = (run.actions != -1).sum(1) - 1
+        reads = np.cumsum(run.codes.is_expensive(run.actions), axis=1)
+        last = run.codes.sampled(run.actions).sum(1) - 1
         n, T = reads.shape
         rows = np.arange(n)
         for K in range(1, T + 1):
             hit = reads >= K
             stop = np.where(hit.any(1), hit.argmax(1), last)
             add(run.label, K, steps[rows, stop], float(cost[rows, stop].mean()))
-            if run is lite[0]:
+            if run is stopping[0]:
                 seen = stop + 1
                 spread = np.minimum((seen[:, None] / K * (np.arange(K) + 0.5)).astype(int), seen[:, None] - 1)
                 spent = float(base_cost[:, K - 1].mean())
                 add("UNIFORM-K", K, np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32)
                     .mean(1), spent)
                 add("SEQ-K", K, frame_scores[:, :K].astype(np.float32).sum(1)
-                    / np.minimum(K, (base.actions != -1).sum(1))[:, None], spent)
+                    / np.minimum(K, base.codes.sampled(base.actions).sum(1))[:, None], spent)
 
     def figure(fig):
         ax = fig.add_subplot(111)
@@ -271,23 +265,25 @@ def online(runs, opts):
 
 def _class_names(run: Run) -> list[str]:
     if os.path.isfile(run.cache):
-        with h5py.File(run.cache, "r") as f:
-            return [c.decode() for c in f["classes"][:]]
+        with Cache(run.cache) as cache:
+            return cache.classes
     return [str(i) for i in range(run.labels.shape[1])]
 
 
 @register_report("usage")
 def usage(runs, opts):
-    """LiteEval Fig. 3: per class, the distribution of the fraction of frames given fine features."""
+    """LiteEval Fig. 3: per class, the distribution of the fraction of sampled frames given the
+    expensive features, for the first run whose method's ``reports`` name ``usage``."""
     report = Report("Fine-feature usage per class", ["source", "method", "class", "videos", "mean", "median",
                                                      "q1", "q3"])
-    lite = sorted((r for r in runs if r.method in ("liteeval", "liteeval-rl", "arnet")), key=lambda r: r.method == "arnet")
-    if not lite:
-        report.notes.append("no liteeval run; produce one with: " + COMMAND.format("liteeval"))
+    chosen = [r for r in runs if shows(r, "usage")]
+    if not chosen:
+        report.notes.append("no run that spends adaptively; produce one with: "
+                            + " / ".join(COMMAND.format(m) for m in showing("usage")))
         return report
-    run = lite[0]
-    fine = 2 if run.method.startswith("liteeval") else 0
-    per_video = (run.actions == fine).sum(1) / np.maximum((run.actions != -1).sum(1), 1)
+    run = chosen[0]
+    codes = run.codes
+    per_video = codes.is_expensive(run.actions).sum(1) / np.maximum(codes.sampled(run.actions).sum(1), 1)
     names, first_label = _class_names(run), run.labels.argmax(1)
     groups = {c: per_video[first_label == c] for c in np.unique(first_label)}
     for c, values in sorted(groups.items(), key=lambda kv: -kv[1].mean()):
@@ -300,7 +296,7 @@ def usage(runs, opts):
         order = [c for c, _ in sorted(groups.items(), key=lambda kv: -kv[1].mean())]
         ax.boxplot([groups[c] for c in order], showmeans=True)
         ax.set_xticks(range(1, len(order) + 1), [names[c] for c in order], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("fraction of frames with fine features")
+        ax.set_ylabel("fraction of frames with expensive features")
         ax.set_title(f"Fine-feature usage per class ({run.label})")
         fig.tight_layout()
 
@@ -311,41 +307,42 @@ def usage(runs, opts):
 
 @register_report("frames")
 def frames(runs, opts):
-    """LiteEval Fig. 4: the sampled frames of a few videos, those that got fine features (or each
-    frame's resolution) marked; the frames are read from the video files through the cache."""
+    """LiteEval Fig. 4: the sampled frames of a few videos of the first run whose method's
+    ``reports`` name ``frames``, each marked with what the policy did there (the run's action
+    marks); the frames are read from the video files through the cache."""
     report = Report("Frames chosen by the policy", ["source", "method", "video", "actions"])
-    chosen = sorted((r for r in runs if r.method in ("liteeval", "arnet")), key=lambda r: r.method == "arnet")
+    chosen = [r for r in runs if shows(r, "frames")]
     if not chosen:
-        report.notes.append("no liteeval or arnet run; produce one with: " + COMMAND.format("liteeval"))
+        report.notes.append("no run of a policy; produce one with: "
+                            + " / ".join(COMMAND.format(m) for m in showing("frames")))
         return report
     run = chosen[0]
     if not os.path.isfile(run.cache):
         raise RunError(f"{run.path}: its cache {run.cache} is gone; the frames report reads videos through it")
-    with h5py.File(run.cache, "r") as f:
-        if "videos/path" not in f:
+    picks = run.video_id[: opts.videos]
+    with Cache(run.cache) as cache:
+        if not cache.has_paths:
             raise RunError(f"{run.cache} holds no video paths (made by an older extract-features): re-extract it")
-        row_of = {v.decode(): i for i, v in enumerate(f["videos/id"][:])}
-        root = f.attrs.get("video_root", "")
-        picks = run.video_id[: opts.videos]
-        paths = [os.path.join(root, f["videos/path"][row_of[v]].decode()) for v in picks]
-        indices = [f["videos/frame_index"][row_of[v]] for v in picks]
-    legend = run.legend
+        row_of = {v: i for i, v in enumerate(cache.ids)}
+        paths = [cache.video_path(row_of[v]) for v in picks]
+        indices = [cache.frame_index(row_of[v]) for v in picks]
+    codes = run.codes
 
-    def short(code: int) -> str:  # c coarse only, F fine, 224 a resolution, s4 a skip, . skipped over
-        name = legend.get(code, str(code))
-        return {"coarse only": "c", "fine": "F", "skipped over": "."}.get(name, name.split("@")[-1].replace("skip ", "s"))
+    def mark(code: int) -> str:
+        return codes.marks.get(code, str(code))
 
     for v, acts in zip(picks, run.actions[: opts.videos]):
         report.rows.append({"source": "ours", "method": run.label, "video": v,
-                            "actions": " ".join(short(int(a)) for a in acts if a != -1)})
-    report.notes.append("actions per sampled frame: c coarse only, F fine, 224/112/84 the resolution, "
-                        "s1/s2/s4 a skip, . skipped over")
+                            "actions": " ".join(mark(int(a)) for a in acts if a != codes.padding)})
+    report.notes.append("actions per sampled frame: " + ", ".join(f"{m} {codes.legend.get(c, c)}"
+                                                                  for c, m in codes.marks.items()))
 
     def figure(fig):
         from extract.decode import open_reader, preprocess
 
-        fine = 2 if run.method.startswith("liteeval") else 0
         T = run.actions.shape[1]
+        expensive, visited = codes.is_expensive(run.actions), codes.is_visited(run.actions)
+        jumped = codes.sampled(run.actions) & ~visited
         for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions)):
             real = idx[idx >= 0]  # the 224 x 224 crops the backbones saw
             images = preprocess(open_reader(path).get_batch(real.tolist()).asnumpy()).permute(0, 2, 3, 1).numpy()
@@ -354,59 +351,73 @@ def frames(runs, opts):
                 ax.imshow(image)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                colour = "lime" if acts[t] == fine else ("red" if acts[t] < -1 else "none")
+                colour = "lime" if expensive[row, t] else ("red" if jumped[row, t] else "none")
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(3 if colour != "none" else 0)
-                if run.method == "arnet" and acts[t] >= 0:
-                    ax.set_title(legend.get(int(acts[t]), "").split("@")[-1], fontsize=6)
-        fig.suptitle(f"{run.label}: green = fine features" + (", red = skipped" if run.method == "arnet" else ""))
+                if visited[row, t]:
+                    ax.set_title(mark(int(acts[t])), fontsize=6)
+        fig.suptitle(f"{run.label}: green = expensive features, red = not read")
 
     report.figure = figure
     report.figure_size = (1.3 * run.actions.shape[1], 1.4 * len(paths) + 0.6)
     return report
 
 
+def _sweeps(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs of each method with a ``budget_knob``, grouped by everything else in their config:
+    ``(method, config) -> runs`` that differ only in the knob (and their folder)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        cls = METHODS.get(r.method)
+        if cls is not None and cls.budget_knob:
+            rest = {k: v for k, v in r.config.items() if k not in (cls.budget_knob, "out")}
+            groups.setdefault((r.method, repr(sorted(rest.items()))), []).append(r)
+    return groups
+
+
 @register_report("claims")
 def claims(runs, opts):
     """The demo's claims, checked on the runs: each with what was measured and whether it holds."""
     report = Report("Claims", ["source", "claim", "measured", "holds"])
-    by = {}
-    for r in runs:
-        by.setdefault(r.method, []).append(r)
-    uniform = max(by.get("uniform", []), key=lambda r: float(r.gflops.mean()), default=None)
+    baselines = [r for r in runs if is_baseline(r)]
+    uniform = max(baselines, key=lambda r: float(r.gflops.mean()), default=None)
     if uniform is None:
-        report.notes.append("needs a uniform run: " + COMMAND.format("uniform"))
+        report.notes.append("needs a baseline run: " + " / ".join(COMMAND.format(m) for m in baseline_names()))
         return report
-    base = uniform.metrics(opts.ap)
+    base = uniform.summary(opts.ap)
 
     def add(claim: str, measured: str, holds: bool) -> None:
         report.rows.append({"source": "ours", "claim": claim, "measured": measured, "holds": bool(holds)})
 
-    for method in ("liteeval", "arnet"):
-        for run in by.get(method, []):
-            m = run.metrics(opts.ap)
-            add(f"{run.label}: mAP within 1.5 points of UNIFORM at <= 55% of its GFLOPs/V",
-                f"mAP {m['mAP']:.1f} vs {base['mAP']:.1f}; GFLOPs/V {m['gflops_v']:.3f} = "
-                f"{100 * m['gflops_v'] / base['gflops_v']:.0f}% of {base['gflops_v']:.3f}",
-                m["mAP"] >= base["mAP"] - 1.5 and m["gflops_v"] <= 0.55 * base["gflops_v"])
-    coarse = [r for r in by.get("uniform", []) if r is not uniform]
-    if coarse:
-        m = min(coarse, key=lambda r: float(r.gflops.mean())).metrics(opts.ap)
+    for run in (r for r in runs if shows(r, "claims")):
+        m = run.summary(opts.ap)
+        add(f"{run.label}: mAP within 1.5 points of UNIFORM at <= 55% of its GFLOPs/V",
+            f"mAP {100 * m['mAP']:.1f} vs {100 * base['mAP']:.1f}; GFLOPs/V {m['gflops_per_video']:.3f} = "
+            f"{100 * m['gflops_per_video'] / base['gflops_per_video']:.0f}% of {base['gflops_per_video']:.3f}",
+            m["mAP"] >= base["mAP"] - 0.015 and m["gflops_per_video"] <= 0.55 * base["gflops_per_video"])
+    cheaper = [r for r in baselines if r is not uniform]
+    if cheaper:
+        m = min(cheaper, key=lambda r: float(r.gflops.mean())).summary(opts.ap)
         add("coarse features alone score >= 10 mAP points below UNIFORM",
-            f"{m['mAP']:.1f} vs {base['mAP']:.1f}", m["mAP"] <= base["mAP"] - 10)
-    for rnd in (r for r in by.get("random", []) if r.config.get("match_run")):
+            f"{100 * m['mAP']:.1f} vs {100 * base['mAP']:.1f}", m["mAP"] <= base["mAP"] - 0.10)
+    for rnd in (r for r in runs if r.config.get("match_run")):
         learned = [r for r in runs if os.path.abspath(r.path) == os.path.abspath(rnd.config["match_run"])]
         if learned:
-            a, b = rnd.metrics(opts.ap), learned[0].metrics(opts.ap)
+            a, b = rnd.summary(opts.ap), learned[0].summary(opts.ap)
             add("random policy at the learned policy's budget scores clearly (>= 5 points) below it",
-                f"random {a['mAP']:.1f} at {a['gflops_v']:.3f} GFLOPs/V vs {learned[0].label} {b['mAP']:.1f} at "
-                f"{b['gflops_v']:.3f}", a["mAP"] <= b["mAP"] - 5)
-    lite = [r for r in by.get("liteeval", []) if r.config.get("sync", True)]
-    if len(lite) >= 2:
-        points = sorted((r.config["gamma"], r.metrics(opts.ap)["gflops_v"]) for r in lite)
-        add("the γ sweep moves GFLOPs monotonically", ", ".join(f"γ={g:g}: {v:.3f}" for g, v in points),
-            all(a[1] < b[1] for a, b in zip(points, points[1:])))
+                f"random {100 * a['mAP']:.1f} at {a['gflops_per_video']:.3f} GFLOPs/V vs {learned[0].label} "
+                f"{100 * b['mAP']:.1f} at {b['gflops_per_video']:.3f}", a["mAP"] <= b["mAP"] - 0.05)
+    for (method, _), group in _sweeps(runs).items():
+        if len(group) >= 2:
+            cls = METHODS[method]
+            knob = cls.budget_knob
+            symbol = next((column for ablation in cls.ablations for column, field in ablation.columns.items()
+                           if field == knob), knob)  # as the method's ablation table heads it (γ)
+            points = sorted((r.config[knob], r.summary(opts.ap)["gflops_per_video"]) for r in group)
+            add(f"the {symbol} sweep moves GFLOPs monotonically",
+                ", ".join(f"{symbol}={g:g}: {v:.3f}" for g, v in points),
+                all(a[1] < b[1] for a, b in zip(points, points[1:])))
     curve = online(runs, opts)
     seq = sorted((r["GFLOPs/V"], r["top1"]) for r in curve.rows if r["curve"] == "SEQ-K")
     for name in dict.fromkeys(r["curve"] for r in curve.rows if r["curve"] not in ("SEQ-K", "UNIFORM-K")):

@@ -177,7 +177,8 @@ def create_backbone(name: str, *, weights: str = "imagenet") -> Backbone:
         state, identity = None, "none (random init, torch seed 0)"
     else:
         if not os.path.isfile(weights):
-            raise WeightsUnavailable(f"--weights {weights}: no such file (expected imagenet, none or a state-dict path)")
+            raise WeightsUnavailable(f"--weights {weights}: no such file "
+                                     "(expected imagenet, none or a state-dict path)")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         identity = f"file:{os.path.abspath(weights)}:sha256={_sha256(weights)}"
     if state is not None:

@@ -1,4 +1,6 @@
-"""The HDF5 feature cache: its schema, the journal that makes extraction resumable, and assembly.
+"""The HDF5 feature cache: its schema, its one reader (:class:`Cache`), its writers (:func:`assemble`
+for extraction, :func:`write_cache` for synthetic caches) and the journal that makes extraction
+resumable. No other module spells a path inside the cache.
 
 Schema (browse with ``h5ls -r CACHE.h5``)::
 
@@ -32,7 +34,8 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from functools import cached_property
+from typing import Callable, Iterator, Union
 
 import h5py
 import numpy as np
@@ -49,6 +52,164 @@ BLOCK_BYTES = 256 << 20  # assembly writes each backbone's features in blocks of
 
 class CacheMismatch(ValueError):
     """An existing cache that belongs to another dataset, sampling or weights."""
+
+
+class Cache:
+    """Read a cache: the one reader ``policy/``, ``eval/``, ``bench/`` and the tests use. Per-video
+    arrays are read on first use; features stay on disk until :meth:`features` is read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = h5py.File(path, "r")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def attr(self, key: str, default: str = "") -> str:
+        return self.file.attrs.get(key, default)
+
+    @property
+    def dataset(self) -> str:
+        return self.attr("dataset", "?")
+
+    @property
+    def video_root(self) -> str:
+        return self.attr("video_root")
+
+    @cached_property
+    def sampling(self) -> dict:
+        return json.loads(self.attr("sampling", "{}"))
+
+    @cached_property
+    def preprocessing(self) -> dict:
+        return json.loads(self.attr("preprocessing", "{}"))
+
+    @cached_property
+    def weights(self) -> dict[str, str]:
+        """Backbone name -> identity of the weights its features were computed with."""
+        return json.loads(self.attr("weights", "{}"))
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return [c.decode() for c in self.file["classes"][:]]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [i.decode() for i in self.file["videos/id"][:]]
+
+    @cached_property
+    def split(self) -> np.ndarray:
+        """(N,) str: train | val | test."""
+        return np.array([s.decode() for s in self.file["videos/split"][:]])
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """(N, C) uint8 multi-hot."""
+        return self.file["videos/labels"][:]
+
+    @cached_property
+    def length(self) -> np.ndarray:
+        """(N,) int64 real frames per video."""
+        return self.file["videos/length"][:].astype(np.int64)
+
+    def frame_index(self, row: int) -> np.ndarray:
+        """(T,) int64 source frame of each step of video ``row``, -1 past its length."""
+        return self.file["videos/frame_index"][row]
+
+    @property
+    def has_paths(self) -> bool:
+        return "videos/path" in self.file
+
+    def video_path(self, row: int) -> str:
+        """The video file of ``row`` (joined to the cache's ``video_root``)."""
+        return os.path.join(self.video_root, self.file["videos/path"][row].decode())
+
+    @cached_property
+    def backbones(self) -> list[str]:
+        """Names of the features held, sorted."""
+        return sorted(self.file["features"].keys()) if "features" in self.file else []
+
+    def features(self, name: str) -> h5py.Dataset:
+        """(N, T, D) float16 features ``name``, zero past each video's length; read what you slice."""
+        return self.file["features"][name]
+
+    @cached_property
+    def flops(self) -> dict[str, FlopsEntry]:
+        """Backbone name -> its FLOPs-table entry (GMACs per frame)."""
+        return {row["name"].decode(): FlopsEntry(row["name"].decode(), int(row["resolution"]), float(row["gflops"]),
+                                                 int(row["params"]), int(row["dim"])) for row in self.file["flops"][:]}
+
+    @cached_property
+    def failed(self) -> dict[str, str]:
+        """Video id -> why it is not in the cache."""
+        return {r["id"].decode(): r["reason"].decode() for r in self.file["failed"][:]} if "failed" in self.file else {}
+
+
+Features = Union[np.ndarray, Callable[[int, int], np.ndarray]]  # (N, T, D) array, or rows lo..hi -> (hi - lo, T, D)
+
+
+def _write_layout(f: h5py.File, *, attrs: dict[str, str], weights: dict[str, str], classes: list[str], ids: list[str],
+                  paths: list[str], splits: list[str], labels: np.ndarray, length: np.ndarray,
+                  frame_index: np.ndarray, flops: dict[str, FlopsEntry],
+                  failed: list[tuple[str, str]]) -> dict[str, h5py.Dataset]:
+    """Write everything but the features' values into open file ``f``; returns the empty feature
+    datasets by name (one LZF chunk per video), to be filled in blocks of rows."""
+    f.attrs.update(attrs)
+    f.attrs["weights"] = json.dumps(weights, sort_keys=True)
+    f.attrs["version"] = __version__
+    f["classes"] = np.array(classes, dtype=STR)
+    g = f.create_group("videos")
+    g["id"] = np.array(ids, dtype=STR)
+    g["path"] = np.array(paths, dtype=STR)
+    g["split"] = np.array(splits, dtype=STR)
+    g["labels"] = labels.astype(np.uint8)
+    g["length"] = length.astype(np.int32)
+    g["frame_index"] = frame_index.astype(np.int64)
+    n, T = frame_index.shape
+    packed = n > 0 and T > 0  # HDF5 refuses chunks of an empty dataset
+    feats = f.create_group("features")
+    outs = {name: feats.create_dataset(name, shape=(n, T, flops[name].dim), dtype=np.float16,
+                                       chunks=(1, T, flops[name].dim) if packed else None,
+                                       compression="lzf" if packed else None) for name in sorted(flops)}
+    f["flops"] = np.array([(e.name, e.resolution, e.gflops, e.params, e.dim) for _, e in sorted(flops.items())],
+                          dtype=FLOPS_DTYPE)
+    f["failed"] = np.array(failed, dtype=FAILED_DTYPE)
+    return outs
+
+
+def write_cache(path: str, *, dataset: str, sampling: dict, classes: list[str], ids: list[str], splits: list[str],
+                labels: np.ndarray, length: np.ndarray, frame_index: np.ndarray, flops: list[FlopsEntry],
+                features: dict[str, Features], paths: list[str] | None = None, attrs: dict[str, str] | None = None,
+                block_rows: int = 1024) -> None:
+    """Write a whole cache atomically from arrays (the synthetic caches of benchmarks and tests).
+
+    ``labels`` (N, C) multi-hot; ``length`` (N,); ``frame_index`` (N, T); ``flops`` one entry per
+    feature; ``features`` by name, an (N, T, D) array or a function of ``(lo, hi)`` giving rows
+    ``lo:hi`` (written ``block_rows`` at a time, so a cache larger than RAM can be made).
+    """
+    entries = {e.name: e for e in flops}
+    if set(entries) != set(features):
+        raise ValueError(f"flops entries {sorted(entries)} and features {sorted(features)} differ")
+    n = len(ids)
+
+    def fill(f: h5py.File) -> None:
+        outs = _write_layout(f, attrs={"dataset": dataset, "sampling": json.dumps(sampling), "video_root": "",
+                                       "preprocessing": "{}", **(attrs or {})},
+                             weights={name: "synthetic" for name in entries}, classes=classes, ids=ids,
+                             paths=paths if paths is not None else ids, splits=splits, labels=labels, length=length,
+                             frame_index=frame_index, flops=entries, failed=[])
+        for name, source in features.items():
+            for lo in range(0, n, block_rows):
+                hi = min(lo + block_rows, n)
+                outs[name][lo:hi] = source[lo:hi] if isinstance(source, np.ndarray) else source(lo, hi)
+
+    write_atomic(path, fill)
 
 
 @dataclass
@@ -107,18 +268,15 @@ def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str, cla
     or class list."""
     if not os.path.exists(path):
         return CacheInfo()
-    with h5py.File(path, "r") as f:
+    with Cache(path) as cache:
         for key, want in (("dataset", dataset), ("sampling", sampling), ("preprocessing", preprocessing)):
-            have = f.attrs.get(key)
+            have = cache.attr(key, None)
             if have != want:
                 raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
-        if [c.decode() for c in f["classes"][:]] != classes:
+        if cache.classes != classes:
             raise CacheMismatch(f"{path} has another class list than these annotations: pass another --out")
-        flops = {row["name"].decode(): FlopsEntry(row["name"].decode(), int(row["resolution"]), float(row["gflops"]),
-                                                   int(row["params"]), int(row["dim"])) for row in f["flops"][:]}
-        return CacheInfo(ids=[i.decode() for i in f["videos/id"][:]], backbones=sorted(f["features"].keys()),
-                         flops=flops, weights=json.loads(f.attrs["weights"]),
-                         failed=[r["id"].decode() for r in f["failed"][:]])
+        return CacheInfo(ids=cache.ids, backbones=cache.backbones, flops=cache.flops, weights=cache.weights,
+                         failed=list(cache.failed))
 
 
 class Journal:
@@ -298,26 +456,16 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
         frame_index[past] = -1
         kept = [videos[i] for i in keep.tolist()]
 
+        labels = np.zeros((len(kept), len(classes)), dtype=np.uint8)
+        labels[np.repeat(np.arange(len(kept)), [len(v.labels) for v in kept]),
+               np.array([c for v in kept for c in v.labels], dtype=np.int64)] = 1
+
         def fill(f: h5py.File) -> None:
-            f.attrs.update(attrs)
-            f.attrs["weights"] = json.dumps({k: weights[k] for k in backbones}, sort_keys=True)
-            f.attrs["version"] = __version__
-            f["classes"] = np.array(classes, dtype=STR)
-            g = f.create_group("videos")
-            g["id"] = np.array([v.id for v in kept], dtype=STR)
-            g["path"] = np.array(_relative([v.path for v in kept], attrs.get("video_root", "")), dtype=STR)
-            g["split"] = np.array([v.split for v in kept], dtype=STR)
-            labels = np.zeros((len(kept), len(classes)), dtype=np.uint8)
-            labels[np.repeat(np.arange(len(kept)), [len(v.labels) for v in kept]),
-                   np.array([c for v in kept for c in v.labels], dtype=np.int64)] = 1
-            g["labels"] = labels
-            g["length"] = lengths
-            g["frame_index"] = frame_index
-            feats = f.create_group("features")
-            packed = len(kept) > 0 and T > 0  # HDF5 refuses chunks of an empty dataset
-            outs = {n: feats.create_dataset(n, shape=(len(kept), T, flops[n].dim), dtype=np.float16,
-                                            chunks=(1, T, flops[n].dim) if packed else None,
-                                            compression="lzf" if packed else None) for n in backbones}
+            outs = _write_layout(f, attrs=attrs, weights={k: weights[k] for k in backbones}, classes=classes,
+                                 ids=[v.id for v in kept], paths=_relative([v.path for v in kept],
+                                                                           attrs.get("video_root", "")),
+                                 splits=[v.split for v in kept], labels=labels, length=lengths,
+                                 frame_index=frame_index, flops={n: flops[n] for n in backbones}, failed=failures)
             step = max(1, BLOCK_BYTES // max(1, 2 * T * max((flops[n].dim for n in backbones), default=1)))
             last = np.full(len(tables), -1)  # source -> last kept row it provides
             for name in backbones:
@@ -331,9 +479,6 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
                     out[lo:hi] = block
                 for s in np.flatnonzero((last >= lo) & (last < hi)).tolist():
                     tables[s] = {k: v for k, v in tables[s].items() if not k.startswith("features/")}
-            f["flops"] = np.array([(n, flops[n].resolution, flops[n].gflops, flops[n].params, flops[n].dim)
-                                   for n in backbones], dtype=FLOPS_DTYPE)
-            f["failed"] = np.array(failures, dtype=FAILED_DTYPE)
 
         write_atomic(path, fill)
     finally:

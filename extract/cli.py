@@ -48,18 +48,18 @@ def _listing(folder: str) -> list[str]:
 def dataset_inputs(dataset: str, annotations: tuple[str, ...], video_root: str | None, demo_seed: int,
                    progress: bool) -> tuple[list[str], str]:
     """The annotation files and video folder a command reads, defaults filled in: every file in
-    ``data/<dataset>/annotations/`` and ``data/<dataset>/videos``; for the demo, ``data/demo``,
-    generated from ``demo_seed`` the first time."""
-    video_root = video_root or os.path.join(DATA, "demo" if dataset == "demo" else os.path.join(dataset, "videos"))
-    annotations = list(annotations) or ([] if dataset == "demo" else _listing(os.path.join(DATA, dataset, "annotations")))
-    if dataset == "demo" and not annotations:
-        from .demo import ensure_demo
-
+    ``data/<dataset>/annotations/`` and the format's video folder (``data/<dataset>/videos``); a
+    generated dataset (the demo) is made there from ``demo_seed`` the first time."""
+    fmt = DATASETS[dataset]
+    video_root = video_root or os.path.join(DATA, fmt.video_root or os.path.join(dataset, "videos"))
+    default = [] if fmt.prepare else _listing(os.path.join(DATA, dataset, "annotations"))
+    annotations = list(annotations) or default
+    if fmt.prepare and not annotations:
         try:
-            ensure_demo(video_root, demo_seed, progress)
+            fmt.prepare(video_root, demo_seed, progress)
         except AnnotationError as err:
             raise click.UsageError(str(err)) from None
-    if DATASETS[dataset].needs_annotations and not annotations:
+    if fmt.needs_annotations and not annotations:
         raise click.UsageError(f"no --annotations given and data/{dataset}/annotations/ is empty")
     return annotations, video_root
 

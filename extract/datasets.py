@@ -38,22 +38,29 @@ class Annotations:
 Parser = Callable[[list[str], str, "str | None"], Annotations]
 
 
+Prepare = Callable[[str, int, bool], None]  # (video root, seed, progress): make the dataset there if missing
+
+
 @dataclass(frozen=True)
 class DatasetFormat:
-    """A registered annotation format: its parser, and whether it can do without annotation files."""
+    """A registered annotation format: its parser, whether it can do without annotation files,
+    its default video folder under ``data/`` and, for a generated dataset, what makes it."""
 
     parse: Parser
     needs_annotations: bool  # False: readable from the video root alone (no annotation file given)
+    video_root: str = ""  # default folder under data/ ("": <name>/videos)
+    prepare: Prepare | None = None  # called when no annotations are given (the demo generates itself)
 
 
 DATASETS: dict[str, DatasetFormat] = {}
 
 
-def register_dataset(name: str, *, needs_annotations: bool = True) -> Callable[[Parser], Parser]:
+def register_dataset(name: str, *, needs_annotations: bool = True, video_root: str = "",
+                     prepare: Prepare | None = None) -> Callable[[Parser], Parser]:
     def add(parser: Parser) -> Parser:
         if name in DATASETS:
             raise ValueError(f"dataset format {name!r} is registered twice")
-        DATASETS[name] = DatasetFormat(parser, needs_annotations)
+        DATASETS[name] = DatasetFormat(parser, needs_annotations, video_root, prepare)
         return parser
 
     return add
@@ -175,7 +182,7 @@ def _numbered_classes(classes: str | None, count: int) -> list[str]:
     return read_class_list(classes) if classes else [str(i) for i in range(count)]
 
 
-def _parse_label_lists(paths: list[str], root: str, class_names: list[str], line_format: str) -> Annotations:
+def parse_label_lists(paths: list[str], root: str, class_names: list[str], line_format: str) -> Annotations:
     """Lists with one video per line: ``space`` = ``<path> <label> [<label> ...]`` (mmaction2),
     ``frames`` = ``<path with spaces> <num_frames> <label>`` (AR-Net Mini-Kinetics),
     ``comma`` = ``<path>,<num_frames>,<label>[,<label> ...]`` (AR-Net FCVID)."""
@@ -225,7 +232,7 @@ def parse_fcvid(paths: list[str], root: str, classes: str | None) -> Annotations
         else:
             raise AnnotationError(f"{path}: neither an FCVID split file, a label matrix nor an AR-Net list")
     if kinds["comma"]:
-        return _parse_label_lists(kinds["comma"], root, class_names, "comma")
+        return parse_label_lists(kinds["comma"], root, class_names, "comma")
     if len(kinds["split"]) != 1 or len(kinds["matrix"]) != 1:
         raise AnnotationError("FCVID needs its split file and its label matrix (--annotations twice), or AR-Net lists")
     split_lines = list(_lines(kinds["split"][0]))
@@ -301,7 +308,7 @@ MINIK_NUM_CLASSES = 200
 def parse_minik(paths: list[str], root: str, classes: str | None) -> Annotations:
     """Mini-Kinetics lists as AR-Net/AdaFocus write them: ``<path> <num_frames> <label>`` (paths
     may contain spaces), split from the file name, class names from ``--classes``."""
-    return _parse_label_lists(paths, root, _numbered_classes(classes, MINIK_NUM_CLASSES), "frames")
+    return parse_label_lists(paths, root, _numbered_classes(classes, MINIK_NUM_CLASSES), "frames")
 
 
 @register_dataset("kinetics")
@@ -344,7 +351,7 @@ def parse_list(paths: list[str], root: str, classes: str | None) -> Annotations:
         for path in paths:
             for _, line in _lines(path):
                 largest = max([largest] + [int(t) + 1 for t in line.split()[1:] if t.isdigit()])
-        return _parse_label_lists(paths, root, _numbered_classes(classes, largest), "space")
+        return parse_label_lists(paths, root, _numbered_classes(classes, largest), "space")
     split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     layout = [(s, os.path.join(root, s)) for s in split_dirs] or [("train", root)]
     class_names = read_class_list(classes) if classes else sorted(
@@ -359,12 +366,3 @@ def parse_list(paths: list[str], root: str, classes: str | None) -> Annotations:
                     rel = os.path.relpath(os.path.join(folder, file), root)
                     result.videos.append(VideoRecord(rel, os.path.join(folder, file), (label,), split))
     return result
-
-
-@register_dataset("demo", needs_annotations=False)
-def parse_demo(paths: list[str], root: str, classes: str | None) -> Annotations:
-    """The synthetic demo (see :mod:`extract.demo`): mmaction2-style lists written by its generator."""
-    from .demo import annotation_files
-
-    lists, class_file = annotation_files(root)
-    return _parse_label_lists(paths or lists, root, read_class_list(classes or class_file), "space")

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .datasets import AnnotationError
+from .datasets import AnnotationError, Annotations, parse_label_lists, read_class_list, register_dataset
 
 # name -> (shape, RGB colour, 1-px texture or None)
 CLASSES: dict[str, tuple[str, tuple[int, int, int], str | None]] = {
@@ -132,6 +132,13 @@ def ensure_demo(root: str, seed: int, progress: bool = True) -> None:
     if not os.path.isfile(os.path.join(root, "classes.txt")):
         print(f"generating the demo dataset (seed {seed}) in {root}", file=sys.stderr)
         generate_demo(root, seed=seed, progress=progress)
+
+
+@register_dataset("demo", needs_annotations=False, video_root="demo", prepare=ensure_demo)
+def parse_demo(paths: list[str], root: str, classes: str | None) -> Annotations:
+    """The synthetic demo: mmaction2-style lists written by its generator."""
+    lists, class_file = annotation_files(root)
+    return parse_label_lists(paths or lists, root, read_class_list(classes or class_file), "space")
 
 
 def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frames: int = 48,

@@ -4,9 +4,10 @@ AR-Net's step A-1 (``scripts_train.sh``): K segments per video (16), one frame p
 average consensus of the frame logits, SGD momentum 0.9, lr 0.02 stepped x0.1 at epochs 20 and
 40, weight decay 1e-4, gradient norm clipped at 20, dropout 0.5, 10 epochs. Training frames: a
 random offset in each segment, short side 256, random-resized crop to the backbone's resolution
-and a horizontal flip (the same for every frame of a clip). Validation (the ``val`` split, else a seeded
-10% of train; never the test split): segment centres through phase 1's own decoding and preprocessing (short side 256, centre crop 224, resized to the
-resolution), so it sees what ``extract-features`` sees.
+and a horizontal flip (the same for every frame of a clip). Validation (the ``val`` split, else a
+seeded 10% of train; never the test split): segment centres through phase 1's own decoding and
+preprocessing (short side 256, centre crop 224, resized to the resolution), so it sees what
+``extract-features`` sees.
 
 Outputs, next to ``--out``: ``OUT`` (the backbone's state dict with the classifier stripped,
 best validation mAP; what ``extract-features --weights`` loads), ``OUT.last.pt`` (resume point),
@@ -59,7 +60,7 @@ class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 48  # videos per step (each `segments` frames)
     lr: float = 0.02
-    lr_steps: str = "20,40"  # epochs at which the learning rate is multiplied by 0.1
+    lr_steps: tuple[int, ...] = (20, 40)  # epochs at which the learning rate is multiplied by 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     clip_grad: float = 20.0  # max gradient norm
@@ -195,7 +196,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     model = DistributedDataParallel(raw_model) if info.world > 1 else raw_model
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    steps = [int(s) for s in str(cfg.lr_steps).split(",") if s.strip()]
+    steps = list(cfg.lr_steps)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     use_amp = device.type == "cuda" and amp is not None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
@@ -254,7 +255,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         if info.main:
             val_map, val_top1 = evaluate(raw_model, val_loader, device, len(ann.classes), failed, progress)
             seconds = time.monotonic() - started
-            log.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": float(np.mean(losses or [np.nan])),
+            log.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                        "loss": float(np.mean(losses or [np.nan])),
                         "val_mAP": val_map, "val_top1": val_top1, "train_frames_per_s": frames * info.world / seconds,
                         "data_wait_share": wait / seconds, "seconds": seconds})
             if val_map >= best or best < 0:  # a tie goes to the later epoch
@@ -287,7 +289,8 @@ Examples:
 """)
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True)
 @click.option("--backbone", required=True, metavar="ARCH@RES", help="One backbone at its own resolution.")
-@click.option("--annotations", multiple=True, metavar="PATH", help="As extract-features (default: data/<dataset>/annotations/).")
+@click.option("--annotations", multiple=True, metavar="PATH",
+              help="As extract-features (default: data/<dataset>/annotations/).")
 @click.option("--video-root", metavar="DIR", help="As extract-features (default: data/<dataset>/videos, data/demo).")
 @click.option("--classes", metavar="PATH", help="Class list, for formats whose labels are indices.")
 @click.option("--out", metavar="FILE.pt", help="Default: data/weights/<dataset>_<arch>@<res>.pt (what "
@@ -322,7 +325,8 @@ def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch
     except (AnnotationError, WeightsUnavailable) as err:
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"{cfg.out}: {cfg.backbone} finetuned on {dataset}, best validation mAP {result['best_val_mAP']:.4f}")
+        click.echo(f"{cfg.out}: {cfg.backbone} finetuned on {dataset}, "
+                   f"best validation mAP {result['best_val_mAP']:.4f}")
 
 
 if __name__ == "__main__":

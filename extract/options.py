@@ -7,8 +7,20 @@ import typing
 import click
 
 
+def parse_value(kind: type, value: str) -> object:
+    """``value`` as the field type ``kind``: bool (1/true/yes/on), int, float, str, or a tuple of
+    one of those written as a comma list (``tuple[int, ...]``: ``1,2,4``)."""
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(parse_value(item, part.strip()) for part in value.split(",") if part.strip())
+    if kind is bool:
+        return value.lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
 def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
-    """``key=value`` strings onto the config dataclass, typed by its fields; returns the keys set."""
+    """``key=value`` strings onto the config dataclass, typed by its fields (:func:`parse_value`);
+    returns the keys set."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     keys = []
@@ -18,13 +30,10 @@ def apply_overrides(cfg, pairs: tuple[str, ...]) -> list[str]:
         if not sep or key not in fields:
             raise click.UsageError(f"--set {pair}: expected key=value with key in {', '.join(sorted(fields))}")
         kind = hints[key]
-        if kind is bool:
-            parsed = value.lower() in ("1", "true", "yes", "on")
-        else:
-            try:
-                parsed = kind(value)
-            except ValueError:
-                raise click.UsageError(f"--set {pair}: {value!r} is not a {kind.__name__}") from None
+        try:
+            parsed = parse_value(kind, value)
+        except ValueError:
+            raise click.UsageError(f"--set {pair}: {value!r} is not a {getattr(kind, '__name__', kind)}") from None
         setattr(cfg, key, parsed)
         keys.append(key)
     return keys

@@ -26,6 +26,11 @@ def default_cache() -> str:
     return caches[-1]
 
 
+def as_text(value: object) -> str:
+    """A config value as it is written after ``--set``: tuples as comma lists."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def folder_name(value: object, limit: int = 64) -> str:
     """``value`` as one path component: characters other than letters, digits and ``._+-`` become
     ``-`` (a path's separators included); past ``limit`` characters, a hash of the whole value ends it."""
@@ -69,7 +74,7 @@ def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_s
     pairs += ("stochastic_eval=true",) if stochastic_eval else ()
     keys = apply_overrides(cfg, pairs)
     cfg.features = features or default_cache()
-    suffix = "".join(f"_{k}={folder_name(getattr(cfg, k))}" for k in keys
+    suffix = "".join(f"_{k}={folder_name(as_text(getattr(cfg, k)))}" for k in keys
                      if k not in ("epochs", "batch_size", "lr", "device"))
     stem = os.path.splitext(os.path.basename(cfg.features))[0]
     cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)

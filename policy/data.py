@@ -6,16 +6,14 @@ so a cache larger than RAM still trains.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Iterator
 
-import h5py
 import numpy as np
 import torch
 
-from extract.cache import read_rows
+from extract.cache import Cache, read_rows
 
 
 class CacheError(ValueError):
@@ -50,28 +48,24 @@ class CachedFeatures:
         if not os.path.isfile(path):
             raise CacheError(f"no feature cache at {path}: run extract-features first (see README)")
         self.path, self.names, self.l2_normalise = path, list(names), l2_normalise
-        self.file = h5py.File(path, "r")
-        f = self.file
-        self.dataset = f.attrs.get("dataset", "?")
-        held = sorted(f["features"].keys()) if "features" in f else []
-        missing = [n for n in names if n not in held]
+        self.cache = cache = Cache(path)
+        self.dataset = cache.dataset
+        missing = [n for n in names if n not in cache.backbones]
         if missing:
             backbones = " ".join(f"--backbone {n}" for n in missing)
-            raise CacheError(f"{path} lacks features {', '.join(missing)} (it has {', '.join(held) or 'none'}): "
+            held = ", ".join(cache.backbones) or "none"
+            raise CacheError(f"{path} lacks features {', '.join(missing)} (it has {held}): "
                              f"add them with `extract-features --dataset {self.dataset} {backbones} --out {path}`")
-        self.classes = [c.decode() for c in f["classes"][:]]
-        self.ids = [i.decode() for i in f["videos/id"][:]]
-        self.split = np.array([s.decode() for s in f["videos/split"][:]])
-        self.labels = f["videos/labels"][:].astype(np.float32)
-        self.length = f["videos/length"][:].astype(np.int64)
-        self.dims = {n: f["features"][n].shape[-1] for n in names}
-        self.flops = {r["name"].decode(): float(r["gflops"]) for r in f["flops"][:]}
-        self.sampling = json.loads(f.attrs["sampling"])
-        size = sum(f["features"][n].size * 2 for n in names)
+        self.classes, self.ids, self.split, self.length = cache.classes, cache.ids, cache.split, cache.length
+        self.labels = cache.labels.astype(np.float32)
+        self.dims = {n: cache.features(n).shape[-1] for n in names}
+        self.flops = {name: entry.gflops for name, entry in cache.flops.items()}
+        self.sampling = cache.sampling
+        size = sum(cache.features(n).size * 2 for n in names)
         budget = memory_budget if memory_budget is not None else default_memory_budget()
         self.in_memory = size <= budget
         self.block_rows = max(1, budget // 2 // max(1, size // max(1, len(self.ids))))  # half the budget per block
-        self.arrays = {n: f["features"][n][:] for n in names} if self.in_memory else None
+        self.arrays = {n: cache.features(n)[:] for n in names} if self.in_memory else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -88,7 +82,8 @@ class CachedFeatures:
         if (self.split == "val").any() and (self.split == "test").any():
             return train, rows[self.split == "val"], evaluation, "the cache's val split"
         if len(train) < 2 or len(evaluation) == 0:
-            raise CacheError(f"{self.path} needs train and test (or val) videos; it has splits {sorted(set(self.split))}")
+            raise CacheError(f"{self.path} needs train and test (or val) videos; "
+                             f"it has splits {sorted(set(self.split))}")
         perm = np.random.default_rng(seed).permutation(train)
         n_val = max(1, int(round(val_fraction * len(train))))
         return np.sort(perm[n_val:]), np.sort(perm[:n_val]), evaluation, \
@@ -98,7 +93,7 @@ class CachedFeatures:
         """Features of sorted ``rows``; when streaming, only those rows are read from disk."""
         if self.in_memory:
             return {n: self.arrays[n][rows] for n in self.names}
-        return {n: read_rows(self.file["features"][n], rows) for n in self.names}
+        return {n: read_rows(self.cache.features(n), rows) for n in self.names}
 
     def _batch(self, picked: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
         where = np.searchsorted(rows, picked)  # rows is sorted and holds every picked row

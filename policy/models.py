@@ -82,7 +82,8 @@ class LiteEval(nn.Module):
         """
         n, steps, _ = coarse.shape
         if self.project_coarse is not None:
-            coarse, fine = project_real(self.project_coarse, coarse, length), project_real(self.project_fine, fine, length)
+            coarse = project_real(self.project_coarse, coarse, length)
+            fine = project_real(self.project_fine, fine, length)
         state = (coarse.new_zeros(n, self.hidden_coarse), coarse.new_zeros(n, self.hidden_coarse),
                  coarse.new_zeros(n, self.hidden_fine), coarse.new_zeros(n, self.hidden_fine))
         chunk = self.checkpoint_steps if self.checkpoint_steps and torch.is_grad_enabled() else steps

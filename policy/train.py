@@ -1,9 +1,10 @@
 """The training loop: cached features in, a run folder out.
 
-Run folder: ``config.json`` (resolved), ``model.pt`` (best by validation mAP), ``last.pt``
-(resume point), ``train_log.csv``, ``metrics.json`` and ``predictions.h5`` on the evaluation split.
-Checkpoints are written atomically and loaded with ``weights_only=True``. Under ``torchrun`` each
-rank trains on its share of every batch order and gradients are averaged (DDP); rank 0 saves.
+Run folder (:mod:`policy.run_folder` owns its layout): ``config.json`` (resolved), ``model.pt``
+(best by validation mAP), ``last.pt`` (resume point), ``train_log.csv``, ``metrics.json`` and
+``predictions.h5`` on the evaluation split. Checkpoints are written atomically and loaded with
+``weights_only=True``. Under ``torchrun`` each rank trains on its share of every batch order and
+gradients are averaged (DDP); rank 0 saves.
 """
 from __future__ import annotations
 
@@ -13,18 +14,17 @@ import json
 import os
 import time
 
-import h5py
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from extract import distributed
-from extract.metrics import hit_at_k, mean_average_precision
 from extract.training import save_atomic, write_log
 
-from .data import CacheError, CachedFeatures
+from .data import CachedFeatures, CacheError
 from .methods import METHODS, Inference, Method, check_config
+from .run_folder import CONFIG, Predictions, RunFolder, summarise
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
@@ -86,36 +86,15 @@ def all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Ten
     return states
 
 
-def summarise(inf: Inference, labels: np.ndarray, method: Method) -> dict:
-    """Metrics of one split; GFLOPs per frame divide by every frame the method sampled (skipped ones
-    included), ``frames_per_video`` is their mean number."""
-    mean_ap, left_out = mean_average_precision(inf.scores, labels)
-    frames = max(int((inf.actions != -1).sum()), 1)
-    usage = {name: float((inf.actions == code).sum() / frames) for code, name in method.legend.items() if code != -1}
-    return {"mAP": mean_ap, "frames_per_video": frames / max(len(labels), 1), "classes_without_positives": left_out,
-            "top1": hit_at_k(inf.scores, labels, 1),
-            "hit@5": hit_at_k(inf.scores, labels, 5), "gflops_per_video": float(inf.gflops.mean()),
-            "gflops_per_frame": float(inf.gflops.sum() / frames),
-            "fine_usage": float((inf.actions == method.fine_code).sum() / frames), "action_usage": usage,
-            "videos": int(len(labels))}
+def evaluate_split(method: Method, inf: Inference, labels: np.ndarray) -> dict:
+    """:func:`~policy.run_folder.summarise` of one split's inference."""
+    return summarise(inf.scores, labels, inf.actions, inf.gflops, method.codes)
 
 
-def write_predictions(path: str, store: CachedFeatures, rows: np.ndarray, inf: Inference, legend: dict) -> None:
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["cache"] = os.path.abspath(store.path)
-        f.attrs["dataset"] = store.dataset
-        f.attrs["actions_legend"] = json.dumps({str(k): v for k, v in legend.items()})
-        f["video_id"] = np.array([store.ids[i] for i in rows], dtype=h5py.string_dtype())
-        f["labels"] = store.labels[rows].astype(np.uint8)
-        f["scores"] = inf.scores.astype(np.float32)
-        f["step_scores"] = inf.step_scores.astype(np.float16, copy=False)  # run_inference made them float16
-        f["actions"] = inf.actions.astype(np.int8)
-        f["gflops"] = inf.gflops.astype(np.float64)
-        f["step_gflops"] = inf.step_gflops.astype(np.float64)
-        for key, value in inf.extra.items():
-            f[key] = value.astype(np.float16, copy=False)
-    os.replace(tmp, path)
+def predictions(method: Method, store: CachedFeatures, rows: np.ndarray, inf: Inference) -> Predictions:
+    return Predictions(video_id=[store.ids[i] for i in rows], labels=store.labels[rows], scores=inf.scores,
+                       actions=inf.actions, gflops=inf.gflops, codes=method.codes,
+                       per_step={"step_scores": inf.step_scores, "step_gflops": inf.step_gflops, **inf.extra})
 
 
 def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
@@ -127,7 +106,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     method_cls = METHODS[cfg.method]
     probe = CachedFeatures(cfg.features, [], memory_budget=0)
     cfg = method_cls.resolve(cfg, probe.flops, probe.sampling)
-    probe.file.close()
+    probe.cache.close()
     check_config(cfg)
     budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None
     store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget,
@@ -146,8 +125,8 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                 "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
     start_epoch, best, log_rows = 0, -1.0, []
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "model.pt")
-    if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
-        with open(os.path.join(cfg.out, "config.json")) as f:
+    if resume and os.path.exists(os.path.join(cfg.out, CONFIG)):
+        with open(os.path.join(cfg.out, CONFIG)) as f:
             before = json.load(f)
         if (before["cache_dataset"], before["cache_sampling"]) != (store.dataset, store.sampling):
             raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
@@ -158,13 +137,13 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             raw_model.load_state_dict(state["model"])
         except RuntimeError:
             raise CacheError(f"{cfg.out} was trained on features of other dimensions than {cfg.features} holds "
-                             f"({', '.join(f'{n}: {d}-d' for n, d in store.dims.items())}): start another --out") from None
+                             f"({', '.join(f'{n}: {d}-d' for n, d in store.dims.items())}): "
+                             "start another --out") from None
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
         start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
     if info.main:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+        RunFolder.save_config(cfg.out, resolved)
     bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
                disable=not (progress and info.main))
     for epoch in range(start_epoch, cfg.epochs):
@@ -184,8 +163,8 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             losses.append(loss.item())
             for k, v in extra.items():
                 stats.setdefault(k, []).append(v)
-        val = summarise(run_inference(method, raw_model, store, val_rows, cfg.batch_size), store.labels[val_rows],
-                        method)
+        val = evaluate_split(method, run_inference(method, raw_model, store, val_rows, cfg.batch_size),
+                             store.labels[val_rows])
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
                "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
                "seconds": time.monotonic() - started}
@@ -205,11 +184,9 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     kept = torch.load(best_path, map_location="cpu", weights_only=True)
     raw_model.load_state_dict(kept["model"])
     inf = run_inference(method, raw_model, store, eval_rows, cfg.batch_size)
-    metrics = summarise(inf, store.labels[eval_rows], method)
-    metrics["best_epoch"] = int(kept["epoch"])
+    metrics = {**evaluate_split(method, inf, store.labels[eval_rows]), "best_epoch": int(kept["epoch"])}
     if info.main:
-        write_predictions(os.path.join(cfg.out, "predictions.h5"), store, eval_rows, inf, method.legend)
-        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        RunFolder.save_results(cfg.out, metrics, predictions(method, store, eval_rows, inf), cache=store.path,
+                               dataset=store.dataset)
     distributed.teardown()
     return metrics

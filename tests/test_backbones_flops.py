@@ -90,4 +90,5 @@ def test_efficientnet_lite0_ships_real_imagenet_weights():
     # the shipped weights are not a random init: features differ from --weights none
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert not torch.allclose(backbone.module(x), create_backbone("efficientnet_lite0@224", weights="none").module(x))
+        untrained = create_backbone("efficientnet_lite0@224", weights="none")
+        assert not torch.allclose(backbone.module(x), untrained.module(x))

@@ -2,7 +2,6 @@
 import json
 import os
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -10,14 +9,15 @@ from click.testing import CliRunner
 
 from eval.cli import main as evaluate
 from eval.runs import find_runs
-from extract.cache import Journal, VideoFeatures, assemble
+from extract.cache import Cache, Journal, VideoFeatures, assemble
 from extract.datasets import VideoRecord
 from extract.decode import resize_crop
 from extract.flops import FlopsEntry
-from policy.methods.arnet import ARNet
+from extract.metrics import mean_average_precision
 from policy.data import Batch
 from policy.methods import METHODS, spread_frames
-from extract.metrics import mean_average_precision
+from policy.methods.arnet import ARNet
+from policy.run_folder import RunFolder
 from policy.train import train
 
 FINE, COARSE, CLASSES, T = "big@224", "small@112", 4, 129
@@ -80,10 +80,10 @@ def test_uniform_and_lstm_take_25_frames_of_a_129_frame_cache(cache129, tmp_path
     saved = json.load(open(tmp_path / method / "config.json"))
     assert saved["frames"] == 25 and saved["normalise"] == "l2"  # the defaults on a cache sampled by fps
     cfg = METHODS[method].resolve(cfg, COSTS, {"fps": 1.0})
-    with h5py.File(tmp_path / method / "predictions.h5", "r") as f:
-        ids, actions, gflops = [v.decode() for v in f["video_id"][:]], f["actions"][:], f["gflops"][:]
-    with h5py.File(cache129, "r") as f:
-        length = dict(zip((v.decode() for v in f["videos/id"][:]), f["videos/length"][:]))
+    run = RunFolder.load(str(tmp_path / method))
+    ids, actions, gflops = run.video_id, run.actions, run.gflops
+    with Cache(cache129) as cache:
+        length = dict(zip(cache.ids, cache.length))
     frames = np.array([min(length[v], 25) for v in ids])
     assert actions.shape[1] == 25 and ((actions != -1).sum(1) == frames).all()
     method_obj = METHODS[method](cfg, {FINE: 8}, CLASSES, COSTS)
@@ -100,10 +100,10 @@ def test_uniform_and_lstm_take_25_frames_of_a_129_frame_cache(cache129, tmp_path
 def test_cache_on_disk_grows_with_real_frames_not_with_padding(tmp_path):
     short = long_cache(tmp_path / "short.h5", [5] * 60, dims=(256, 128))
     full = long_cache(tmp_path / "full.h5", [129] * 60, dims=(256, 128))
-    with h5py.File(short, "r") as f:
-        stored = sum(f["features"][n].id.get_storage_size() for n in (FINE, COARSE))
-        assert f["features"][FINE].shape == (60, 129, 256)
-        assert np.array_equal(f["features"][FINE][3, 5:], np.zeros((124, 256), np.float16))
+    with Cache(short) as cache:
+        stored = sum(cache.features(n).id.get_storage_size() for n in (FINE, COARSE))
+        assert cache.features(FINE).shape == (60, 129, 256)
+        assert np.array_equal(cache.features(FINE)[3, 5:], np.zeros((124, 256), np.float16))
     real = 60 * 5 * (256 + 128) * 2
     assert stored < 1.5 * real  # padding to 129 frames would be 25.8x
     assert os.path.getsize(short) < os.path.getsize(full) / 10
@@ -205,7 +205,7 @@ def test_arnet_policy_head_reads_the_lstm_state():
 def test_arnet_conventions_train_and_show_in_the_row(tmp_path):
     cache = long_cache(tmp_path / "t16.h5", [16] * 24, fps=False)
     base = dict(hidden=8, warmup_epochs=1, joint_epochs=1, finetune_epochs=1, batch_size=8, policy=COARSE,
-                backbones=f"{FINE},{COARSE}")
+                backbones=(FINE, COARSE))
     cfg = METHODS["arnet"].Config(method="arnet", features=cache, out=str(tmp_path / "a"), policy_head=True,
                                   stochastic_eval=True, **base)
     metrics = train(cfg, progress=False)
@@ -238,7 +238,8 @@ def test_evaluate_shows_frames_features_conventions_and_published_counting(cache
     table = json.loads(result.output)
     assert {"frames/V", "features", "counted"} <= set(table["columns"])
     ours = [r for r in table["rows"] if r["source"] == "ours"]
-    assert sorted(r["features"] for r in ours) == ["l2", "none"] and ours[0]["frames/V"] == 25  # the test videos have 25 frames or more
+    assert sorted(r["features"] for r in ours) == ["l2", "none"]
+    assert ours[0]["frames/V"] == 25  # the test videos have 25 frames or more
     assert any("mix feature normalisations" in n for n in table["notes"])
     minik = [r for r in table["rows"] if r["dataset"] == "minik"]
     assert {r["method"]: r["top1"] for r in minik}["AR-Net (ResNet)"] == 71.7 and all(r["mAP"] is None for r in minik)
@@ -258,8 +259,8 @@ def test_nearest_downsampling_is_recorded_and_not_mixed(demo_root, tmp_path):
     args = ("extract.cli", "--dataset", "demo", "--video-root", demo_root, "--num-frames", "2", "--out", str(out),
             "--backbone", "mobilenetv2@84", "--weights", "none", "--workers", "0", "--no-progress")
     run_cli(*args, "--downsample", "nearest")
-    with h5py.File(out, "r") as f:
-        assert "nearest" in json.loads(f.attrs["preprocessing"])["lower_resolutions"]
+    with Cache(str(out)) as cache:
+        assert "nearest" in cache.preprocessing["lower_resolutions"]
     mixed = run_cli(*args, "--backbone", "resnet18@112", check=False)
     assert mixed.returncode != 0 and "holds preprocessing" in mixed.stderr
 

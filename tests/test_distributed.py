@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import killed_after_first_epoch, run_cli
+
 from policy.methods import METHODS
 from policy.train import rng_state, set_rng_state
 

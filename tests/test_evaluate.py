@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -15,9 +14,11 @@ from eval.cli import main as evaluate
 from eval.formats import save_figure
 from eval.reports import REPORTS, Options
 from eval.runs import RunError, find_runs
+from extract.cache import Cache
+from extract.metrics import average_precision, hit_at_k, interpolated_average_precision, mean_average_precision
 from policy.methods import METHODS
-from extract.metrics import (average_precision, hit_at_k, interpolated_average_precision,
-                            mean_average_precision)
+from policy.methods.base import COARSE_FINE
+from policy.run_folder import ActionCodes, Predictions, RunFolder
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -58,47 +59,44 @@ def test_interpolated_average_precision_on_a_hand_computed_voc_example():
     assert average_precision(scores, worse)[0] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
 
 
+ARNET_CODES = ActionCodes(legend={-1: "no frame", -2: "skipped over", 0: "hi@224", 1: "lo@112", 2: "skip 1",
+                                  3: "skip 2", 4: "skip 4"},
+                          marks={-2: ".", 0: "224", 1: "112", 2: "s1", 3: "s2", 4: "s4"}, visited=(0, 1, 2, 3, 4),
+                          expensive=(0,))
 RUNS = [("uniform", {}), ("lstm", {}), ("liteeval", {}), ("liteeval", {"sync": False}),
         ("liteeval", {"gamma": 0.5}), ("liteeval", {"hidden_coarse": 64}), ("liteeval-rl", {}), ("random", {}),
         ("multiscale", {}), ("scsampler", {}), ("arnet", {}), ("arnet", {"actions": "skip"}),
-        ("arnet", {"alpha": 0.0, "beta": 0.0}), ("arnet", {"stages": "joint"})]
+        ("arnet", {"alpha": 0.0, "beta": 0.0}), ("arnet", {"stages": ("joint",)})]
 
 
 @pytest.fixture(scope="module")
 def synthetic_runs(demo_cache, tmp_path_factory):
     """One run folder per method and variant, with random predictions on the demo cache's test videos."""
     root = tmp_path_factory.mktemp("runs")
-    with h5py.File(demo_cache, "r") as f:
-        test = [i for i, s in enumerate(f["videos/split"][:]) if s == b"test"]
-        ids, labels = f["videos/id"][test], f["videos/labels"][test]
+    with Cache(demo_cache) as cache:
+        test = np.flatnonzero(cache.split == "test")
+        ids, labels = [cache.ids[i] for i in test], cache.labels[test]
     n, T, C = len(ids), 8, labels.shape[1]
     rng = np.random.default_rng(0)
     for k, (method, overrides) in enumerate(RUNS):
         folder = root / f"{k:02d}_{method}"
         folder.mkdir()
         cfg = METHODS[method].Config(method=method, features=demo_cache, **overrides)
-        cfg = METHODS[method].resolve(cfg, {"efficientnet_lite0@224": 0.38, "efficientnet_lite0@112": 0.1}, {"num_frames": T})
-        cfg = dataclasses.asdict(cfg)  # resolved, as train-policy saves it
-        json.dump({**cfg, "cache_dataset": "demo"}, open(folder / "config.json", "w"))
+        costs = {"efficientnet_lite0@224": 0.38, "efficientnet_lite0@112": 0.1}
+        cfg = METHODS[method].resolve(cfg, costs, {"num_frames": T})
+        RunFolder.save_config(str(folder), {**dataclasses.asdict(cfg), "cache_dataset": "demo"})  # resolved, as saved
         actions = rng.choice([1, 2], size=(n, T)) if method.startswith("liteeval") else rng.choice([0, 1, 2, 4, -2],
                                                                                                    size=(n, T))
         if method in ("uniform", "lstm"):
             actions[:] = 2
-        step = np.where(actions == 2, 0.4, 0.1)
-        with h5py.File(folder / "predictions.h5", "w") as f:
-            f.attrs.update({"cache": demo_cache, "dataset": "demo",
-                            "actions_legend": json.dumps({"-1": "no frame", "1": "coarse only", "2": "fine"}
-                                                         if method.startswith(("liteeval", "uniform", "lstm")) else
-                                                         {"-2": "skipped over", "0": "hi@224", "1": "lo@112",
-                                                          "2": "skip 1", "3": "skip 2", "4": "skip 4"})})
-            f["video_id"], f["labels"] = ids, labels
-            f["scores"] = rng.random((n, C)).astype(np.float32)
-            f["step_scores"] = rng.random((n, T, C)).astype(np.float16)
-            f["actions"] = actions.astype(np.int8)
-            f["step_gflops"] = np.cumsum(step, 1)
-            f["gflops"] = np.cumsum(step, 1)[:, -1]
-            if method == "uniform":
-                f["frame_scores"] = rng.random((n, T, C)).astype(np.float16)
+        step_gflops = np.cumsum(np.where(actions == 2, 0.4, 0.1), 1)
+        per_step = {"step_scores": rng.random((n, T, C)), "step_gflops": step_gflops}
+        if method == "uniform":
+            per_step["frame_scores"] = rng.random((n, T, C))
+        codes = COARSE_FINE if method.startswith(("liteeval", "uniform", "lstm")) else ARNET_CODES
+        predictions = Predictions(video_id=ids, labels=labels, scores=rng.random((n, C)), actions=actions,
+                                  gflops=step_gflops[:, -1], codes=codes, per_step=per_step)
+        RunFolder.save_results(str(folder), {}, predictions, cache=demo_cache, dataset="demo")
     return str(root)
 
 
@@ -120,14 +118,14 @@ def test_table1_rows_and_published_numbers(synthetic_runs):
     rows = json.loads(CliRunner().invoke(evaluate, ["--report", "table1", "--runs", synthetic_runs, "--format",
                                                     "json", "--paper"]).output)["rows"]
     ours = [r for r in rows if r["source"] == "ours"]
+    shown = {r["method"].split(" (")[0] for r in ours}
     assert len(ours) == len(RUNS) and {"UNIFORM", "LSTM", "Random Policy", "Multi-Scale", "SCSampler",
-                                       "AR-Net", "LiteEval", "LiteEval-RL"} <= {r["method"].split(" (")[0] for r in ours}
+                                       "AR-Net", "LiteEval", "LiteEval-RL"} <= shown
     published = {(r["source"], r["method"], r["dataset"]): r for r in rows if r["source"] != "ours"}
     assert published[("published (LiteEval Table 1)", "LiteEval", "fcvid")]["GFLOPs/V"] == 94.3
     assert {"FrameGlimpse", "FastForward", "AdaFrame", "ListenToLook (Image)"} <= {k[1] for k in published}
     run = find_runs([synthetic_runs])[0]
-    with h5py.File(os.path.join(run.path, "predictions.h5")) as f:
-        expected = 100 * average_precision_score(f["labels"][:], f["scores"][:], average="macro")
+    expected = 100 * average_precision_score(run.labels, run.scores, average="macro")
     assert ours[0]["mAP"] == pytest.approx(expected, rel=1e-12)
 
 
@@ -161,10 +159,11 @@ def test_a_run_from_another_cache_is_refused_in_one_line(synthetic_runs, tmp_pat
 
     for name in ("00_uniform", "02_liteeval"):
         shutil.copytree(os.path.join(synthetic_runs, name), tmp_path / name)
-    with h5py.File(tmp_path / "00_uniform" / "predictions.h5", "a") as f:
-        ids = f["video_id"][:]
-        del f["video_id"]
-        f["video_id"] = ids[::-1]  # evaluated on other videos (another cache)
+    run = RunFolder.load(str(tmp_path / "00_uniform"))
+    per_step = {k: run.array(k) for k in ("step_scores", "step_gflops", "frame_scores")}
+    other = Predictions(video_id=run.video_id[::-1], labels=run.labels, scores=run.scores, actions=run.actions,
+                        gflops=run.gflops, codes=run.codes, per_step=per_step)  # evaluated on other videos
+    RunFolder.save_results(run.path, {}, other, cache=run.cache, dataset=run.dataset)
     result = CliRunner().invoke(evaluate, ["--report", "online", "--runs", str(tmp_path)])
     assert result.exit_code == 1
     assert "were evaluated on different videos" in result.output and result.output.count("\n") == 1

@@ -1,5 +1,4 @@
 """extract-features end to end on the real (tiny) demo videos: schema, features, resume, bad files, torchrun."""
-import json
 import os
 import signal
 import subprocess
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_cli
 from torchvision.transforms import v2
 
-from conftest import ROOT, run_cli
 from extract.backbones import create_backbone
+from extract.cache import Cache
 from extract.decode import read_frames
 from extract.sampling import Sampling
 
@@ -29,14 +29,14 @@ def extract(root, out, *extra, check=True, **kwargs):
 
 def read(path):
     """Everything in a cache as plain Python/numpy values."""
-    with h5py.File(path, "r") as f:
+    with Cache(str(path)) as cache:
         return {
-            "ids": [i.decode() for i in f["videos/id"][:]],
-            "frame_index": f["videos/frame_index"][:],
-            "length": f["videos/length"][:],
-            "labels": f["videos/labels"][:],
-            "features": {k: f["features"][k][:] for k in f["features"]},
-            "failed": {r["id"].decode(): r["reason"].decode() for r in f["failed"][:]},
+            "ids": cache.ids,
+            "frame_index": np.stack([cache.frame_index(i) for i in range(len(cache.ids))]),
+            "length": cache.length,
+            "labels": cache.labels,
+            "features": {k: cache.features(k)[:] for k in cache.backbones},
+            "failed": cache.failed,
         }
 
 
@@ -51,20 +51,20 @@ def reference(demo_root, tmp_path_factory):
 def test_cache_schema(reference, demo_root):
     out, proc = reference
     assert "20 videos cached" in proc.stdout
-    with h5py.File(out, "r") as f:
-        assert [c.decode() for c in f["classes"][:]][:2] == ["red_disc", "green_square"]
-        assert f["videos/labels"].shape == (20, 10) and f["videos/labels"].dtype == np.uint8
-        assert f["videos/length"][:].tolist() == [4] * 20
-        assert f["videos/frame_index"][0].tolist() == Sampling(num_frames=4).indices(24, 12.0).tolist()
-        assert f["features/mobilenetv2@112"].shape == (20, 4, 1280)
-        assert f["features/resnet18@84"].dtype == np.float16
-        flops = {r["name"].decode(): r for r in f["flops"][:]}
-        assert set(flops) == {"mobilenetv2@112", "resnet18@84"} and flops["resnet18@84"]["dim"] == 512
-        assert flops["mobilenetv2@112"]["resolution"] == 112 and 0.07 < flops["mobilenetv2@112"]["gflops"] < 0.09
-        assert json.loads(f.attrs["sampling"])["num_frames"] == 4 and f.attrs["dataset"] == "demo"
-        assert "none" in json.loads(f.attrs["weights"])["resnet18@84"]
-        assert f["failed"].shape == (0,)
-        splits = [s.decode() for s in f["videos/split"][:]]
+    with Cache(str(out)) as cache:
+        assert cache.classes[:2] == ["red_disc", "green_square"]
+        assert cache.labels.shape == (20, 10) and cache.labels.dtype == np.uint8
+        assert cache.length.tolist() == [4] * 20
+        assert cache.frame_index(0).tolist() == Sampling(num_frames=4).indices(24, 12.0).tolist()
+        assert cache.features("mobilenetv2@112").shape == (20, 4, 1280)
+        assert cache.features("resnet18@84").dtype == np.float16
+        flops = cache.flops
+        assert set(flops) == {"mobilenetv2@112", "resnet18@84"} and flops["resnet18@84"].dim == 512
+        assert flops["mobilenetv2@112"].resolution == 112 and 0.07 < flops["mobilenetv2@112"].gflops < 0.09
+        assert cache.sampling["num_frames"] == 4 and cache.dataset == "demo"
+        assert "none" in cache.weights["resnet18@84"]
+        assert cache.failed == {}
+        splits = cache.split.tolist()
     lists = {line.split()[0]: int(line.split()[1]) for name in ("train", "test")
              for line in open(os.path.join(demo_root, f"{name}.txt"))}
     data = read(out)
@@ -117,8 +117,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(reference, d
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if os.path.exists(out):
-            with h5py.File(out, "r") as f:  # the cache opens after every kill
-                assert f.attrs["dataset"] == "demo" and len(set(f["videos/id"][:])) == len(f["videos/id"])
+            with Cache(str(out)) as cache:  # the cache opens after every kill
+                assert cache.dataset == "demo" and len(set(cache.ids)) == len(cache.ids)
     parts = str(out) + ".parts"
     journalled = len(os.listdir(parts)) if os.path.isdir(parts) else 0
     resumed = extract(demo_root, out, *BACKBONES, "--workers", "0")
@@ -301,8 +301,8 @@ def test_assembly_reads_each_chunk_whole_and_old_rows_in_runs(tmp_path, monkeypa
             version = 1 if i in (7, 1700) else 0
             assert np.array_equal(data["features"][name][row], synthetic(i, name, T, dim, version)[2]), (i, name)
     assert [np.flatnonzero(r).tolist() for r in data["labels"]] == [sorted({i % 5, (i + 1) % 5}) for i in kept]
-    with h5py.File(out, "r") as f:
-        assert [p.decode() for p in f["videos/path"][:3]] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    with Cache(str(out)) as c:
+        assert [c.video_path(i) for i in range(3)] == [str(tmp_path / "videos" / f"v{i}.mp4") for i in range(3)]
 
 
 def journal_from(reference, out, rows, weights=None, **attrs):
@@ -310,13 +310,15 @@ def journal_from(reference, out, rows, weights=None, **attrs):
     from extract.cache import Journal, VideoFeatures, run_identity
     from extract.datasets import load_annotations
 
-    with h5py.File(reference, "r") as f:
-        videos = load_annotations("demo", [], f.attrs["video_root"]).videos
-        journal = Journal(str(out), identity=run_identity({**f.attrs, **attrs}, videos))
-        weights = weights or json.loads(f.attrs["weights"])
-        n = f["videos/length"][:]
-        done = [VideoFeatures(row, f["videos/frame_index"][row, : n[row]],
-                              {name: f["features"][name][row, : n[row]] for name in weights}) for row in rows]
+    with Cache(str(reference)) as c:
+        videos = load_annotations("demo", [], c.video_root).videos
+        identity = {"dataset": c.dataset, "sampling": c.attr("sampling"), "preprocessing": c.attr("preprocessing"),
+                    **attrs}
+        journal = Journal(str(out), identity=run_identity(identity, videos))
+        weights = weights or c.weights
+        n = c.length
+        done = [VideoFeatures(row, c.frame_index(row)[: n[row]],
+                              {name: c.features(name)[row, : n[row]] for name in weights}) for row in rows]
     journal.write(done, [], weights)
     return journal.folder
 
@@ -369,12 +371,11 @@ def test_list_dataset_reads_a_folder_per_class_without_annotations(demo_root, tm
                    "4", "--out", str(out), "--no-progress", "--workers", "0", "--backbone", "mobilenetv2@112",
                    cwd=tmp_path)  # no data/list/annotations/ there
     assert "4 videos cached" in proc.stdout
-    with h5py.File(out, "r") as f:
-        assert [c.decode() for c in f["classes"][:]] == ["blue_disc", "red_disc"]
-        assert [s.decode() for s in f["videos/split"][:]] == ["train", "train", "test", "test"]
-        assert [i.decode() for i in f["videos/id"][:]][:2] == ["train/blue_disc/blue_disc_000.mp4",
-                                                              "train/red_disc/red_disc_000.mp4"]
-        assert f["videos/labels"][:].argmax(axis=1).tolist() == [0, 1, 0, 1]
+    with Cache(str(out)) as cache:
+        assert cache.classes == ["blue_disc", "red_disc"]
+        assert cache.split.tolist() == ["train", "train", "test", "test"]
+        assert cache.ids[:2] == ["train/blue_disc/blue_disc_000.mp4", "train/red_disc/red_disc_000.mp4"]
+        assert cache.labels.argmax(axis=1).tolist() == [0, 1, 0, 1]
     monkeypatch.chdir(tmp_path)
     refused = CliRunner().invoke(main, ["--dataset", "minik", "--video-root", str(root), "--out", str(out)])
     assert refused.exit_code == 2 and "no --annotations given and data/minik/annotations/ is empty" in refused.output

@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
+from extract.cache import Cache
 from extract.finetune import segment_indices
 
 BACKBONE = "efficientnet_lite0@84"  # the one ImageNet backbone available offline, at its cheapest
@@ -58,10 +58,10 @@ def test_one_epoch_writes_a_backbone_that_extract_features_loads(two_classes, tm
         cache = tmp_path / f"{len(caches)}.h5"
         run_cli("extract.cli", "--dataset", "list", "--video-root", str(two_classes), "--num-frames", "2", "--out",
                 str(cache), "--backbone", BACKBONE, "--weights", weights, "--workers", "0", "--no-progress")
-        with h5py.File(cache, "r") as f:
-            caches[weights] = f[f"features/{BACKBONE}"][:].astype(np.float32)
+        with Cache(cache) as c:
+            caches[weights] = c.features(BACKBONE)[:].astype(np.float32)
             if weights != "imagenet":
-                assert "sha256=" in f.attrs["weights"]
+                assert "sha256=" in c.weights[BACKBONE]
     assert np.abs(caches["imagenet"] - caches[str(out)]).max() > 1e-2  # the finetuned weights changed the features
 
 

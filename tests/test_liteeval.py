@@ -2,15 +2,16 @@
 import json
 import os
 
-import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import killed_after_first_epoch, run_cli
-from policy.data import CacheError, CachedFeatures
+
+from extract.cache import Cache, write_cache
+from policy.data import CachedFeatures, CacheError
 from policy.methods import METHODS
 from policy.models import LiteEval
+from policy.run_folder import RunFolder
 from policy.train import train
 
 DC, DF, HC, HF, C = 6, 5, 3, 7, 4
@@ -130,10 +131,10 @@ def test_run_folder_and_gflops_accounting(demo_cache, tmp_path):
     assert cfg["coarse"] == "efficientnet_lite0@112" and cfg["fine"] == "efficientnet_lite0@224"
     assert "carved" in cfg["validation"]
     store = CachedFeatures(demo_cache, [])
-    with h5py.File(run / "predictions.h5", "r") as f:
-        actions, gflops = f["actions"][:], f["gflops"][:]
-        assert f["scores"].shape == (10, 10) and f["step_scores"].shape == (10, 8, 10)
-        assert set(np.unique(actions)) <= {1, 2}
+    saved = RunFolder.load(str(run))
+    actions, gflops = saved.actions, saved.gflops
+    assert saved.scores.shape == (10, 10) and saved.array("step_scores").shape == (10, 8, 10)
+    assert set(np.unique(actions)) <= {1, 2}
     pair = {"coarse": "efficientnet_lite0@112", "fine": "efficientnet_lite0@224"}
     method = METHODS["liteeval"](config("liteeval", demo_cache, run, **pair), {n: 1280 for n in pair.values()}, 10,
                                  store.flops)
@@ -151,16 +152,14 @@ def test_baselines_train_and_price(method, demo_cache, tmp_path):
     assert 0 <= metrics["mAP"] <= 1 and metrics["gflops_per_video"] > 0
     if method != "liteeval-rl":
         assert metrics["fine_usage"] == 1.0 and metrics["gflops_per_video"] > 8 * 0.38
-    with h5py.File(tmp_path / method / "predictions.h5", "r") as f:
-        assert ("frame_scores" in f) == (method == "uniform")
+    assert (RunFolder.load(str(tmp_path / method)).array("frame_scores") is not None) == (method == "uniform")
 
 
 def test_same_seed_same_numbers(demo_cache, tmp_path):
     a = train(config("liteeval", demo_cache, tmp_path / "a", epochs=3), progress=False)
     b = train(config("liteeval", demo_cache, tmp_path / "b", epochs=3), progress=False)
     assert a == b
-    with h5py.File(tmp_path / "a" / "predictions.h5") as fa, h5py.File(tmp_path / "b" / "predictions.h5") as fb:
-        assert np.array_equal(fa["scores"][:], fb["scores"][:])
+    assert np.array_equal(RunFolder.load(str(tmp_path / "a")).scores, RunFolder.load(str(tmp_path / "b")).scores)
 
 
 def test_incompatible_cache_is_refused_with_the_command_that_fixes_it(demo_cache, tmp_path):
@@ -185,7 +184,8 @@ def test_resume_after_kill_mid_run_equals_uninterrupted(demo_cache, tmp_path):
 
 def test_cache_larger_than_the_memory_budget_is_streamed(demo_cache, tmp_path):
     names = ["efficientnet_lite0@112", "efficientnet_lite0@224"]
-    memory, streamed = CachedFeatures(demo_cache, names), CachedFeatures(demo_cache, names, memory_budget=491_520)  # blocks of 6 videos
+    memory = CachedFeatures(demo_cache, names)
+    streamed = CachedFeatures(demo_cache, names, memory_budget=491_520)  # blocks of 6 videos
     assert memory.in_memory and not streamed.in_memory and streamed.block_rows < len(streamed)
     rows = np.arange(len(memory))
     for a, b in zip(memory.batches(rows, 3), streamed.batches(rows, 3)):
@@ -201,10 +201,11 @@ def test_resume_with_a_cache_from_another_dataset_is_refused(demo_cache, tmp_pat
     run_cli("policy.cli", "--method", "uniform", "--features", demo_cache, "--epochs", "1", "--out", str(run),
             "--no-progress")
     other = tmp_path / "other.h5"
-    import shutil
-    shutil.copy(demo_cache, other)
-    with h5py.File(other, "a") as f:
-        f.attrs["dataset"] = "fcvid"
+    with Cache(demo_cache) as c:  # the same videos and features, said to be FCVID's
+        write_cache(str(other), dataset="fcvid", sampling=c.sampling, classes=c.classes, ids=c.ids,
+                    splits=c.split.tolist(), labels=c.labels, length=c.length,
+                    frame_index=np.stack([c.frame_index(i) for i in range(len(c.ids))]),
+                    flops=list(c.flops.values()), features={n: c.features(n)[:] for n in c.backbones})
     proc = run_cli("policy.cli", "--method", "uniform", "--features", str(other), "--epochs", "2", "--out", str(run),
                    "--resume", check=False)
     assert proc.returncode == 1 and "was trained on a demo cache" in proc.stderr and "is fcvid" in proc.stderr
@@ -257,11 +258,11 @@ def test_streaming_reads_only_the_rows_asked_for(demo_cache):
     train_rows, val_rows, _, _ = streamed.splits(seed=0, val_fraction=0.3)
     scattered = np.flatnonzero(np.isin(np.arange(len(streamed)), val_rows))
     assert scattered[-1] - scattered[0] + 1 > len(scattered)  # a span read would touch rows not asked for
-    streamed.file = RowCounter(streamed.file)
+    streamed.cache.file = counter = RowCounter(streamed.cache.file)
     for rows in (val_rows, train_rows):
-        streamed.file.rows = 0
+        counter.rows = 0
         got = list(streamed.batches(rows, 2))
-        assert streamed.file.rows == len(rows) * len(names)
+        assert counter.rows == len(rows) * len(names)
         for a, b in zip(memory.batches(rows, 2), got):
             assert np.array_equal(a.index, b.index) and torch.equal(a.features[names[1]], b.features[names[1]])
 

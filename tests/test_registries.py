@@ -4,8 +4,8 @@ import os
 import textwrap
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from eval.reports import register_report
 from extract.backbones import ARCHS, register_arch
 from extract.datasets import register_dataset
@@ -35,7 +35,8 @@ from torch import nn
 
 from extract.training import soft_cross_entropy
 
-from .base import Inference, Method, TrainConfig, numpy, register_method
+from ..run_folder import ActionCodes
+from .base import Ablation, Inference, Method, TrainConfig, numpy, register_method
 
 
 @dataclass
@@ -48,6 +49,13 @@ class FirstFrame(Method):
     name = "{name}"
     display = "First frame"
     Config = FirstFrameConfig
+    reports = ("usage",)
+    ablations = (Ablation("{name}-dropout", "First frame by dropout", {{"p": "dropout"}}, ("--set dropout=0.5",)),)
+
+    @property
+    def codes(self) -> ActionCodes:
+        return ActionCodes(legend={{-1: "no frame", 7: "first frame"}}, marks={{7: "1"}}, visited=(7,),
+                           expensive=(7,))
 
     @classmethod
     def label(cls, config: dict) -> str:
@@ -63,7 +71,7 @@ class FirstFrame(Method):
     def infer(self, model, batch):
         probs = numpy(model(batch.features[self.cfg.fine][:, 0]).softmax(-1))
         cost = np.full((len(probs), 1), self.flops[self.cfg.fine])
-        return Inference(scores=probs, step_scores=probs[:, None], actions=np.full((len(probs), 1), 2),
+        return Inference(scores=probs, step_scores=probs[:, None], actions=np.full((len(probs), 1), 7),
                          step_gflops=cost)
 '''
 
@@ -78,10 +86,16 @@ def test_a_new_method_is_one_new_file(demo_cache, tmp_path):
         proc = run_cli("policy.cli", "--method", name, "--features", demo_cache, "--out", str(run), "--epochs", "2",
                        "--no-progress")
         assert "mAP" in proc.stdout
-        table = json.loads(run_cli("eval.cli", "--report", "table1", "--runs", str(tmp_path / "runs"),
-                                   "--format", "json").stdout)
+        reports = {report: json.loads(run_cli("eval.cli", "--report", report, "--runs", str(tmp_path / "runs"),
+                                              "--format", "json").stdout)
+                   for report in ("table1", "usage", f"{name}-dropout")}
     finally:
         os.remove(module)
-    row = table["rows"][0]
+    row = reports["table1"]["rows"][0]
     assert row["method"] == "First frame (efficientnet_lite0@224)" and row["frames/V"] == 1.0
-    assert row["GFLOPs/V"] == pytest.approx(json.load(open(run / "metrics.json"))["gflops_per_video"])
+    metrics = json.load(open(run / "metrics.json"))
+    assert row["GFLOPs/V"] == pytest.approx(metrics["gflops_per_video"])
+    assert metrics["fine_usage"] == 1.0 and metrics["action_usage"] == {"first frame": 1.0}  # its own codes
+    usage = reports["usage"]["rows"]
+    assert usage and all(r["method"] == row["method"] and r["mean"] == 1.0 for r in usage)
+    assert reports[f"{name}-dropout"]["rows"][0]["p"] == 0.0  # its own ablation table

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,8 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import real_mask
-from .base import Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
+from ..run_folder import ActionCodes, RunFolder
+from .base import Ablation, Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
 
 SKIPPED_OVER = -2
 
@@ -42,16 +41,16 @@ class ARNetConfig(TrainConfig):
 
     CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head")
 
-    backbones: str = ""  # comma list, highest resolution first; "": one feature per resolution of the cache
+    backbones: tuple[str, ...] = ()  # highest resolution first; (): one feature per resolution of the cache
     policy: str = ""  # the policy's feature; "": the cache's cheapest
     hidden: int = 512
-    skips: str = "1,2,4"
+    skips: tuple[int, ...] = (1, 2, 4)
     actions: str = "both"  # both | resolution | skip (AR-Net Table 4)
     alpha: float = 0.1
     beta: float = 0.3
     tau_start: float = 5.0
     tau_decay: float = 0.045
-    stages: str = "warmup,joint,finetune"
+    stages: tuple[str, ...] = ("warmup", "joint", "finetune")
     warmup_epochs: int = 10
     joint_epochs: int = 50
     finetune_epochs: int = 50
@@ -61,7 +60,8 @@ class ARNetConfig(TrainConfig):
     momentum: float = 0.9
     optim: str = "sgd"  # sgd (the paper's, with momentum) | adam (the stage learning rates apply to it)
     stochastic_eval: bool = False  # sample actions at evaluation (the official code) instead of argmax
-    policy_head: bool = False  # the official code: the lowest resolution's prediction is a head on the policy LSTM's state
+    # the official code: the lowest resolution's prediction is a head on the policy LSTM's state
+    policy_head: bool = False
 
 
 @dataclass
@@ -198,10 +198,9 @@ class _Family(Method):
     """What AR-Net and its baselines share: heads per resolution, stage-free warm-up training."""
 
     Config = ARNetConfig
-    fine_code = 0  # "fine usage" = share of frames at the highest resolution
 
     @classmethod
-    def resolve(cls, cfg, flops: dict[str, float], sampling: dict):
+    def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
         """A copy of ``cfg``: policy = the cheapest feature; backbones = per resolution (descending)
         its most expensive feature; ``auto`` choices as every method (:func:`resolve_auto`)."""
         cfg = resolve_auto(cfg, sampling)
@@ -210,28 +209,31 @@ class _Family(Method):
             best: dict[int, str] = {}
             for name in sorted(flops, key=flops.get):
                 best[parse_name(name)[1]] = name
-            backbones = ",".join(best[r] for r in sorted(best, reverse=True))
-        return dataclasses.replace(cfg, policy=policy, backbones=backbones, fine=cfg.fine or backbones.split(",")[0])
+            backbones = tuple(best[r] for r in sorted(best, reverse=True))
+        return dataclasses.replace(cfg, policy=policy, backbones=tuple(backbones), fine=cfg.fine or backbones[0])
 
     @staticmethod
     def needs(cfg) -> list[str]:
-        return list(dict.fromkeys(cfg.backbones.split(",") + [cfg.policy]))
+        return list(dict.fromkeys([*cfg.backbones, cfg.policy]))
 
     @property
     def names(self) -> list[str]:
-        return self.cfg.backbones.split(",")
+        return list(self.cfg.backbones)
 
     @property
     def skips(self) -> list[int]:
-        return [int(s) for s in self.cfg.skips.split(",") if s.strip()]
+        return list(self.cfg.skips)
 
     @property
-    def legend(self) -> dict[int, str]:
+    def codes(self) -> ActionCodes:
+        """0..L-1 a resolution, L.. a skip, -2 skipped over; expensive = the highest resolution."""
         L = len(self.names)
-        codes = {-1: "no frame", SKIPPED_OVER: "skipped over"}
-        codes.update({i: n for i, n in enumerate(self.names)})
-        codes.update({L + j: f"skip {f}" for j, f in enumerate(self.skips)})
-        return codes
+        skips = {L + j: f for j, f in enumerate(self.skips)}
+        return ActionCodes(legend={-1: "no frame", SKIPPED_OVER: "skipped over", **dict(enumerate(self.names)),
+                                   **{code: f"skip {f}" for code, f in skips.items()}},
+                           marks={SKIPPED_OVER: ".", **{i: n.rpartition("@")[2] for i, n in enumerate(self.names)},
+                                  **{code: f"s{f}" for code, f in skips.items()}},
+                           visited=tuple(range(L + len(skips))), expensive=(0,))
 
     def build(self) -> nn.Module:
         if self.cfg.policy_head and self.names[-1] != self.cfg.policy:
@@ -260,8 +262,8 @@ class _Family(Method):
         """Every head on every real frame (the policy is not used): mean over heads of the video CE."""
         logits = self.all_logits(model, batch)
         weight = real_mask(batch.length, logits.shape[1]).to(logits)
-        return torch.stack([soft_cross_entropy(video_logits(logits[:, :, l], weight), batch.labels)
-                            for l in range(logits.shape[2])]).mean()
+        return torch.stack([soft_cross_entropy(video_logits(logits[:, :, head], weight), batch.labels)
+                            for head in range(logits.shape[2])]).mean()
 
     @cached_property
     def head_costs(self) -> list[float]:
@@ -274,7 +276,8 @@ class _Family(Method):
         counted once; skip: 0) and of visiting a frame (policy feature + LSTM step + fc)."""
         m = self.model
         per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h for n, h in zip(self.names, self.head_costs)]
-        visit = self.flops[self.cfg.policy] + price(m.lstm, 1, self.dims[self.cfg.policy]) + price(m.fc, 1, m.fc.in_features)
+        visit = (self.flops[self.cfg.policy] + price(m.lstm, 1, self.dims[self.cfg.policy])
+                 + price(m.fc, 1, m.fc.in_features))
         return per_action + [0.0] * len(self.skips), visit
 
     def allowed(self, device) -> torch.Tensor:
@@ -310,6 +313,14 @@ class ARNetMethod(_Family):
 
     name = "arnet"
     display = "AR-Net"
+    reports = ("usage", "frames", "claims")
+    ablations = (Ablation("actions", "AR-Net action spaces (AR-Net Table 4)", {"actions": "actions"},
+                          tuple(f"--set actions={a}" for a in ("resolution", "skip", "both"))),
+                 Ablation("losses", "AR-Net losses (AR-Net Table 5)", {"α": "alpha", "β": "beta"},
+                          tuple(f"--set alpha={a} --set beta={b}" for a, b in ((0, 0), (0.1, 0), (0.1, 0.3))),
+                          sort=True),
+                 Ablation("stages", "AR-Net training stages (AR-Net Table 6)", {"stages": "stages"},
+                          tuple(f"--set stages={s}" for s in ("joint", "warmup,joint", "warmup,joint,finetune"))))
 
     @classmethod
     def label(cls, config: dict) -> str:
@@ -317,25 +328,25 @@ class ARNetMethod(_Family):
         extra = [] if config["actions"] == "both" else [config["actions"] + " only"]
         if (config["alpha"], config["beta"]) != (0.1, 0.3):
             extra.append(f"α={config['alpha']:g}, β={config['beta']:g}")
-        if config["stages"] != "warmup,joint,finetune":
-            extra.append(config["stages"])
+        if list(config["stages"]) != ["warmup", "joint", "finetune"]:
+            extra.append(",".join(config["stages"]))
         return f"{cls.display} ({'; '.join(extra)})" if extra else cls.display
 
     @staticmethod
     def schedule_of(cfg) -> list[str]:
         """The stage of each epoch, from ``stages`` and the stages' epoch counts."""
-        stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-        if not stages or set(stages) - {"warmup", "joint", "finetune"}:
-            raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {cfg.stages!r}")
-        return [s for s in ("warmup", "joint", "finetune") if s in stages for _ in range(getattr(cfg, f"{s}_epochs"))]
+        if not cfg.stages or set(cfg.stages) - {"warmup", "joint", "finetune"}:
+            raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {','.join(cfg.stages)!r}")
+        return [s for s in ("warmup", "joint", "finetune") if s in cfg.stages
+                for _ in range(getattr(cfg, f"{s}_epochs"))]
 
     @classmethod
-    def resolve(cls, cfg, flops, sampling):
+    def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
         """As the family's, with ``epochs`` the length of the stage schedule."""
         cfg = super().resolve(cfg, flops, sampling)
         return dataclasses.replace(cfg, epochs=len(cls.schedule_of(cfg)))
 
-    def __init__(self, cfg, dims, num_classes, flops):
+    def __init__(self, cfg: ARNetConfig, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         super().__init__(cfg, dims, num_classes, flops)
         self.schedule = self.schedule_of(cfg)
 
@@ -375,7 +386,7 @@ class _WarmupOnly(_Family):
     """Baselines that train only what AR-Net's warm-up trains: every head on every frame."""
 
     @classmethod
-    def resolve(cls, cfg, flops, sampling):
+    def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
         """As the family's, with ``epochs`` the warm-up's."""
         cfg = super().resolve(cfg, flops, sampling)
         return dataclasses.replace(cfg, epochs=cfg.warmup_epochs)
@@ -384,12 +395,14 @@ class _WarmupOnly(_Family):
         return self.warmup_loss(model, batch), {}
 
 
-def frame_shares(codes: np.ndarray, actions: int) -> np.ndarray:
-    """Share of real frames per action code ``0 .. actions - 1`` in a run's ``actions`` array (N, T),
-    a frame skipped over counted with the skip that jumped it (as eq. 11 counts frames)."""
-    at = np.where(codes != SKIPPED_OVER, np.arange(codes.shape[1]), 0)
+def frame_shares(run: RunFolder, actions: int) -> np.ndarray:
+    """Share of sampled frames per action code ``0 .. actions - 1`` in ``run``'s predictions, a frame
+    skipped over (sampled, not visited) counted with the action that jumped it (as eq. 11 counts frames)."""
+    codes, roles = run.actions, run.codes
+    jumped = roles.sampled(codes) & ~roles.is_visited(codes)
+    at = np.where(jumped, 0, np.arange(codes.shape[1]))
     filled = np.take_along_axis(codes, np.maximum.accumulate(at, axis=1), axis=1)
-    counts = np.bincount(filled[(filled >= 0) & (codes != -1)], minlength=actions)[:actions].astype(np.float64)
+    counts = np.bincount(filled[(filled >= 0) & roles.sampled(codes)], minlength=actions)[:actions].astype(np.float64)
     return counts / max(counts.sum(), 1.0)
 
 
@@ -406,20 +419,23 @@ class RandomPolicy(_WarmupOnly):
     display = "Random Policy"
     Config = RandomConfig
 
-    def __init__(self, cfg, dims, num_classes, flops):
+    def __init__(self, cfg: ARNetConfig, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         super().__init__(cfg, dims, num_classes, flops)
         self.probs = self.allowed("cpu").double()
         if cfg.match_run:
-            with h5py.File(os.path.join(cfg.match_run, "predictions.h5"), "r") as f:
-                codes = f["actions"][:]
-            self.probs = torch.from_numpy(frame_shares(codes, len(self.probs)))
+            self.probs = torch.from_numpy(frame_shares(RunFolder.load(cfg.match_run), len(self.probs)))
         self.probs = self.probs / self.probs.sum()
 
     @property
-    def legend(self) -> dict[int, str]:
+    def codes(self) -> ActionCodes:
+        """As AR-Net's, but a skip drops its own frame only, and the policy reads every frame."""
         L = len(self.names)
-        return {-1: "no frame", **{i: n for i, n in enumerate(self.names)},
-                **{L + j: f"skip {f} (this frame only)" for j, f in enumerate(self.skips)}}
+        skips = {L + j: f for j, f in enumerate(self.skips)}
+        return ActionCodes(legend={-1: "no frame", **dict(enumerate(self.names)),
+                                   **{code: f"skip {f} (this frame only)" for code, f in skips.items()}},
+                           marks={**{i: n.rpartition("@")[2] for i, n in enumerate(self.names)},
+                                  **{code: f"s{f}" for code, f in skips.items()}},
+                           visited=tuple(range(L + len(skips))), expensive=(0,))
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)
@@ -465,14 +481,15 @@ class SCSampler(_WarmupOnly):
     Config = SCSamplerConfig
 
     @classmethod
-    def resolve(cls, cfg, flops, sampling):
+    def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
         """As the warm-up's, with two heads: the highest resolution and the sampler's feature."""
         cfg = super().resolve(cfg, flops, sampling)
-        return dataclasses.replace(cfg, backbones=cfg.backbones.split(",")[0] + "," + cfg.policy)
+        return dataclasses.replace(cfg, backbones=(cfg.backbones[0], cfg.policy))
 
     @property
-    def legend(self) -> dict[int, str]:
-        return {-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]}
+    def codes(self) -> ActionCodes:
+        return ActionCodes(legend={-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]},
+                           marks={1: "c", 0: "F"}, visited=(0, 1), expensive=(0,))
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)

@@ -1,8 +1,13 @@
 """Method registry: one config dataclass, one model, one loss and one inference per method.
 
-Actions (``predictions.h5/actions``, legend in its ``actions_legend`` attribute), per frame for
-LiteEval, UNIFORM and LSTM: -1 no frame (padding), 1 coarse features only, 2 fine features (for
-LiteEval coarse and fine; for UNIFORM/LSTM fine only). AR-Net's codes are in :mod:`policy.methods.arnet`.
+A method declares what it needs (``needs``: feature names), what its actions mean (``codes``:
+an :class:`~policy.run_folder.ActionCodes`, saved with every run), how its row is labelled
+(``display``, ``label``), which reports it appears in beyond ``table1`` and ``tradeoff``
+(``reports``), and its paper's ablation tables (``ablations``: each becomes an ``evaluate`` report).
+
+Actions (``predictions.h5/actions``) per frame for LiteEval, UNIFORM and LSTM: -1 no frame
+(padding), 1 coarse features only, 2 fine features (for LiteEval coarse and fine; for UNIFORM/LSTM
+fine only). AR-Net's codes are in :mod:`policy.methods.arnet`.
 GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
 plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
 
@@ -23,8 +28,22 @@ from torch import nn
 from extract.flops import count_gflops
 
 from ..data import Batch
+from ..run_folder import ActionCodes
 
-ACTIONS_LEGEND = {-1: "no frame", 1: "coarse only", 2: "fine"}
+COARSE_FINE = ActionCodes(legend={-1: "no frame", 1: "coarse only", 2: "fine"}, marks={1: "c", 2: "F"},
+                          visited=(1, 2), expensive=(2,))
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A paper's ablation table for one method, shown by ``evaluate --report NAME``: its runs, and
+    those of methods listing ``report`` in their ``reports``, with a column per config field."""
+
+    report: str  # the report's name
+    title: str
+    columns: dict[str, str]  # column -> config field (a run without the field shows "-")
+    variants: tuple[str, ...]  # train-policy arguments after --method NAME that give its rows
+    sort: bool = False  # rows sorted by the columns
 
 
 def sampled_by_fps(sampling: dict) -> bool:
@@ -33,7 +52,7 @@ def sampled_by_fps(sampling: dict) -> bool:
     return sampling.get("fps") is not None
 
 
-def resolve_auto(cfg, sampling: dict):
+def resolve_auto(cfg: TrainConfig, sampling: dict) -> TrainConfig:
     """A copy of ``cfg`` with the ``auto`` choices a cache decides made (see :class:`TrainConfig`,
     :class:`UniformConfig`)."""
     changes = {}
@@ -90,14 +109,20 @@ class Method:
     name: ClassVar[str]
     display: ClassVar[str] = ""  # the method's name in tables ("": the registry name)
     Config: ClassVar[type] = TrainConfig
-    fine_code: ClassVar[int] = 2  # the action whose share is reported as "fine_usage"
+    # reports beyond table1 and tradeoff that show this method's runs: online (its step_scores as a
+    # curve), usage and frames (where it spends), claims (it must save against UNIFORM), and any
+    # other method's ablation report it is a reference row of
+    reports: ClassVar[tuple[str, ...]] = ()
+    ablations: ClassVar[tuple[Ablation, ...]] = ()
+    baseline: ClassVar[bool] = False  # the method savings are measured against (UNIFORM: claims, online)
+    budget_knob: ClassVar[str] = ""  # the config field that sets the target cost (claims: a sweep moves GFLOPs)
 
-    def __init__(self, cfg, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
+    def __init__(self, cfg: TrainConfig, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
         self.model = self.build()
 
     @classmethod
-    def resolve(cls, cfg, flops: dict[str, float], sampling: dict):
+    def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
         """A copy of ``cfg`` with what was left to the cache filled in (``cfg`` is not changed):
         feature names from its FLOPs table (GMACs per frame by name; fine = the most expensive
         feature, coarse = the cheapest) and ``auto`` choices from its ``sampling``."""
@@ -117,8 +142,9 @@ class Method:
         return cls.display or cls.name
 
     @property
-    def legend(self) -> dict[int, str]:
-        return ACTIONS_LEGEND
+    def codes(self) -> ActionCodes:
+        """What the action codes of :meth:`infer` mean (saved in ``predictions.h5``)."""
+        return COARSE_FINE
 
     def on_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         """Called before each training epoch (stages, learning rates, freezing)."""
@@ -156,7 +182,8 @@ def check_config(cfg) -> None:
 def register_method(cls: type[Method]) -> type[Method]:
     """Add ``cls`` to ``METHODS`` under ``cls.name``; a name already taken is refused."""
     if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} is registered twice ({METHODS[cls.name].__module__} and {cls.__module__})")
+        raise ValueError(f"method {cls.name!r} is registered twice "
+                         f"({METHODS[cls.name].__module__} and {cls.__module__})")
     METHODS[cls.name] = cls
     return cls
 

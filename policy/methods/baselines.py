@@ -30,7 +30,7 @@ class LSTMConfig(TrainConfig):
 
     hidden: int = 2048
     frames: int = -1  # as UNIFORM's
-    readout: str = "last"  # last: the last step's prediction (LiteEval) | mean: per-step logits averaged (AR-Net's code)
+    readout: str = "last"  # last: the last step's prediction (LiteEval) | mean: per-step logits averaged (AR-Net)
 
 
 
@@ -50,6 +50,8 @@ class Uniform(_OnFineFeatures):
     name = "uniform"
     display = "UNIFORM"
     Config = UniformConfig
+    reports = ("actions",)
+    baseline = True
 
     def build(self) -> nn.Module:
         return FrameClassifier(self.dims[self.cfg.fine], self.num_classes)
@@ -90,6 +92,7 @@ class LSTMBaseline(_OnFineFeatures):
 
     name = "lstm"
     display = "LSTM"
+    reports = ("actions",)
     Config = LSTMConfig
 
     def build(self) -> nn.Module:

@@ -15,7 +15,7 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import LiteEval, real_mask
-from .base import Inference, Method, TrainConfig, last_step, numpy, price, register_method
+from .base import Ablation, Inference, Method, TrainConfig, last_step, numpy, price, register_method
 
 
 @dataclass
@@ -30,7 +30,8 @@ class LiteEvalConfig(TrainConfig):
     tau_end: float = 0.5  # ... to this small positive value
     sync: bool = True
     stochastic_eval: bool = False
-    budget: str = "video"  # eq. 5 per video: mean over videos of (usage - gamma)^2 | batch: the code's (batch usage - gamma)^2
+    # eq. 5 per video: mean over videos of (usage - gamma)^2 | batch: the code's (batch usage - gamma)^2
+    budget: str = "video"
     project: bool = False  # the code's BN-Linear-BN-ReLU on each feature (coarse -> hidden_coarse, fine -> its own dim)
     checkpoint_steps: int = 0  # > 0: recompute activations in blocks of this many steps (memory for compute)
 
@@ -43,6 +44,15 @@ class LiteEvalMethod(Method):
     name = "liteeval"
     display = "LiteEval"
     Config = LiteEvalConfig
+    reports = ("online", "usage", "frames", "claims")
+    budget_knob = "gamma"
+    ablations = (Ablation("sync", "Synchronising the fine LSTM with the coarse LSTM (LiteEval Table 2)",
+                          {"sync": "sync"}, ("", "--no-sync")),
+                 Ablation("gamma", "Fine-feature usage target γ (LiteEval Table 3)", {"γ": "gamma"},
+                          tuple(f"--gamma {g}" for g in (0.01, 0.03, 0.05, 0.1)), sort=True),
+                 Ablation("lstm-size", "LSTM sizes (LiteEval Table 4)",
+                          {"cLSTM units": "hidden_coarse", "fLSTM units": "hidden_fine"},
+                          tuple(f"--set hidden_coarse={u}" for u in (64, 128, 256, 512)), sort=True))
 
     @classmethod
     def label(cls, config: dict) -> str:
@@ -123,6 +133,8 @@ class LiteEvalRL(LiteEvalMethod):
 
     name = "liteeval-rl"
     display = "LiteEval-RL"
+    reports = ("usage",)
+    ablations = ()
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = self._run(model, batch, mode="bernoulli")
