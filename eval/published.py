@@ -18,6 +18,7 @@ ARNET = ("AR-Net's code: thop per network (4.11 for ResNet-50@224); the policy c
 ARNET_EFFICIENTNET = ("each EfficientNet charged at its native resolution (B3 at 300 px: 1.8 GFLOPs) while it "
                       "runs at 224 (0.96 by our count); values scaled from a prior table by resolution^2")
 ARNET_QUOTED = "quoted by AR-Net from the method's paper or authors' code"
+OWN_PAPER = "as published by the method's authors: backbones trained end to end, their own FLOPs count"
 ARNET_LITEEVAL = "LiteEval's count (129-frame budget) with GFLOPs/f = GFLOPs/V / 25"
 
 # (report, source, method (registry name), variant, dataset, mAP, GFLOPs/f, GFLOPs/V, counted, extra columns);
@@ -63,6 +64,9 @@ PUBLISHED: list[tuple] = [
           ("liteeval", "", 61.0, 3.96, 99.00, ARNET_LITEEVAL), ("scsampler", "", 70.8, 2.62, 41.95, ARNET),
           ("arnet", "ResNet", 71.7, 2.00, 32.00, ARNET),
           ("arnet", "EfficientNet", 74.8, 1.02, 16.32, ARNET_EFFICIENTNET)]],
+    ("table1", "FrameExit (Ghodrati et al., CVPR 2021)", "frameexit", "ResNet-50", "activitynet", 76.1, None,
+     26.1, OWN_PAPER, {}),
+    ("table1", "OCSampler (Lin et al., CVPR 2022)", "ocsampler", "", "activitynet", 76.9, None, 21.7, OWN_PAPER, {}),
     ("sync", "LiteEval Table 2", "liteeval", "w/o sync", "fcvid", 65.7, None, None, None, {}),
     ("sync", "LiteEval Table 2", "liteeval", "", "fcvid", 80.0, None, None, None, {}),
     *[("gamma", "LiteEval Table 3", "liteeval", "", "fcvid", a, None, v, LITEEVAL, {"γ": g})
@@ -82,15 +86,10 @@ PUBLISHED: list[tuple] = [
 ]
 
 
-QUOTED_ONLY = {"frameglimpse": "FrameGlimpse", "fastforward": "FastForward", "adaframe": "AdaFrame",
-               "listentolook": "ListenToLook"}  # display names of methods quoted here but not registered
-
-
 def display(method: str, variant: str) -> str:
-    """How a published row is named: the registered method's display name (or its ``QUOTED_ONLY``
-    name) and the variant in parentheses."""
-    cls = METHODS.get(method)
-    name = (cls.display or cls.name) if cls else QUOTED_ONLY[method]
+    """How a published row is named: the registered method's display name and the variant in parentheses."""
+    cls = METHODS[method]
+    name = cls.display or cls.name
     return f"{name} ({variant})" if variant else name
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from extract.cache import Cache
-from extract.metrics import hit_at_k
+from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
 from policy.methods.base import Ablation
 
@@ -232,12 +232,12 @@ def online(runs, opts):
 
     for run in stopping:
         _same_videos(run, base)  # same videos, so the same T
-        steps, cost = run.array("step_scores"), run.array("step_gflops")
-        reads = np.cumsum(run.codes.is_expensive(run.actions), axis=1)
-        last = run.codes.sampled(run.actions).sum(1) - 1
-        n, T = reads.shape
+        steps, cost, taken = run.array("step_scores"), run.array("step_gflops"), run.step_actions()
+        reads = np.cumsum(run.codes.is_expensive(taken), axis=1)
+        last = run.codes.sampled(taken).sum(1) - 1
+        n, S = reads.shape
         rows = np.arange(n)
-        for K in range(1, T + 1):
+        for K in range(1, min(S, base_cost.shape[1]) + 1):
             hit = reads >= K
             stop = np.where(hit.any(1), hit.argmax(1), last)
             add(run.label, K, steps[rows, stop], float(cost[rows, stop].mean()))
@@ -364,6 +364,27 @@ def frames(runs, opts):
     return report
 
 
+RANDOM_DRAWS = 5
+
+
+def random_frames_map(reference: Run, reads: np.ndarray, ap: str) -> float:
+    """mAP (%) of picking ``reads[i]`` (at least 1) of video i's sampled frames uniformly at random
+    and averaging ``reference``'s per-frame scores over them (the baseline's frame classifier):
+    a random policy with the same number of expensive reads per video. Mean over ``RANDOM_DRAWS``
+    seeded draws."""
+    frame_scores = reference.array("frame_scores").astype(np.float32)
+    sampled = reference.codes.sampled(reference.actions)
+    k = np.clip(reads, 1, sampled.sum(1))[:, None]
+    rng = np.random.default_rng(0)
+    results = []
+    for _ in range(RANDOM_DRAWS):
+        rank = np.argsort(np.where(sampled, rng.random(sampled.shape), np.inf), axis=1).argsort(axis=1)
+        chosen = (rank < k).astype(np.float32)
+        scores = (frame_scores * chosen[:, :, None]).sum(1) / k
+        results.append(100 * mean_average_precision(scores, reference.labels, kind=ap)[0])
+    return float(np.mean(results))
+
+
 def _sweeps(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     """Runs of each method with a ``budget_knob``, grouped by everything else in their config:
     ``(method, config) -> runs`` that differ only in the knob (and their folder)."""
@@ -408,6 +429,19 @@ def claims(runs, opts):
             add("random policy at the learned policy's budget scores clearly (>= 5 points) below it",
                 f"random {100 * a['mAP']:.1f} at {a['gflops_per_video']:.3f} GFLOPs/V vs {learned[0].label} "
                 f"{100 * b['mAP']:.1f} at {b['gflops_per_video']:.3f}", a["mAP"] <= b["mAP"] - 0.05)
+    every = [r for r in baselines if not r.config.get("frames", 0) and r.array("frame_scores") is not None]
+    reference = max(every, key=lambda r: float(r.gflops.mean()), default=None)
+    for run in (r for r in runs if shows(r, "claims-random")):
+        if reference is None or reference.video_id != run.video_id:
+            add(f"{run.label}: above random frames at its budget", "needs a uniform run over every frame of its cache "
+                "(its frame scores classify the random frames)", False)
+            continue
+        learned = 100 * run.summary(opts.ap)["mAP"]
+        reads = run.codes.is_expensive(run.actions).sum(1)
+        chance = random_frames_map(reference, reads, opts.ap)
+        add(f"{run.label}: above random frames at its budget",
+            f"mAP {learned:.1f} vs {chance:.1f} for {reads.mean():.2f} random frames/V (mean of {RANDOM_DRAWS} "
+            f"draws, classified by {reference.label})", learned > chance)
     for (method, _), group in _sweeps(runs).items():
         if len(group) >= 2:
             cls = METHODS[method]

@@ -14,9 +14,11 @@ Layout::
     /scores       (N, C) float32 video-level prediction
     /actions      (N, T) int8 the method's action code per sampled frame
     /gflops       (N,) float64 GMACs spent per video
-    /step_scores  (N, T, C) float16 prediction if stopped after each step
-    /step_gflops  (N, T) float64 GMACs spent up to and including each step
-    /<extra>      (N, T, ...) float16 per-step arrays a method adds (``frame_scores``)
+    /step_scores  (N, S, C) float16 prediction if stopped after each step (steps: decisions in order)
+    /step_gflops  (N, S) float64 GMACs spent up to and including each step
+    /step_frame   (N, S) int32 the frame read at each step, -1 once stopped; only for methods whose
+                  steps are not the frames in order (absent: step t is frame t, S = T)
+    /<extra>      (N, S, ...) float16 per-step arrays a method adds (``frame_scores``)
     attrs: cache, dataset, actions (JSON of :class:`ActionCodes`)
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from extract.metrics import hit_at_k, mean_average_precision
 
 CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.h5"
 PER_VIDEO = ("video_id", "labels", "scores", "actions", "gflops")
+PER_STEP_TYPES = {"step_gflops": np.float64, "step_frame": np.int32}  # other per-step arrays: float16
 
 
 class RunError(ValueError):
@@ -160,7 +163,7 @@ class RunFolder:
             f["actions"] = predictions.actions.astype(np.int8)
             f["gflops"] = predictions.gflops.astype(np.float64)
             for key, value in predictions.per_step.items():
-                f[key] = value.astype(np.float64 if key == "step_gflops" else np.float16, copy=False)
+                f[key] = value.astype(PER_STEP_TYPES.get(key, np.float16), copy=False)
         os.replace(tmp, path)
         _write_json(os.path.join(folder, METRICS), metrics)
 
@@ -214,6 +217,15 @@ class RunFolder:
         """A large per-step array (``step_scores``, ``step_gflops``, ``frame_scores``), read on demand."""
         with h5py.File(os.path.join(self.path, PREDICTIONS), "r") as f:
             return f[key][:] if key in f and key not in PER_VIDEO else None
+
+    def step_actions(self) -> np.ndarray:
+        """(N, S) the action code of the frame read at each step (``padding`` once stopped): the
+        ``actions`` themselves when steps are the frames in order."""
+        order = self.array("step_frame")
+        if order is None:
+            return self.actions
+        taken = np.take_along_axis(self.actions, np.maximum(order, 0), axis=1)
+        return np.where(order >= 0, taken, self.codes.padding)
 
     def summary(self, ap: str = "sklearn") -> dict:
         """:func:`summarise` of the saved predictions with AP kind ``ap`` (computed once per kind)."""

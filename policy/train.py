@@ -56,9 +56,11 @@ def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures,
             inf.extra = {k: v.astype(np.float16) for k, v in inf.extra.items()}
             parts.append(inf)
     extra_keys = parts[0].extra.keys() if parts else []
+    ordered = bool(parts) and parts[0].step_frame is not None
     return Inference(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "step_scores", "actions",
                                                                                  "step_gflops")),
-                     extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys})
+                     extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys},
+                     step_frame=np.concatenate([p.step_frame for p in parts]) if ordered else None)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -94,7 +96,8 @@ def evaluate_split(method: Method, inf: Inference, labels: np.ndarray) -> dict:
 def predictions(method: Method, store: CachedFeatures, rows: np.ndarray, inf: Inference) -> Predictions:
     return Predictions(video_id=[store.ids[i] for i in rows], labels=store.labels[rows], scores=inf.scores,
                        actions=inf.actions, gflops=inf.gflops, codes=method.codes,
-                       per_step={"step_scores": inf.step_scores, "step_gflops": inf.step_gflops, **inf.extra})
+                       per_step={"step_scores": inf.step_scores, "step_gflops": inf.step_gflops, **inf.extra,
+                                 **({"step_frame": inf.step_frame} if inf.step_frame is not None else {})})
 
 
 def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:

@@ -28,6 +28,7 @@ from torch import nn
 from extract.flops import count_gflops
 
 from ..data import Batch
+from ..models import real_mask
 from ..run_folder import ActionCodes
 
 COARSE_FINE = ActionCodes(legend={-1: "no frame", 1: "coarse only", 2: "fine"}, marks={1: "c", 2: "F"},
@@ -91,11 +92,17 @@ class TrainConfig:
 
 @dataclass
 class Inference:
+    """What :meth:`Method.infer` returns for a batch. Steps are decisions in the order they were
+    taken: for methods that walk the frames in order (LiteEval, AR-Net, UNIFORM) step ``t`` is frame
+    ``t`` and ``step_frame`` is ``None``; methods that read frames in another order (glimpses,
+    jumps, a coarse-to-fine order) give ``step_frame``, the frame read at each step."""
+
     scores: np.ndarray  # (N, C) video-level prediction (probabilities)
-    step_scores: np.ndarray  # (N, T, C) prediction if stopped after each step
-    actions: np.ndarray  # (N, T) int, see the method's legend
-    step_gflops: np.ndarray  # (N, T) GMACs spent up to and including each step (a prediction included)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    step_scores: np.ndarray  # (N, S, C) prediction if stopped after each step
+    actions: np.ndarray  # (N, T) int per sampled frame, see the method's codes
+    step_gflops: np.ndarray  # (N, S) GMACs spent up to and including each step (a prediction included)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # (N, S, ...) per-step arrays saved as float16
+    step_frame: np.ndarray | None = None  # (N, S) int frame read at each step, -1 once the method stopped
 
     @property
     def gflops(self) -> np.ndarray:
@@ -205,6 +212,77 @@ def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
     step = torch.where(i < kept.unsqueeze(1), step.clamp(max=batch.length.max().item() - 1), 0)
     rows = torch.arange(len(kept), device=kept.device).unsqueeze(1)
     return Batch(batch.index, {n: batch.features[n][rows, step] for n in names}, batch.labels, kept)
+
+
+def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the probability a prediction (N, C) puts on each video's labels: the reward of the
+    REINFORCE-trained methods, in [0, 1] for single- and multi-label videos alike."""
+    return (probs * (labels > 0)).sum(-1)
+
+
+def at_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[i, index[i]]`` for (N, T, ...) ``x`` and (N,) ``index``."""
+    return x[torch.arange(len(x), device=x.device), index]
+
+
+def spread_index(length: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) the centres of ``k`` equal segments of each video's real frames (TSN's test-time
+    sampling; a frame repeats when a video has fewer than ``k``)."""
+    i = torch.arange(k, device=length.device).unsqueeze(0)
+    return ((i + 0.5) * length.unsqueeze(1) / k).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
+
+
+READ, PREVIEW, NOT_READ, AFTER_STOP = 0, 1, -2, -3  # the codes of methods that read frames out of order
+
+
+def read_codes(preview: str = "", stops: bool = False) -> ActionCodes:
+    """The action codes of a method that reads chosen frames' expensive features (``READ``): with
+    ``preview``, frames given only the cheap features are ``PREVIEW`` (named so); with ``stops``,
+    frames past the last one read are ``AFTER_STOP`` (a forward-only method that stopped)."""
+    legend = {-1: "no frame", READ: "expensive features read", NOT_READ: "not read"}
+    marks = {READ: "F", NOT_READ: "."}
+    visited = [READ]
+    if preview:
+        legend[PREVIEW], marks[PREVIEW] = preview, "c"
+        visited.append(PREVIEW)
+    if stops:
+        legend[AFTER_STOP], marks[AFTER_STOP] = "after the stop", "x"
+    return ActionCodes(legend=legend, marks=marks, visited=tuple(visited), expensive=(READ,),
+                       stopped=(AFTER_STOP,) if stops else ())
+
+
+def step_inference(probs: torch.Tensor, frames: torch.Tensor, cost: torch.Tensor, length: torch.Tensor, steps: int,
+                   *, preview: torch.Tensor | None = None, stops: bool = False) -> Inference:
+    """:class:`Inference` of a method that reads one frame per step in an order of its own.
+
+    ``probs`` (N, S, C) its prediction after each step; ``frames`` (N, S) the frame read at each
+    step, -1 once it stopped; ``cost`` (N, S) GMACs spent at each step (what it spends before the
+    first read, such as a preview, at step 0); ``steps`` the cache's T; ``preview`` (N, T) frames
+    given the cheap features. After the stop a video's prediction and spending stay as they were.
+    With ``stops``, frames past the last one read are marked ``AFTER_STOP``.
+    """
+    n, s, c = probs.shape
+    taken = frames >= 0
+    last = (taken.sum(1) - 1).clamp(min=0)
+    held = torch.minimum(torch.arange(s, device=probs.device).unsqueeze(0), last.unsqueeze(1))
+    step_probs = probs.gather(1, held.unsqueeze(-1).expand(n, s, c))
+    real = real_mask(length, steps)
+    actions = torch.full((n, steps), NOT_READ, dtype=torch.long, device=probs.device)
+    if preview is not None:
+        actions[preview] = PREVIEW
+    rows = torch.arange(n, device=probs.device).unsqueeze(1).expand(n, s)
+    actions[rows[taken], frames[taken]] = READ
+    if stops:
+        furthest = frames.max(1).values.unsqueeze(1)
+        actions[(torch.arange(steps, device=probs.device).unsqueeze(0) > furthest) & (actions == NOT_READ)] = AFTER_STOP
+    actions[~real] = -1
+    return Inference(scores=numpy(step_probs[:, -1]), step_scores=numpy(step_probs), actions=numpy(actions),
+                     step_gflops=numpy(cost.cumsum(1)).astype(np.float64), step_frame=numpy(frames))
+
+
+def reinforce(log_prob: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE's loss, ``-sum_s log pi(a_s) * advantage_s`` over the ``mask``ed steps, mean over videos."""
+    return -(log_prob * advantage.detach() * mask).sum(1).mean()
 
 
 def numpy(x: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,419 @@
+"""Agents trained with REINFORCE that choose which frames to read the expensive features of:
+FrameGlimpse (Yeung et al., CVPR 2016), FastForward (Fan et al., IJCAI 2018), AdaFrame (Wu et al.,
+CVPR 2019) and MultiAgent (Wu et al., ICCV 2019), on cached features.
+
+Common ground, where the cache replaces the originals' end-to-end backbones: frames are the
+cache's sampled frames; an agent "reads" a frame by taking its cached expensive features (``fine``,
+the cache's most expensive feature) and pays that backbone's GFLOPs from the cache's table for
+every read, plus its own modules priced like every method's. The reward is the probability the
+final prediction puts on the video's labels (:func:`~policy.methods.base.label_mass`), with a
+learned baseline (a value head, not charged: it is not run at inference). Classification is
+trained by back-propagation, the decisions by REINFORCE. Action codes: :func:`read_codes`; the
+steps are reads in the order taken (``step_frame``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Categorical, Normal
+
+from extract.training import soft_cross_entropy
+
+from ..data import Batch
+from ..run_folder import ActionCodes
+from .base import (Inference, Method, TrainConfig, at_frames, label_mass, price, read_codes, register_method,
+                   reinforce, spread_index, step_inference)
+
+
+def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
+    """A decision from ``dist``: ``forced`` when given, else sampled (training) or its mode."""
+    if forced is not None:
+        return forced
+    if mode == "sample":
+        return dist.sample()
+    if isinstance(dist, Categorical):
+        return dist.probs.argmax(-1)
+    if isinstance(dist, Bernoulli):
+        return (dist.probs > 0.5).to(dist.probs)
+    return dist.mean
+
+
+def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the prediction at every taken step (``mask``), averaged per video, then over videos."""
+    n, s, c = logits.shape
+    ce = soft_cross_entropy(logits.reshape(n * s, c), labels.repeat_interleave(s, dim=0)).view(n, s)
+    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+class _Agent(Method):
+    """What the agents share: a rollout over the expensive features, REINFORCE with a value baseline."""
+
+    reports = ("online", "claims-random")
+
+    @property
+    def codes(self) -> ActionCodes:
+        return read_codes()
+
+    def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
+        """``logits`` (N, S, C), ``frames`` (N, S) read at each step (-1 once stopped), ``log_prob``,
+        ``entropy``, ``value`` (N, S); ``mode`` sample | argmax."""
+        raise NotImplementedError
+
+    @property
+    def step_costs(self) -> float:
+        """GMACs of one read: the expensive backbone and the agent's modules at that step."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.rollout(model, batch, "sample")
+        taken = (out["frames"] >= 0).to(out["logits"])
+        ce = step_loss(out["logits"], batch.labels, taken)
+        last = (taken.sum(1) - 1).clamp(min=0).long()
+        reward = label_mass(at_frames(out["logits"], last).softmax(-1), batch.labels).detach()
+        advantage = reward.unsqueeze(1) - out["value"]
+        value = ((out["value"] - reward.unsqueeze(1)) ** 2 * taken).sum() / taken.sum().clamp(min=1)
+        entropy = (out["entropy"] * taken).sum() / taken.sum().clamp(min=1)
+        loss = ce + reinforce(out["log_prob"], advantage, taken) + value - self.cfg.entropy * entropy
+        return loss, {"ce": ce.item(), "reward": reward.mean().item(), "reads": taken.sum(1).mean().item()}
+
+    def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
+        """Decisions by argmax (the policy's mode), or ``forced`` ones (see :meth:`rollout`)."""
+        out = self.rollout(model, batch, "argmax", forced)
+        taken = out["frames"] >= 0
+        return step_inference(out["logits"].softmax(-1), out["frames"], taken * self.step_costs, batch.length,
+                              batch.features[self.cfg.fine].shape[1], stops=self.stops)
+
+    stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
+
+
+@dataclass
+class FastForwardConfig(TrainConfig):
+    hidden: int = 512
+    jumps: tuple[int, ...] = (1, 2, 4, 8)  # frames jumped forward by each action; one more action stops
+    entropy: float = 0.01  # weight of the policy's entropy bonus
+
+
+class FastForwardNet(nn.Module):
+    def __init__(self, dim: int, num_classes: int, hidden: int, actions: int):
+        super().__init__()
+        self.lstm = nn.LSTMCell(dim, hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.policy = nn.Linear(hidden, actions)
+        self.value = nn.Linear(hidden, 1)
+
+
+@register_method
+class FastForward(_Agent):
+    """FastForward: from the first frame, an LSTM reads the current frame's expensive features and
+    picks a jump forward from ``jumps`` or stops (a jump past the video's end stops too); the
+    prediction is the classifier on the LSTM state where it stopped."""
+
+    name = "fastforward"
+    display = "FastForward"
+    Config = FastForwardConfig
+    stops = True
+
+    def build(self) -> nn.Module:
+        return FastForwardNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden, len(self.cfg.jumps) + 1)
+
+    @cached_property
+    def step_costs(self) -> float:
+        m = self.model
+        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine])
+                + price(m.classifier, 1, self.cfg.hidden) + price(m.policy, 1, self.cfg.hidden))
+
+    def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
+        """``forced``: {"actions": (N, S) action index per step, len(jumps) = stop}."""
+        fine, length = batch.features[self.cfg.fine], batch.length
+        n, steps = fine.shape[:2]
+        jumps = torch.tensor(self.cfg.jumps, device=fine.device)
+        pos = torch.zeros(n, dtype=torch.long, device=fine.device)
+        alive = length > 0
+        h = fine.new_zeros(n, self.cfg.hidden)
+        c = torch.zeros_like(h)
+        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        for s in range(steps):
+            h2, c2 = model.lstm(at_frames(fine, pos), (h, c))
+            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            dist = Categorical(logits=model.policy(h))
+            action = _choose(dist, mode, None if forced is None else forced["actions"][:, s])
+            out["logits"].append(model.classifier(h))
+            out["frames"].append(torch.where(alive, pos, -1))
+            out["log_prob"].append(dist.log_prob(action))
+            out["entropy"].append(dist.entropy())
+            out["value"].append(model.value(h.detach()).squeeze(1))
+            ahead = pos + jumps[action.clamp(max=len(jumps) - 1)]
+            go_on = alive & (action < len(jumps)) & (ahead < length)
+            pos = torch.where(go_on, ahead, pos)
+            alive = go_on
+        return {k: torch.stack(v, 1) for k, v in out.items()}
+
+
+@dataclass
+class FrameGlimpseConfig(TrainConfig):
+    hidden: int = 512
+    glimpses: int = 8  # the most frames read
+    sigma: float = 0.1  # std of the Gaussian location policy (locations in [0, 1] of the video)
+    entropy: float = 0.0
+
+
+class FrameGlimpseNet(nn.Module):
+    def __init__(self, dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.lstm = nn.LSTMCell(dim + 1, hidden)  # the frame's features and where it is
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.location = nn.Linear(hidden, 1)
+        self.stop = nn.Linear(hidden, 1)
+        self.value = nn.Linear(hidden, 1)
+
+
+@register_method
+class FrameGlimpse(_Agent):
+    """FrameGlimpse: an LSTM observes one frame (its expensive features and its location) per
+    glimpse, starting in the middle, and emits where to look next (a Gaussian over the video's
+    [0, 1] span, REINFORCE) and whether to stop (Bernoulli, REINFORCE), at most ``glimpses``
+    times; the prediction is the classifier on the state where it stopped. The original's
+    detection outputs become the video's classification."""
+
+    name = "frameglimpse"
+    display = "FrameGlimpse"
+    Config = FrameGlimpseConfig
+
+    def build(self) -> nn.Module:
+        return FrameGlimpseNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden)
+
+    @cached_property
+    def step_costs(self) -> float:
+        m, hidden = self.model, self.cfg.hidden
+        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine] + 1)
+                + sum(price(head, 1, hidden) for head in (m.classifier, m.location, m.stop)))
+
+    def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
+        """``forced``: {"locations": (N, S) in [0, 1] of each glimpse after the first, "stop": (N, S) 0/1}."""
+        fine, length = batch.features[self.cfg.fine], batch.length
+        n = fine.shape[0]
+        span = (length - 1).clamp(min=0).to(fine)
+        where = fine.new_full((n,), 0.5)
+        alive = length > 0
+        h = fine.new_zeros(n, self.cfg.hidden)
+        c = torch.zeros_like(h)
+        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        for s in range(self.cfg.glimpses):
+            pos = torch.round(where * span).long()
+            x = torch.cat([at_frames(fine, pos), where.unsqueeze(1)], 1)
+            h2, c2 = model.lstm(x, (h, c))
+            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            stop_dist = Bernoulli(logits=model.stop(h).squeeze(1))
+            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
+            stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].to(fine))
+            nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
+            last = s == self.cfg.glimpses - 1
+            out["logits"].append(model.classifier(h))
+            out["frames"].append(torch.where(alive, pos, -1))
+            out["log_prob"].append(stop_dist.log_prob(stop) * (not last) + move.log_prob(nxt) * (1 - stop) * (not last))
+            out["entropy"].append(stop_dist.entropy())
+            out["value"].append(model.value(h.detach()).squeeze(1))
+            alive = alive & (stop < 0.5) & (not last)
+            where = torch.where(alive, nxt.detach(), where)
+        return {k: torch.stack(v, 1) for k, v in out.items()}
+
+
+@dataclass
+class AdaFrameConfig(TrainConfig):
+    hidden: int = 512
+    steps: int = 10  # the most frames read (AdaFrame-10)
+    memory: int = 16  # frames of the cheap global memory, spread over the video
+    sigma: float = 0.1  # std of the Gaussian location policy
+    discount: float = 0.9  # of future rewards
+    stop_utility: float = 0.05  # at inference, stop once the predicted utility falls below this
+    entropy: float = 0.0
+
+
+class AdaFrameNet(nn.Module):
+    def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.memory = nn.Linear(coarse_dim, hidden)
+        self.query = nn.Linear(hidden, hidden)
+        self.lstm = nn.LSTMCell(fine_dim + hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.utility = nn.Linear(hidden, 1)
+        self.location = nn.Linear(hidden, 1)
+
+
+@register_method
+class AdaFrame(_Agent):
+    """AdaFrame: a global memory of the cheap features of ``memory`` frames spread over the video;
+    an LSTM reads one frame's expensive features per step with the memory attended by its state,
+    starting in the middle, predicts where to look next (Gaussian, REINFORCE) and a utility, the
+    expected future reward, trained by regression and used to stop at inference. The reward of a
+    step is how much it raises the best margin so far (probability on the labels minus the best
+    other class). Training always takes ``steps`` reads, as AdaFrame's."""
+
+    name = "adaframe"
+    display = "AdaFrame"
+    Config = AdaFrameConfig
+
+    @property
+    def codes(self) -> ActionCodes:
+        return read_codes(preview="memory (cheap features)")
+
+    @staticmethod
+    def needs(cfg: TrainConfig) -> list[str]:
+        return [cfg.coarse, cfg.fine]
+
+    def build(self) -> nn.Module:
+        return AdaFrameNet(self.dims[self.cfg.fine], self.dims[self.cfg.coarse], self.num_classes, self.cfg.hidden)
+
+    @cached_property
+    def memory_cost(self) -> float:
+        """GMACs of the global memory: the cheap backbone and its projection on ``memory`` frames."""
+        return self.cfg.memory * (self.flops[self.cfg.coarse] + price(self.model.memory, 1, self.dims[self.cfg.coarse]))
+
+    @cached_property
+    def step_costs(self) -> float:
+        m, hidden = self.model, self.cfg.hidden
+        attention = 2 * self.cfg.memory * hidden / 1e9  # scores and the weighted sum
+        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine] + hidden) + attention
+                + sum(price(head, 1, hidden) for head in (m.query, m.classifier, m.utility, m.location)))
+
+    def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
+        """``forced``: {"locations": (N, S) in [0, 1] of each read after the first, "stop": (N, S) 0/1}."""
+        fine, length = batch.features[self.cfg.fine], batch.length
+        n = fine.shape[0]
+        memory = model.memory(batch.features[self.cfg.coarse][torch.arange(n).unsqueeze(1),
+                                                              spread_index(length, self.cfg.memory)])
+        span = (length - 1).clamp(min=0).to(fine)
+        where = fine.new_full((n,), 0.5)
+        alive = length > 0
+        h = fine.new_zeros(n, self.cfg.hidden)
+        c = torch.zeros_like(h)
+        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        for s in range(self.cfg.steps):
+            pos = torch.round(where * span).long()
+            attention = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
+            context = (attention.softmax(1).unsqueeze(2) * memory).sum(1)
+            h2, c2 = model.lstm(torch.cat([at_frames(fine, pos), context], 1), (h, c))
+            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            utility = model.utility(h).squeeze(1)
+            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
+            nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
+            out["logits"].append(model.classifier(h))
+            out["frames"].append(torch.where(alive, pos, -1))
+            out["log_prob"].append(move.log_prob(nxt) * (s < self.cfg.steps - 1))  # the last location is not used
+            out["entropy"].append(move.entropy())
+            out["value"].append(utility)
+            if forced is not None:
+                stop = forced["stop"][:, s] > 0
+            elif mode == "sample":  # training reads every step
+                stop = torch.zeros_like(alive)
+            else:
+                stop = utility < self.cfg.stop_utility
+            alive = alive & ~stop
+            where = torch.where(alive, nxt.detach(), where)
+        return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": spread_index(length, self.cfg.memory)}
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.rollout(model, batch, "sample")
+        logits = out["logits"]
+        taken = (out["frames"] >= 0).to(logits)
+        ce = step_loss(logits, batch.labels, taken)
+        probs = logits.softmax(-1).detach()
+        on_label = label_mass(probs, batch.labels.unsqueeze(1))
+        other = probs.masked_fill(batch.labels.unsqueeze(1) > 0, 0).amax(-1)
+        margin = on_label - other  # (N, S)
+        best = torch.cummax(margin, 1).values
+        reward = torch.cat([torch.zeros_like(margin[:, :1]), (margin[:, 1:] - best[:, :-1]).clamp(min=0)], 1)
+        future = torch.zeros_like(reward)  # return of the location chosen at step s: rewards from step s + 1 on
+        running = torch.zeros_like(reward[:, 0])
+        for s in range(reward.shape[1] - 1, 0, -1):
+            running = reward[:, s] + self.cfg.discount * running
+            future[:, s - 1] = running
+        utility = ((out["value"] - future) ** 2 * taken).sum() / taken.sum().clamp(min=1)
+        loss = ce + reinforce(out["log_prob"], future - out["value"], taken) + utility
+        return loss, {"ce": ce.item(), "reward": reward.sum(1).mean().item()}
+
+    def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
+        out = self.rollout(model, batch, "argmax", forced)
+        taken = out["frames"] >= 0
+        cost = taken * self.step_costs
+        cost[:, 0] += self.memory_cost
+        steps = batch.features[self.cfg.fine].shape[1]
+        preview = torch.zeros(len(taken), steps, dtype=torch.bool, device=taken.device)
+        preview[torch.arange(len(taken)).unsqueeze(1), out["memory_frames"]] = True
+        return step_inference(out["logits"].softmax(-1), out["frames"], cost, batch.length, steps, preview=preview)
+
+
+@dataclass
+class MultiAgentConfig(TrainConfig):
+    hidden: int = 512
+    agents: int = 4  # agents, starting at the centres of equal segments
+    steps: int = 3  # moves per agent; each agent reads a frame before its first move and after each
+    move: float = 0.05  # a move's length as a fraction of the video (at least one frame)
+    entropy: float = 0.01
+
+
+class MultiAgentNet(nn.Module):
+    def __init__(self, dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.observe = nn.Linear(dim, hidden)
+        self.gru = nn.GRUCell(2 * hidden, hidden)  # its own observation and the agents' mean (context)
+        self.policy = nn.Linear(hidden, 3)  # back, stay, forward
+        self.value = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(dim, num_classes)  # on a frame's features
+
+
+@register_method
+class MultiAgent(_Agent):
+    """MultiAgent: ``agents`` agents share a context-aware GRU (its own observation and the mean
+    of all agents'); each reads the frame under its pointer, then moves it back, keeps it or moves
+    it forward, ``steps`` times. The prediction averages the frame classifier over the frames the
+    agents end on; one shared reward (REINFORCE, value baseline). The original's 3D clips are
+    single frames here. Every read is charged, an agent that stays included (it re-observes)."""
+
+    name = "multiagent"
+    display = "MultiAgent"
+    Config = MultiAgentConfig
+    reports = ("claims-random",)
+
+    def build(self) -> nn.Module:
+        return MultiAgentNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden)
+
+    @cached_property
+    def step_costs(self) -> float:
+        m, hidden, dim = self.model, self.cfg.hidden, self.dims[self.cfg.fine]
+        return (self.flops[self.cfg.fine] + price(m.observe, 1, dim) + price(m.gru, 1, 2 * hidden)
+                + price(m.policy, 1, hidden) + price(m.classifier, 1, dim))
+
+    def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
+        """``forced``: {"moves": (N, steps, agents) in 0 back, 1 stay, 2 forward}. Steps are reads,
+        agent by agent within each round."""
+        fine, length = batch.features[self.cfg.fine], batch.length
+        n, agents = fine.shape[0], self.cfg.agents
+        pos = spread_index(length, agents)  # (N, A)
+        stride = (self.cfg.move * length.to(fine)).round().long().clamp(min=1).unsqueeze(1)
+        h = fine.new_zeros(n * agents, self.cfg.hidden)
+        rows = torch.arange(n, device=fine.device).unsqueeze(1)
+        real = (length > 0).unsqueeze(1).expand(n, agents)
+        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        for s in range(self.cfg.steps + 1):
+            feats = fine[rows, pos]  # (N, A, D)
+            seen = model.observe(feats)
+            context = seen.mean(1, keepdim=True).expand_as(seen)
+            h = model.gru(torch.cat([seen, context], 2).reshape(n * agents, -1), h)
+            logits = model.classifier(feats).mean(1, keepdim=True).expand(n, agents, -1)  # the agents' prediction
+            dist = Categorical(logits=model.policy(h).view(n, agents, 3))
+            last = s == self.cfg.steps
+            move = _choose(dist, mode, None if forced is None or last else forced["moves"][:, s])
+            out["logits"].append(logits)
+            out["frames"].append(torch.where(real, pos, -1))
+            out["log_prob"].append(dist.log_prob(move) * (not last))
+            out["entropy"].append(dist.entropy() * (not last))
+            out["value"].append(model.value(h.detach()).view(n, agents))
+            if not last:
+                pos = (pos + (move - 1) * stride).clamp(min=0)
+                pos = torch.minimum(pos, (length - 1).clamp(min=0).unsqueeze(1))
+        return {k: torch.cat(v, 1) for k, v in out.items()}

@@ -1,0 +1,366 @@
+"""Methods that pick frames for the expensive model from a cheap look at the video, or stop early
+on a fixed order: ListenToLook's image-only variant (Gao et al., CVPR 2020), OCSampler (Lin et al.,
+CVPR 2022) and FrameExit (Ghodrati et al., CVPR 2021), on cached features.
+
+As with every method here the backbones are frozen and their features cached: each method
+trains its own small modules on them and pays, per video, the cache's GFLOPs for what it read
+plus its modules priced like every method's. Action codes: :func:`read_codes`; the steps are the
+frames read in the order taken (``step_frame``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extract.training import soft_cross_entropy
+
+from ..data import Batch
+from ..models import real_mask
+from ..run_folder import ActionCodes
+from .agents import step_loss
+from .base import (AFTER_STOP, NOT_READ, Inference, Method, TrainConfig, label_mass, price, read_codes, register_method,
+                   step_inference)
+
+
+def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """(N, S, C) the mean of the taken steps' ``logits`` up to each step."""
+    weights = taken.to(logits).unsqueeze(-1)
+    return (logits * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
+
+
+@dataclass
+class ListenToLookConfig(TrainConfig):
+    hidden: int = 512
+    frames: int = 10  # frames given the expensive features
+    tau: float = 1.0  # Gumbel-softmax temperature of the frame choice
+
+
+class ListenToLookNet(nn.Module):
+    def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.memory = nn.Linear(coarse_dim, hidden)  # the preview of every frame
+        self.query = nn.Linear(hidden, hidden)
+        self.lstm = nn.LSTMCell(fine_dim + coarse_dim, hidden)
+        self.classifier = nn.Linear(fine_dim, num_classes)  # a frame's prediction from its expensive features
+
+
+@register_method
+class ListenToLook(Method):
+    """ListenToLook, image-only (MobileNetV2 preview | ResNet-101 in AR-Net's table): the cheap
+    features of every frame are a preview memory; an LSTM queries it ``frames`` times, each time
+    picking one frame not picked yet (straight-through Gumbel-softmax in training, argmax at
+    inference), reads its expensive features and feeds both back; the prediction averages the
+    frame classifier's logits over the picked frames. The original previews audio (the "(IA|R)"
+    rows) and trains its backbones; here only the image variant exists, on frozen features."""
+
+    name = "listentolook"
+    display = "ListenToLook"
+    Config = ListenToLookConfig
+    reports = ("claims-random",)
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        return f"{cls.display} (Image, {config['frames']} frames)"
+
+    @property
+    def codes(self) -> ActionCodes:
+        return read_codes(preview="previewed (cheap features)")
+
+    @staticmethod
+    def needs(cfg: TrainConfig) -> list[str]:
+        return [cfg.coarse, cfg.fine]
+
+    def build(self) -> nn.Module:
+        return ListenToLookNet(self.dims[self.cfg.fine], self.dims[self.cfg.coarse], self.num_classes, self.cfg.hidden)
+
+    @cached_property
+    def costs(self) -> tuple[float, float]:
+        """GMACs (per previewed frame: cheap backbone + memory; per pick, before attention: expensive
+        backbone, LSTM step, query, classifier)."""
+        m, dc, df = self.model, self.dims[self.cfg.coarse], self.dims[self.cfg.fine]
+        preview = self.flops[self.cfg.coarse] + price(m.memory, 1, dc)
+        pick = (self.flops[self.cfg.fine] + price(m.lstm, 1, df + dc) + price(m.query, 1, self.cfg.hidden)
+                + price(m.classifier, 1, df))
+        return preview, pick
+
+    def rollout(self, model: nn.Module, batch: Batch, hard: bool) -> dict:
+        """``logits`` (N, K, C) of each pick, ``frames`` (N, K) picked (-1: no frame left to pick)."""
+        fine, coarse, length = batch.features[self.cfg.fine], batch.features[self.cfg.coarse], batch.length
+        n, steps = fine.shape[:2]
+        memory = model.memory(coarse)
+        free = real_mask(length, steps)
+        h = fine.new_zeros(n, self.cfg.hidden)
+        c = torch.zeros_like(h)
+        logits, frames = [], []
+        for _ in range(self.cfg.frames):
+            has = free.any(1)
+            scores = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
+            scores = scores.masked_fill(~free, float("-inf")).masked_fill(~has.unsqueeze(1), 0.0)
+            if hard:
+                weight = F.one_hot(scores.argmax(1), steps).to(fine)
+            else:
+                weight = F.gumbel_softmax(scores, tau=self.cfg.tau, hard=True)
+            picked_fine = (weight.unsqueeze(2) * fine).sum(1)
+            picked_coarse = (weight.unsqueeze(2) * coarse).sum(1)
+            h2, c2 = model.lstm(torch.cat([picked_fine, picked_coarse], 1), (h, c))
+            h, c = torch.where(has.unsqueeze(1), h2, h), torch.where(has.unsqueeze(1), c2, c)
+            logits.append(model.classifier(picked_fine))
+            frames.append(torch.where(has, weight.argmax(1), -1))
+            free = free & ~(weight.detach() > 0.5)
+        return {"logits": torch.stack(logits, 1), "frames": torch.stack(frames, 1)}
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.rollout(model, batch, hard=False)
+        taken = out["frames"] >= 0
+        ce = soft_cross_entropy(running_mean(out["logits"], taken)[:, -1], batch.labels).mean()
+        return ce, {"ce": ce.item()}
+
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
+        out = self.rollout(model, batch, hard=True)
+        taken = out["frames"] >= 0
+        preview, pick = self.costs
+        steps = batch.features[self.cfg.fine].shape[1]
+        attention = 2 * steps * self.cfg.hidden / 1e9  # scores over every frame and the weighted sums
+        cost = taken * (pick + attention)
+        cost[:, 0] += batch.length.to(cost) * preview
+        return step_inference(running_mean(out["logits"], taken).softmax(-1), out["frames"], cost, batch.length, steps,
+                              preview=real_mask(batch.length, steps))
+
+
+@dataclass
+class OCSamplerConfig(TrainConfig):
+    hidden: int = 512
+    frames: int = 6  # K frames picked in one step for the expensive model
+    warmup_epochs: int = 10  # first the classifier on every frame's expensive features, then it is frozen
+
+
+class OCSamplerNet(nn.Module):
+    def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.frame = nn.Linear(coarse_dim, hidden)
+        self.context = nn.Linear(coarse_dim, hidden)  # the video's mean cheap feature
+        self.score = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(fine_dim, num_classes)
+
+
+@register_method
+class OCSampler(Method):
+    """OCSampler: the cheap features of every candidate frame, each with the video's mean as
+    context, give one score per frame; the top ``frames`` (in training, K drawn without
+    replacement by Gumbel top-K, Plackett-Luce log-probability) go to the expensive model, a frame
+    classifier trained first on every frame (``warmup_epochs``) and then frozen, whose averaged
+    prediction's probability on the labels is the reward; the greedy top-K's reward is the
+    baseline (self-critical REINFORCE). The original's adaptive-K variant is not offered."""
+
+    name = "ocsampler"
+    display = "OCSampler"
+    Config = OCSamplerConfig
+    reports = ("claims-random",)
+
+    @classmethod
+    def label(cls, config: dict) -> str:
+        return f"{cls.display} ({config['frames']} frames)"
+
+    @property
+    def codes(self) -> ActionCodes:
+        return read_codes(preview="scored (cheap features)")
+
+    @staticmethod
+    def needs(cfg: TrainConfig) -> list[str]:
+        return [cfg.coarse, cfg.fine]
+
+    def build(self) -> nn.Module:
+        return OCSamplerNet(self.dims[self.cfg.fine], self.dims[self.cfg.coarse], self.num_classes, self.cfg.hidden)
+
+    def on_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        for p in self.model.classifier.parameters():
+            p.requires_grad_(epoch < self.cfg.warmup_epochs)
+
+    def selectable(self, epoch: int) -> bool:
+        return epoch >= min(self.cfg.warmup_epochs, self.cfg.epochs - 1)
+
+    def scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(N, T) each frame's score, -inf past the video's length."""
+        coarse = batch.features[self.cfg.coarse]
+        real = real_mask(batch.length, coarse.shape[1])
+        mean = (coarse * real.unsqueeze(2)).sum(1) / batch.length.clamp(min=1).unsqueeze(1).to(coarse)
+        hidden = torch.relu(model.frame(coarse) + model.context(mean).unsqueeze(1))
+        return model.score(hidden).squeeze(2).masked_fill(~real, float("-inf"))
+
+    def pick(self, scores: torch.Tensor, length: torch.Tensor, noise: bool) -> torch.Tensor:
+        """(N, K) frames in the order picked, -1 where a video has fewer than K."""
+        k = min(self.cfg.frames, scores.shape[1])
+        keyed = scores - torch.log(-torch.log(torch.rand_like(scores).clamp(1e-9, 1 - 1e-9))) if noise else scores
+        frames = keyed.topk(k, dim=1).indices
+        frames = torch.where(torch.arange(k, device=scores.device).unsqueeze(0) < length.unsqueeze(1), frames, -1)
+        if k < self.cfg.frames:
+            frames = F.pad(frames, (0, self.cfg.frames - k), value=-1)
+        return frames
+
+    @staticmethod
+    def log_prob(scores: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(N,) Plackett-Luce log-probability of drawing ``frames`` in that order without replacement."""
+        left = scores.clone()
+        total = torch.zeros_like(scores[:, 0])
+        for k in range(frames.shape[1]):
+            valid = frames[:, k] >= 0
+            at = frames[:, k].clamp(min=0)
+            safe = left.masked_fill(~valid.unsqueeze(1), 0.0)  # a video with no frame left adds nothing (and no NaN)
+            term = safe.gather(1, at.unsqueeze(1)).squeeze(1) - torch.logsumexp(safe, 1)
+            total = total + term * valid
+            left = left.scatter(1, at.unsqueeze(1), float("-inf"))
+        return total
+
+    def frame_logits(self, model: nn.Module, batch: Batch, frames: torch.Tensor) -> torch.Tensor:
+        fine = batch.features[self.cfg.fine]
+        return model.classifier(fine[torch.arange(len(fine)).unsqueeze(1), frames.clamp(min=0)])
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if epoch < self.cfg.warmup_epochs:
+            fine = batch.features[self.cfg.fine]
+            taken = real_mask(batch.length, fine.shape[1])
+            ce = step_loss(model.classifier(fine), batch.labels, taken.to(fine))
+            return ce, {"ce": ce.item()}
+        scores = self.scores(model, batch)
+        drawn, greedy = self.pick(scores, batch.length, True), self.pick(scores.detach(), batch.length, False)
+        with torch.no_grad():
+            rewards = [label_mass(running_mean(self.frame_logits(model, batch, f), f >= 0)[:, -1].softmax(-1),
+                                  batch.labels) for f in (drawn, greedy)]
+        loss = -((rewards[0] - rewards[1]) * self.log_prob(scores, drawn)).mean()
+        return loss, {"reward": rewards[0].mean().item(), "greedy_reward": rewards[1].mean().item()}
+
+    @cached_property
+    def costs(self) -> tuple[float, float, float]:
+        """GMACs (per scored frame: cheap backbone + frame scorer; per video: the context; per pick:
+        expensive backbone + classifier)."""
+        m, dc = self.model, self.dims[self.cfg.coarse]
+        scored = self.flops[self.cfg.coarse] + price(m.frame, 1, dc) + price(m.score, 1, self.cfg.hidden)
+        pick = self.flops[self.cfg.fine] + price(m.classifier, 1, self.dims[self.cfg.fine])
+        return scored, price(m.context, 1, dc), pick
+
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
+        frames = self.pick(self.scores(model, batch), batch.length, False)
+        taken = frames >= 0
+        scored, context, pick = self.costs
+        cost = taken * pick
+        cost[:, 0] += batch.length.to(cost) * scored + context
+        steps = batch.features[self.cfg.fine].shape[1]
+        probs = running_mean(self.frame_logits(model, batch, frames), taken).softmax(-1)
+        return step_inference(probs, frames, cost, batch.length, steps, preview=real_mask(batch.length, steps))
+
+
+@lru_cache(maxsize=None)
+def coarse_to_fine(n: int) -> tuple[int, ...]:
+    """FrameExit's deterministic order of ``n`` frames (0-based): the middle, the first, the last,
+    then the midpoints of ever finer equal parts (its Algorithm 1)."""
+    order = list(dict.fromkeys([(n + 1) // 2 - 1, 0, n - 1])) if n > 0 else []
+    seen, parts = set(order), 2
+    while len(order) < n:
+        bounds = np.floor(np.linspace(1, n, parts + 1)).astype(int)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            middle = int(a + b) // 2 - 1
+            if middle not in seen:
+                seen.add(middle)
+                order.append(middle)
+        parts *= 2
+    return tuple(order)
+
+
+@dataclass
+class FrameExitConfig(TrainConfig):
+    hidden: int = 512
+    max_frames: int = 10  # frames read at most
+    pooling: str = "max"  # accumulated feature pooling: max | mean
+    epsilon: float = 0.1  # a gate's target is 1 (exit) where its step's cross-entropy is below this
+    gate_weight: float = 1.0
+
+
+class FrameExitNet(nn.Module):
+    def __init__(self, dim: int, num_classes: int, hidden: int, steps: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.gates = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(steps))  # one per step (a cascade)
+
+
+@register_method
+class FrameExit(Method):
+    """FrameExit: frames in the coarse-to-fine order of :func:`coarse_to_fine`; their expensive
+    features, embedded, are pooled over the frames read so far (max, or mean); one classifier on
+    the pooled feature, and a gate per step that exits at the first step whose gate fires (at most
+    ``max_frames``). Training: cross-entropy at every step plus each gate's binary cross-entropy
+    against its on-the-fly target, 1 where that step's cross-entropy is below ``epsilon``. The
+    original trains its backbone end to end; here the backbone is frozen (its cached features),
+    and a gate reads the pooled feature only."""
+
+    name = "frameexit"
+    display = "FrameExit"
+    Config = FrameExitConfig
+    reports = ("online", "claims-random")
+
+    @property
+    def codes(self) -> ActionCodes:
+        return read_codes(stops=True)
+
+    def build(self) -> nn.Module:
+        if self.cfg.pooling not in ("max", "mean"):
+            raise ValueError(f"pooling must be max or mean, not {self.cfg.pooling!r}")
+        return FrameExitNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden, self.cfg.max_frames)
+
+    @cached_property
+    def step_costs(self) -> float:
+        """GMACs of one step: the expensive backbone, the embedding, the classifier and a gate."""
+        m, hidden = self.model, self.cfg.hidden
+        return (self.flops[self.cfg.fine] + price(m.embed, 1, self.dims[self.cfg.fine])
+                + price(m.classifier, 1, hidden) + price(m.gates[0], 1, hidden))
+
+    def order(self, length: torch.Tensor) -> torch.Tensor:
+        """(N, S) the frames of each video in reading order, -1 past its length (S = ``max_frames``)."""
+        rows = [list(coarse_to_fine(int(n))[: self.cfg.max_frames]) for n in length.tolist()]
+        return torch.tensor([r + [-1] * (self.cfg.max_frames - len(r)) for r in rows], device=length.device)
+
+    def forward_all(self, model: nn.Module, batch: Batch) -> dict:
+        """Every step's ``logits`` (N, S, C) and gate logits (N, S) on the pooled features, ``frames`` (N, S)."""
+        fine = batch.features[self.cfg.fine]
+        frames = self.order(batch.length)
+        valid = (frames >= 0).unsqueeze(2)
+        feats = model.embed(fine[torch.arange(len(fine)).unsqueeze(1), frames.clamp(min=0)])
+        if self.cfg.pooling == "max":
+            pooled = torch.cummax(feats.masked_fill(~valid, float("-inf")), 1).values
+        else:
+            pooled = (feats * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)
+        pooled = pooled.masked_fill(~valid, 0.0)
+        gates = torch.stack([gate(pooled[:, s]).squeeze(1) for s, gate in enumerate(model.gates)], 1)
+        return {"logits": model.classifier(pooled), "gates": gates, "frames": frames}
+
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.forward_all(model, batch)
+        taken = (out["frames"] >= 0).to(out["logits"])
+        n, s, c = out["logits"].shape
+        ce = soft_cross_entropy(out["logits"].reshape(n * s, c), batch.labels.repeat_interleave(s, dim=0)).view(n, s)
+        target = (ce.detach() < self.cfg.epsilon).to(ce)
+        gate = F.binary_cross_entropy_with_logits(out["gates"], target, reduction="none")
+        per_video = ((ce + self.cfg.gate_weight * gate) * taken).sum(1) / taken.sum(1).clamp(min=1)
+        return per_video.mean(), {"ce": ((ce * taken).sum(1) / taken.sum(1).clamp(min=1)).mean().item(),
+                                  "exit_target": (target * taken).sum().item() / taken.sum().clamp(min=1).item()}
+
+    def infer(self, model: nn.Module, batch: Batch, exit_at: torch.Tensor | None = None) -> Inference:
+        """``exit_at`` (N,) forces the step each video exits at (for tests)."""
+        out = self.forward_all(model, batch)
+        frames = out["frames"]
+        valid = frames >= 0
+        if exit_at is None:
+            fires = (out["gates"] > 0) & valid
+            last = valid.sum(1) - 1
+            exit_at = torch.where(fires.any(1), fires.to(torch.int8).argmax(1), last)
+        read = torch.arange(frames.shape[1], device=frames.device).unsqueeze(0) <= exit_at.unsqueeze(1)
+        frames = torch.where(read & valid, frames, -1)
+        steps = batch.features[self.cfg.fine].shape[1]
+        inf = step_inference(out["logits"].softmax(-1), frames, (frames >= 0) * self.step_costs, batch.length, steps)
+        inf.actions[inf.actions == NOT_READ] = AFTER_STOP  # every frame not read comes after the exit in its order
+        return inf
