@@ -37,6 +37,16 @@ train-policy --method arnet "${COMMON[@]}" "${ARNET[@]}" --out "$RUNS/arnet"
 train-policy --method random "${COMMON[@]}" "${ARNET[@]}" --set match_run="$RUNS/arnet" --out "$RUNS/random"
 train-policy --method multiscale "${COMMON[@]}" "${ARNET[@]}" --out "$RUNS/multiscale"
 train-policy --method scsampler "${COMMON[@]}" "${ARNET[@]}" --out "$RUNS/scsampler"
+# the comparison systems: the same cache, the same cheap (@84, as LiteEval's coarse) and expensive (@224) features
+CMP=(--set coarse=efficientnet_lite0@84 --set hidden=256)
+train-policy --method frameglimpse "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --out "$RUNS/frameglimpse"
+train-policy --method fastforward "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --out "$RUNS/fastforward"
+train-policy --method adaframe "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set steps=4 --out "$RUNS/adaframe"
+train-policy --method multiagent "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set agents=2 --set steps=1 \
+    --out "$RUNS/multiagent"
+train-policy --method listentolook "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set frames=4 --out "$RUNS/listentolook"
+train-policy --method frameexit "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --out "$RUNS/frameexit"
+train-policy --method ocsampler "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set frames=4 --out "$RUNS/ocsampler"
 
 # 4. the tables and figures
 evaluate --report table1 --runs "$RUNS"

@@ -1,10 +1,13 @@
 """Benchmark of phase 2 at FCVID's shape, every number measured in this run.
 
 Writes a synthetic cache shaped like FCVID's (91,223 videos, train and test interleaved as in the
-official split file, T = 25, coarse 1280-d, fine 2048-d, float16: 15.2 GB; the test rows are left
-unwritten, a sparse file, since training never reads them), then, with the features streamed
-from HDF5 under a memory budget far smaller than the cache, trains ``liteeval`` (hidden
-512/2048, batch 256) over more than one streamed block and runs one validation pass over the
+official split file, T = 25, coarse 1280-d, fine 2048-d, float16: 15.2 GB dense; the test rows
+are zeros, which the per-video LZF chunks store in next to no disk, since training never reads them), then, with the features streamed
+from HDF5 under a memory budget far smaller than the cache, trains ``--method`` (default
+``liteeval``, hidden 512/2048; any registered method with its defaults; batch 256) over more than
+one streamed block (a method that warms up first is timed in its main stage), and for another
+method than LiteEval also times LiteEval on the same batches and prints the ratio of their epoch
+times (goal: no slower than LiteEval); and runs one validation pass over the
 validation rows carved from train (10%, scattered among the training rows). It prints:
 sequences/s, the share of each training step spent waiting for data (block reads included; goal
 < 10%), achieved FLOP/s of the LSTM steps (forward + backward, counted by
@@ -14,7 +17,7 @@ with what lies outside the budget: torch's runtime, the cache index, weights + g
 moments, one training step's activations (Linux: /proc/self/status). The cache is written by a
 child process, so the peak is the training's own.
 
-Usage: python bench/train.py [--videos 91223] [--budget-gb 1] [--device cpu|cuda] [--keep CACHE.h5]
+Usage: python bench/train.py [--method NAME] [--videos 91223] [--budget-gb 1] [--device cpu|cuda] [--keep CACHE.h5]
 """
 from __future__ import annotations
 
@@ -92,6 +95,39 @@ def reset_peak() -> None:
 
 
 
+def configure(name: str, path: str, args: argparse.Namespace):
+    """``name``'s config on the synthetic cache: LiteEval's (hidden 512/2048) and every method's defaults."""
+    extra = {"checkpoint_steps": args.checkpoint_steps} if name == "liteeval" else {}
+    return METHODS[name].Config(method=name, features=path, coarse=FEATURES[0][0], fine=FEATURES[1][0],
+                                batch_size=args.batch_size, **extra)
+
+
+def stage_epoch(cfg) -> int:
+    """An epoch of the method's main stage (after a warm-up stage that trains classifiers only)."""
+    return min(getattr(cfg, "warmup_epochs", 0), cfg.epochs - 1)
+
+
+def liteeval_rate(path: str, store: CachedFeatures, rows, args: argparse.Namespace, device: torch.device,
+                  steps: int) -> float:
+    """LiteEval's training sequences/s over the first ``steps`` batches of the same order (after one warm-up)."""
+    cfg = METHODS["liteeval"].resolve(configure("liteeval", path, args), store.flops, store.sampling)
+    method = METHODS["liteeval"](cfg, store.dims, len(store.classes), store.flops)
+    model = method.model.to(device)
+    optimizer = method.optimizer()
+    batches = store.batches(rows, cfg.batch_size, generator=torch.Generator().manual_seed(0))
+    elapsed = 0.0
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        batch = next(batches).part(slice(None), device)
+        loss, _ = method.loss(model, batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        elapsed += (time.perf_counter() - start) * (i > 0)
+    return steps * cfg.batch_size / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=91223)
@@ -101,6 +137,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-steps", type=int, default=0,
                         help="LiteEval's checkpoint_steps: recompute activations in blocks of this many steps")
     parser.add_argument("--keep", help="write (or reuse) the synthetic cache here instead of a temporary file")
+    parser.add_argument("--method", default="liteeval", choices=sorted(METHODS),
+                        help="the method trained (any registered); another than liteeval is also timed against it")
     args = parser.parse_args()
     device = torch.device(args.device)
     return_freed_memory()  # as train-policy does
@@ -113,18 +151,19 @@ def main() -> None:
             writer.join()
             print(f"wrote {path} ({args.videos} videos, {os.path.getsize(path) / 2**30:.1f} GiB) "
                   f"in {time.perf_counter() - start:.0f} s")
-        cfg = METHODS["liteeval"].Config(method="liteeval", features=path, coarse="mobilenetv2@112",
-                                         fine="resnet101@224", batch_size=args.batch_size,
-                                         checkpoint_steps=args.checkpoint_steps)
+        cfg = configure(args.method, path, args)
         budget = int(args.budget_gb * GIB)
         before_store = resident()[0]
-        store = CachedFeatures(path, [cfg.coarse, cfg.fine], memory_budget=budget, l2_normalise=True)
+        store = CachedFeatures(path, [n for n, _, _ in FEATURES], memory_budget=budget, l2_normalise=True)
+        cfg = METHODS[args.method].resolve(cfg, store.flops, store.sampling)
         train_rows, val_rows, _, _ = store.splits(cfg.seed, cfg.val_fraction)
         runtime, index = before_store, resident()[0] - before_store
-        method = METHODS["liteeval"](cfg, store.dims, len(store.classes), store.flops)
+        method = METHODS[args.method](cfg, store.dims, len(store.classes), store.flops)
         state_bytes = 4 * 4 * sum(p.numel() for p in method.model.parameters())  # weights, grads, Adam's two moments
         model = method.model.to(device)
         optimizer = method.optimizer()
+        epoch = stage_epoch(cfg)
+        method.on_epoch(epoch, optimizer)
         per_block = math.ceil(store.block_rows / cfg.batch_size)
         steps = per_block + 1  # the first step warms up and is priced; the rest cross into a second block
         batches = store.batches(train_rows, cfg.batch_size, generator=torch.Generator().manual_seed(0))
@@ -138,7 +177,7 @@ def main() -> None:
                 step_start = resident()[0]
                 reset_peak()
             with FlopCounterMode(display=False) if i == 0 else contextlib.nullcontext() as counter:
-                loss, _ = method.loss(model, batch, 0)
+                loss, _ = method.loss(model, batch, epoch)
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
@@ -160,14 +199,18 @@ def main() -> None:
               f"interleaved), {os.path.getsize(path) / GIB:.1f} GiB; features "
               f"{'in memory' if store.in_memory else 'streamed'}, blocks of {store.block_rows} videos; "
               f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print(f"liteeval training: {timed / (wait + compute):.1f} sequences/s ({steps} timed batches of "
-              f"{cfg.batch_size}, T=25, hidden 512/2048, checkpoint_steps {args.checkpoint_steps}, crossing a block "
-              f"boundary)")
+        rate = timed / (wait + compute)
+        print(f"{args.method} training: {rate:.1f} sequences/s ({steps} timed batches of "
+              f"{cfg.batch_size}, T=25, crossing a block boundary)")
+        if args.method != "liteeval":
+            reference = liteeval_rate(path, store, train_rows, args, device, steps)
+            print(f"liteeval training on the same batches: {reference:.1f} sequences/s; {args.method} takes "
+                  f"{reference / rate:.2f}x LiteEval's time per epoch (goal <= 1)")
         print(f"data wait: {wait / (wait + compute):.1%} of each step  (goal < 10%)")
-        print(f"LSTM steps: {flops_per_batch * steps / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), float32 matmul "
-              f"{peak / 1e9:.1f} GFLOP/s: fraction {flops_per_batch * steps / compute / peak:.2f}")
+        print(f"training steps: {flops_per_batch * steps / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), "
+              f"float32 matmul {peak / 1e9:.1f} GFLOP/s: fraction {flops_per_batch * steps / compute / peak:.2f}")
         print(f"validation: {len(val_rows)} videos in {val_seconds:.1f} s ({len(val_rows) / val_seconds:.0f} "
-              f"videos/s), usage {val['fine_usage']:.3f}")
+              f"videos/s), expensive-feature usage {val['fine_usage']:.3f}")
         over = (peak_rss - budget) / GIB
         print(f"peak resident memory {peak_rss / GIB:.2f} GiB = budget {budget / GIB:.2f} GiB + {over:.2f} GiB "
               f"(goal <= budget + 1.5 GiB: {'yes' if over <= 1.5 else 'NO'}), for a {os.path.getsize(path) / GIB:.1f} "

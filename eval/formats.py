@@ -13,7 +13,7 @@ def _cell(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, bool):
-        return "yes" if value else ""
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
     return str(value)

@@ -368,7 +368,7 @@ RANDOM_DRAWS = 5
 
 
 def random_frames_map(reference: Run, reads: np.ndarray, ap: str) -> float:
-    """mAP (%) of picking ``reads[i]`` (at least 1) of video i's sampled frames uniformly at random
+    """mAP (%) of picking ``reads[i]`` (at least 1, at most all) of video i's sampled frames uniformly at random
     and averaging ``reference``'s per-frame scores over them (the baseline's frame classifier):
     a random policy with the same number of expensive reads per video. Mean over ``RANDOM_DRAWS``
     seeded draws."""
@@ -437,7 +437,7 @@ def claims(runs, opts):
                 "(its frame scores classify the random frames)", False)
             continue
         learned = 100 * run.summary(opts.ap)["mAP"]
-        reads = run.codes.is_expensive(run.actions).sum(1)
+        reads = run.codes.is_expensive(run.step_actions()).sum(1)  # expensive reads, a frame read twice twice
         chance = random_frames_map(reference, reads, opts.ap)
         add(f"{run.label}: above random frames at its budget",
             f"mAP {learned:.1f} vs {chance:.1f} for {reads.mean():.2f} random frames/V (mean of {RANDOM_DRAWS} "

@@ -8,7 +8,8 @@ the cache's most expensive feature) and pays that backbone's GFLOPs from the cac
 every read, plus its own modules priced like every method's. The reward is the probability the
 final prediction puts on the video's labels (:func:`~policy.methods.base.label_mass`), with a
 learned baseline (a value head, not charged: it is not run at inference). Classification is
-trained by back-propagation, the decisions by REINFORCE. Action codes: :func:`read_codes`; the
+trained by back-propagation, the decisions by REINFORCE; FrameGlimpse and FastForward subtract
+``read_penalty`` times the share of the video's frames read from the reward. Action codes: :func:`read_codes`; the
 steps are reads in the order taken (``step_frame``).
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Agent(Method):
         ce = step_loss(out["logits"], batch.labels, taken)
         last = (taken.sum(1) - 1).clamp(min=0).long()
         reward = label_mass(at_frames(out["logits"], last).softmax(-1), batch.labels).detach()
+        reward = reward - getattr(self.cfg, "read_penalty", 0.0) * taken.sum(1) / batch.length.clamp(min=1)
         advantage = reward.unsqueeze(1) - out["value"]
         value = ((out["value"] - reward.unsqueeze(1)) ** 2 * taken).sum() / taken.sum().clamp(min=1)
         entropy = (out["entropy"] * taken).sum() / taken.sum().clamp(min=1)
@@ -95,6 +97,7 @@ class FastForwardConfig(TrainConfig):
     hidden: int = 512
     jumps: tuple[int, ...] = (1, 2, 4, 8)  # frames jumped forward by each action; one more action stops
     entropy: float = 0.01  # weight of the policy's entropy bonus
+    read_penalty: float = 0.05  # subtracted from the reward per share of the video's frames read
 
 
 class FastForwardNet(nn.Module):
@@ -159,6 +162,7 @@ class FrameGlimpseConfig(TrainConfig):
     glimpses: int = 8  # the most frames read
     sigma: float = 0.1  # std of the Gaussian location policy (locations in [0, 1] of the video)
     entropy: float = 0.0
+    read_penalty: float = 0.05  # subtracted from the reward per share of the video's frames read
 
 
 class FrameGlimpseNet(nn.Module):
