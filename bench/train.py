@@ -1,21 +1,20 @@
 """Benchmark of phase 2 at FCVID's shape, every number measured in this run.
 
 Writes a synthetic cache shaped like FCVID's (91,223 videos, train and test interleaved as in the
-official split file, T = 25, coarse 1280-d, fine 2048-d, float16: 15.2 GB dense; the test rows
-are zeros, which the per-video LZF chunks store in next to no disk, since training never reads them), then, with the features streamed
-from HDF5 under a memory budget far smaller than the cache, trains ``--method`` (default
-``liteeval``, hidden 512/2048; any registered method with its defaults; batch 256) over more than
-one streamed block (a method that warms up first is timed in its main stage), and for another
-method than LiteEval also times LiteEval on the same batches and prints the ratio of their epoch
-times (goal: no slower than LiteEval); and runs one validation pass over the
-validation rows carved from train (10%, scattered among the training rows). It prints:
-sequences/s, the share of each training step spent waiting for data (block reads included; goal
-< 10%), achieved FLOP/s of the LSTM steps (forward + backward, counted by
-``torch.utils.flop_counter``) against a float32 matmul's, validation videos/s, and the process's
-peak resident memory against the budget (goal: peak <= budget + 1.5 GiB of fixed overhead),
-with what lies outside the budget: torch's runtime, the cache index, weights + gradients + Adam's
-moments, one training step's activations (Linux: /proc/self/status). The cache is written by a
-child process, so the peak is the training's own.
+official split file, T = 25, coarse 1280-d, fine 2048-d, float16: 15.2 GB dense; the test rows are
+zeros, which the per-video LZF chunks store in next to no disk, since training never reads them),
+then, with the features streamed from HDF5 under a memory budget far smaller than the cache, trains
+``--method`` (default ``liteeval``, hidden 512/2048; any registered method with its defaults; batch
+256) over more than one streamed block (a method that warms up first is timed in its main stage),
+and for another method than LiteEval also times LiteEval on the same batches and prints the ratio of
+their epoch times (goal: no slower than LiteEval); and runs one validation pass over the validation
+rows carved from train (10%, scattered among the training rows). It prints: sequences/s, the share
+of each training step spent waiting for data (block reads included; goal < 10%), achieved FLOP/s of
+the training steps (forward + backward, counted by ``torch.utils.flop_counter``) against a float32
+matmul's, validation videos/s, and the process's peak resident memory against the budget (goal: peak
+<= budget + 1.5 GiB of fixed overhead), with what lies outside the budget: torch's runtime, the
+cache index, weights + gradients + Adam's moments, one training step's activations (Linux:
+/proc/self/status). The cache is written by a child process, so the peak is the training's own.
 
 Usage: python bench/train.py [--method NAME] [--videos 91223] [--budget-gb 1] [--device cpu|cuda] [--keep CACHE.h5]
 """
@@ -200,17 +199,19 @@ def main() -> None:
               f"{'in memory' if store.in_memory else 'streamed'}, blocks of {store.block_rows} videos; "
               f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         rate = timed / (wait + compute)
+        details = f"hidden 512/2048, checkpoint_steps {args.checkpoint_steps}, " if args.method == "liteeval" else ""
         print(f"{args.method} training: {rate:.1f} sequences/s ({steps} timed batches of "
-              f"{cfg.batch_size}, T=25, crossing a block boundary)")
+              f"{cfg.batch_size}, T=25, {details}crossing a block boundary)")
         if args.method != "liteeval":
             reference = liteeval_rate(path, store, train_rows, args, device, steps)
             print(f"liteeval training on the same batches: {reference:.1f} sequences/s; {args.method} takes "
                   f"{reference / rate:.2f}x LiteEval's time per epoch (goal <= 1)")
         print(f"data wait: {wait / (wait + compute):.1%} of each step  (goal < 10%)")
-        print(f"training steps: {flops_per_batch * steps / compute / 1e9:.1f} GFLOP/s achieved (fwd+bwd), "
-              f"float32 matmul {peak / 1e9:.1f} GFLOP/s: fraction {flops_per_batch * steps / compute / peak:.2f}")
+        achieved = flops_per_batch * steps / compute
+        print(f"{'LSTM' if args.method == 'liteeval' else 'training'} steps: {achieved / 1e9:.1f} GFLOP/s achieved "
+              f"(fwd+bwd), float32 matmul {peak / 1e9:.1f} GFLOP/s: fraction {achieved / peak:.2f}")
         print(f"validation: {len(val_rows)} videos in {val_seconds:.1f} s ({len(val_rows) / val_seconds:.0f} "
-              f"videos/s), expensive-feature usage {val['fine_usage']:.3f}")
+              f"videos/s), usage {val['fine_usage']:.3f}")
         over = (peak_rss - budget) / GIB
         print(f"peak resident memory {peak_rss / GIB:.2f} GiB = budget {budget / GIB:.2f} GiB + {over:.2f} GiB "
               f"(goal <= budget + 1.5 GiB: {'yes' if over <= 1.5 else 'NO'}), for a {os.path.getsize(path) / GIB:.1f} "

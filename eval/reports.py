@@ -208,8 +208,8 @@ def _same_videos(a: Run, b: Run) -> None:
 def online(runs, opts):
     """LiteEval Fig. 2: top-1 against GFLOPs when a method that can stop early (its ``reports`` name
     ``online``) stops after its K-th expensive read (``NAME-K``), against UNIFORM-K (K frames spread
-    over the first K' frames, K' where that method stopped) and SEQ-K (the first K frames), both from
-    the baseline run's per-frame scores."""
+    over the first K' frames, K' where the first such method that reads frames in order stopped) and
+    SEQ-K (the first K frames), both from the baseline run's per-frame scores."""
     report = Report("Online recognition with a budget of K expensive reads",
                     ["source", "curve", "K", "top1", "GFLOPs/V"])
     stopping = [r for r in runs if shows(r, "online")]
@@ -230,6 +230,12 @@ def online(runs, opts):
         curves.setdefault(curve, []).append((spent, top1))
         report.rows.append({"source": "ours", "curve": curve, "K": K, "top1": top1, "GFLOPs/V": spent})
 
+    def add_seq(K: int) -> None:
+        add("SEQ-K", K, frame_scores[:, :K].astype(np.float32).sum(1)
+            / np.minimum(K, base.codes.sampled(base.actions).sum(1))[:, None], float(base_cost[:, K - 1].mean()))
+
+    # UNIFORM-K spreads K frames over those before where a method that reads frames in order stopped
+    reference = next((r for r in stopping if r.reads_in_order), None)
     for run in stopping:
         _same_videos(run, base)  # same videos, so the same T
         steps, cost, taken = run.array("step_scores"), run.array("step_gflops"), run.step_actions()
@@ -241,14 +247,15 @@ def online(runs, opts):
             hit = reads >= K
             stop = np.where(hit.any(1), hit.argmax(1), last)
             add(run.label, K, steps[rows, stop], float(cost[rows, stop].mean()))
-            if run is stopping[0]:
+            if run is reference:
                 seen = stop + 1
                 spread = np.minimum((seen[:, None] / K * (np.arange(K) + 0.5)).astype(int), seen[:, None] - 1)
-                spent = float(base_cost[:, K - 1].mean())
                 add("UNIFORM-K", K, np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32)
-                    .mean(1), spent)
-                add("SEQ-K", K, frame_scores[:, :K].astype(np.float32).sum(1)
-                    / np.minimum(K, base.codes.sampled(base.actions).sum(1))[:, None], spent)
+                    .mean(1), float(base_cost[:, K - 1].mean()))
+                add_seq(K)
+    if reference is None:
+        for K in range(1, base_cost.shape[1] + 1):
+            add_seq(K)
 
     def figure(fig):
         ax = fig.add_subplot(111)

@@ -218,6 +218,12 @@ class RunFolder:
         with h5py.File(os.path.join(self.path, PREDICTIONS), "r") as f:
             return f[key][:] if key in f and key not in PER_VIDEO else None
 
+    @cached_property
+    def reads_in_order(self) -> bool:
+        """Whether step t is frame t (no ``step_frame`` saved)."""
+        with h5py.File(os.path.join(self.path, PREDICTIONS), "r") as f:
+            return "step_frame" not in f
+
     def step_actions(self) -> np.ndarray:
         """(N, S) the action code of the frame read at each step (``padding`` once stopped): the
         ``actions`` themselves when steps are the frames in order."""
