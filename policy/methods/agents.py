@@ -26,7 +26,7 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..run_folder import ActionCodes
-from .base import (Inference, Method, TrainConfig, at_frames, label_mass, price, read_codes, register_method,
+from .base import (Inference, Method, Steps, TrainConfig, at_frames, label_mass, price, read_codes, register_method,
                    reinforce, spread_index, step_inference)
 
 
@@ -70,7 +70,7 @@ class _Agent(Method):
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.rollout(model, batch, "sample")
+        out = model(self.rollout, batch, "sample")
         taken = (out["frames"] >= 0).to(out["logits"])
         ce = step_loss(out["logits"], batch.labels, taken)
         last = (taken.sum(1) - 1).clamp(min=0).long()
@@ -84,7 +84,7 @@ class _Agent(Method):
 
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
         """Decisions by argmax (the policy's mode), or ``forced`` ones (see :meth:`rollout`)."""
-        out = self.rollout(model, batch, "argmax", forced)
+        out = model(self.rollout, batch, "argmax", forced)
         taken = out["frames"] >= 0
         return step_inference(out["logits"].softmax(-1), out["frames"], taken * self.step_costs, batch.length,
                               batch.features[self.cfg.fine].shape[1], stops=self.stops)
@@ -100,7 +100,7 @@ class FastForwardConfig(TrainConfig):
     read_penalty: float = 0.05  # subtracted from the reward per share of the video's frames read
 
 
-class FastForwardNet(nn.Module):
+class FastForwardNet(Steps):
     def __init__(self, dim: int, num_classes: int, hidden: int, actions: int):
         super().__init__()
         self.lstm = nn.LSTMCell(dim, hidden)
@@ -165,7 +165,7 @@ class FrameGlimpseConfig(TrainConfig):
     read_penalty: float = 0.05  # subtracted from the reward per share of the video's frames read
 
 
-class FrameGlimpseNet(nn.Module):
+class FrameGlimpseNet(Steps):
     def __init__(self, dim: int, num_classes: int, hidden: int):
         super().__init__()
         self.lstm = nn.LSTMCell(dim + 1, hidden)  # the frame's features and where it is
@@ -237,7 +237,7 @@ class AdaFrameConfig(TrainConfig):
     entropy: float = 0.0
 
 
-class AdaFrameNet(nn.Module):
+class AdaFrameNet(Steps):
     def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
         super().__init__()
         self.memory = nn.Linear(coarse_dim, hidden)
@@ -321,7 +321,7 @@ class AdaFrame(_Agent):
         return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": spread_index(length, self.cfg.memory)}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.rollout(model, batch, "sample")
+        out = model(self.rollout, batch, "sample")
         logits = out["logits"]
         taken = (out["frames"] >= 0).to(logits)
         ce = step_loss(logits, batch.labels, taken)
@@ -341,7 +341,7 @@ class AdaFrame(_Agent):
         return loss, {"ce": ce.item(), "reward": reward.sum(1).mean().item()}
 
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
-        out = self.rollout(model, batch, "argmax", forced)
+        out = model(self.rollout, batch, "argmax", forced)
         taken = out["frames"] >= 0
         cost = taken * self.step_costs
         cost[:, 0] += self.memory_cost
@@ -360,7 +360,7 @@ class MultiAgentConfig(TrainConfig):
     entropy: float = 0.01
 
 
-class MultiAgentNet(nn.Module):
+class MultiAgentNet(Steps):
     def __init__(self, dim: int, num_classes: int, hidden: int):
         super().__init__()
         self.observe = nn.Linear(dim, hidden)

@@ -29,9 +29,9 @@ from extract.training import soft_cross_entropy
 from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes, RunFolder
-from .base import Ablation, Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
+from .base import Ablation, Frames, Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
 
-SKIPPED_OVER = -2
+SKIPPED_OVER, AFTER_STOP = -2, -3
 
 
 @dataclass
@@ -142,11 +142,8 @@ class ARNet(nn.Module):
                 P = F.one_hot(z.argmax(1), z.shape[1]).to(z)
             P = P * a
             chosen = P.argmax(1)
-            skip = active & (chosen >= L)
-            span = skips[(chosen - L).clamp(min=0)]
-            remaining = torch.where(skip, span - 1, torch.where(active, torch.zeros_like(remaining),
-                                                                 (remaining - 1).clamp(min=0)))
-            codes.append(torch.where(active, chosen, torch.where(t < length, SKIPPED_OVER, -1)))
+            remaining, code, skip = advance(chosen, active, t, length, remaining, skips, L)
+            codes.append(code)
             actions.append(P)
             over = ((t < length) & ~active).unsqueeze(1)
             frames.append(torch.where(over, carried, P))
@@ -155,6 +152,17 @@ class ARNet(nn.Module):
         logits = self.head_logits(feats, torch.stack(states, 1))
         return {"logits": logits, "P": torch.stack(actions, 1), "codes": torch.stack(codes, 1),
                 "frame_P": torch.stack(frames, 1), "policy_logits": torch.stack(scores, 1)}
+
+
+def advance(chosen: torch.Tensor, active: torch.Tensor, t: int, length: torch.Tensor, remaining: torch.Tensor,
+            skips: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the skip bookkeeping: ``(frames each video still skips after this one, this
+    step's action codes, where a skip was chosen)`` from the action ``chosen`` where ``active``."""
+    skip = active & (chosen >= L)
+    span = skips[(chosen - L).clamp(min=0)]
+    remaining = torch.where(skip, span - 1, torch.where(active, torch.zeros_like(remaining),
+                                                         (remaining - 1).clamp(min=0)))
+    return remaining, torch.where(active, chosen, torch.where(t < length, SKIPPED_OVER, -1)), skip
 
 
 def video_logits(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -229,11 +237,12 @@ class _Family(Method):
         """0..L-1 a resolution, L.. a skip, -2 skipped over; expensive = the highest resolution."""
         L = len(self.names)
         skips = {L + j: f for j, f in enumerate(self.skips)}
-        return ActionCodes(legend={-1: "no frame", SKIPPED_OVER: "skipped over", **dict(enumerate(self.names)),
-                                   **{code: f"skip {f}" for code, f in skips.items()}},
-                           marks={SKIPPED_OVER: ".", **{i: n.rpartition("@")[2] for i, n in enumerate(self.names)},
+        return ActionCodes(legend={-1: "no frame", AFTER_STOP: "after the stop", SKIPPED_OVER: "skipped over",
+                                   **dict(enumerate(self.names)), **{code: f"skip {f}" for code, f in skips.items()}},
+                           marks={AFTER_STOP: "x", SKIPPED_OVER: ".", **{i: n.rpartition("@")[2] for i, n in
+                                                                       enumerate(self.names)},
                                   **{code: f"s{f}" for code, f in skips.items()}},
-                           visited=tuple(range(L + len(skips))), expensive=(0,))
+                           visited=tuple(range(L + len(skips))), expensive=(0,), stopped=(AFTER_STOP,))
 
     def build(self) -> nn.Module:
         if self.cfg.policy_head and self.names[-1] != self.cfg.policy:
@@ -380,6 +389,47 @@ class ARNetMethod(_Family):
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """The policy frame by frame: its feature on the frames it visits only (frames skipped over
+        are never read), then only the chosen resolution's features; with ``budget`` K, each video
+        stops after its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
+        if self.cfg.stochastic_eval:
+            raise ValueError("recognize replays argmax decisions; this run evaluates with --stochastic-eval")
+        length, names, policy = frames.length, self.names, self.cfg.policy
+        n, L = len(length), len(names)
+        skips, allowed = torch.tensor(self.skips), self.allowed("cpu")
+        h = torch.zeros(n, model.lstm.hidden_size)
+        c = torch.zeros_like(h)
+        remaining, reads = (torch.zeros(n, dtype=torch.long) for _ in range(2))
+        alive = length > 0
+        frame_logits = torch.zeros(n, frames.steps, self.num_classes)
+        codes, chosen_P = [], []
+        for t in range(frames.steps):
+            active = (remaining == 0) & (t < length) & alive
+            x = frames.features(policy, active, t)
+            h_new, c_new = model.lstm(x, (h, c))
+            a = active.unsqueeze(1).to(h.dtype)
+            h, c = a * h_new + (1 - a) * h, a * c_new + (1 - a) * c
+            chosen = model.fc(h_new).masked_fill(~allowed, float("-inf")).argmax(1)
+            remaining, code, _ = advance(chosen, active, t, length, remaining, skips, L)
+            codes.append(torch.where(~alive & (t < length), AFTER_STOP, code))
+            chosen_P.append(F.one_hot(chosen, len(allowed)).to(h) * a)
+            for level, name in enumerate(names):
+                rows = active & (chosen == level)
+                if rows.any():
+                    if model.policy_head and level == L - 1:
+                        seen = h_new
+                    else:
+                        seen = x if name == policy else frames.features(name, rows, t)
+                    frame_logits[rows, t] = model.heads[level](seen[rows])
+            reads += (active & (chosen == 0)).long()
+            if budget:
+                alive = alive & (reads < budget)
+        P = torch.stack(chosen_P, 1)
+        spent = step_gflops(P, *self.action_costs("cpu"))
+        return averaged_inference(frame_logits, P[:, :, :L].sum(-1), numpy(torch.stack(codes, 1)),
+                                  numpy(spent.cumsum(1)).astype(np.float64))
 
 
 class _WarmupOnly(_Family):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
 
-COARSE_FINE = ActionCodes(legend={-1: "no frame", 1: "coarse only", 2: "fine"}, marks={1: "c", 2: "F"},
-                          visited=(1, 2), expensive=(2,))
+COARSE_FINE = ActionCodes(legend={-1: "no frame", 0: "after the stop", 1: "coarse only", 2: "fine"},
+                          marks={0: "x", 1: "c", 2: "F"}, visited=(1, 2), expensive=(2,), stopped=(0,))
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,48 @@ class Inference:
         return self.step_gflops[:, -1]
 
 
+class Steps(nn.Module):
+    """A network whose computation lives in its method (a rollout of decisions): ``model(fn, *args)``
+    runs ``fn(network, *args)`` through ``forward``, so DistributedDataParallel sees every training
+    pass (a method calls the model once per loss)."""
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+
+class Frames(Protocol):
+    """The sampled frames of a batch of videos as ``recognize`` serves them to :meth:`Method.lazy`:
+    nothing is decoded or run through a backbone until a method asks for it."""
+
+    length: torch.Tensor  # (N,) sampled frames per video
+    steps: int  # T: the cache's steps (padding past each video's length)
+
+    def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """(N, D) features ``name`` of frame ``step`` (or ``step[i]``) of each video where ``rows``
+        (N,) is True, zeros elsewhere, exactly as the cache holds them and training read them."""
+
+    def all_features(self, name: str, steps: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T, D) features ``name`` of every sampled frame (``steps`` (N, T) bool: of those only),
+        zeros elsewhere: for a method that reads them regardless of its decisions."""
+
+
+def truncate(inf: Inference, codes: ActionCodes, budget: int) -> Inference:
+    """``inf`` (steps = frames in order) stopped after each video's ``budget``-th expensive read,
+    LiteEval's online setting: the prediction and the GFLOPs of that step; the sampled frames after
+    it get the codes' ``stopped`` code. ``budget`` 0: unchanged."""
+    if budget <= 0:
+        return inf
+    reads = np.cumsum(codes.is_expensive(inf.actions), 1)
+    hit = reads >= budget
+    stop = np.where(hit.any(1), hit.argmax(1), codes.sampled(inf.actions).sum(1) - 1).clip(min=0)
+    steps = np.arange(inf.actions.shape[1])[None]
+    held = np.minimum(steps, stop[:, None])
+    step_scores = np.take_along_axis(inf.step_scores, held[:, :, None], 1)
+    actions = np.where((steps > stop[:, None]) & codes.sampled(inf.actions), codes.stopped[0], inf.actions)
+    return Inference(scores=step_scores[np.arange(len(stop)), stop], step_scores=step_scores, actions=actions,
+                     step_gflops=np.take_along_axis(inf.step_gflops, held, 1))
+
+
 class Method:
     """Base class; subclasses set ``name``, ``Config`` and implement the four hooks."""
 
@@ -168,6 +210,12 @@ class Method:
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         raise NotImplementedError
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """What :meth:`infer` returns, computing features only where the decisions use them
+        (``recognize``); with ``budget`` K > 0 it stops after the K-th expensive read. A method
+        without a lazy path refuses."""
+        raise NotImplementedError(f"{self.name} has no lazy path for recognize")
 
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -15,7 +15,7 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import LiteEval, real_mask
-from .base import Ablation, Inference, Method, TrainConfig, last_step, numpy, price, register_method
+from .base import Ablation, Frames, Inference, Method, TrainConfig, last_step, numpy, price, register_method
 
 
 @dataclass
@@ -113,14 +113,52 @@ class LiteEvalMethod(Method):
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
-        probs = out["logits"].softmax(-1)
-        mask = numpy(real_mask(batch.length, probs.shape[1]))
-        gate = numpy(out["gate"])
+        return self.inference(out["logits"], out["gate"], real_mask(batch.length, out["logits"].shape[1]))
+
+    def inference(self, logits: torch.Tensor, gate: torch.Tensor, processed: torch.Tensor) -> Inference:
+        """The :class:`Inference` of per-step ``logits`` (N, T, C) and gates B (N, T) over the
+        ``processed`` frames (N, T); sampled frames not processed (a budget's stop) are "after the stop"."""
+        probs = logits.softmax(-1)
+        mask, read = numpy(processed), numpy(gate) > 0.5
         per_frame, per_read, head = self.policy_costs
-        read = gate > 0.5
         step = mask * (self.flops[self.cfg.coarse] + per_frame) + read * (self.flops[self.cfg.fine] + per_read)
-        return Inference(scores=numpy(last_step(probs, batch.length)), step_scores=numpy(probs),
+        last = processed.sum(1)
+        return Inference(scores=numpy(last_step(probs, last)), step_scores=numpy(probs),
                          actions=np.where(mask, 1 + read, -1), step_gflops=np.cumsum(step, 1) + head)
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """Eqs. 1-4 frame by frame: the coarse features of each frame, the gate, and the fine
+        features only where it opens; with ``budget`` K, each video stops after its K-th fine read.
+        The same network steps as :meth:`infer` (``LiteEval._steps``, one step at a time, the gate
+        given), so the decisions are those the cache's features give."""
+        if self.cfg.stochastic_eval:
+            raise ValueError("recognize replays argmax decisions; this run evaluates with --stochastic-eval")
+        c, length = self.cfg, frames.length
+        n, hidden = len(length), (model.hidden_coarse, model.hidden_fine)
+        hc, cc = (torch.zeros(n, hidden[0]) for _ in range(2))
+        hf, cf = (torch.zeros(n, hidden[1]) for _ in range(2))
+        alive = length > 0
+        reads = torch.zeros(n, dtype=torch.long)
+        logits, gates, processed = [], [], []
+        for t in range(frames.steps):
+            real = alive & (t < length)
+            coarse = frames.features(c.coarse, real, t)
+            coarse_in = model.project_coarse(coarse) if model.project_coarse is not None else coarse
+            open_ = (model.gate(torch.cat([coarse_in, hf, cf], 1)).argmax(1) == 1) & real
+            fine = frames.features(c.fine, open_, t)
+            fine_in = model.project_fine(fine) if model.project_fine is not None else fine
+            step_logits, gate, _, hc, cc, hf, cf = model._steps(
+                coarse_in.unsqueeze(1), fine_in.unsqueeze(1), real.long(), open_.unsqueeze(1).float(), hc, cc, hf, cf,
+                mode="argmax", tau=1.0)
+            logits.append(step_logits[:, 0])
+            gates.append(gate[:, 0])
+            processed.append(real)
+            reads += open_.long()
+            if budget:
+                alive = alive & (reads < budget)
+        inf = self.inference(torch.stack(logits, 1), torch.stack(gates, 1), torch.stack(processed, 1))
+        inf.actions = np.where((inf.actions == -1) & numpy(real_mask(length, frames.steps)), 0, inf.actions)
+        return inf
 
 
 @register_method

@@ -23,8 +23,8 @@ from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
 from .agents import step_loss
-from .base import (AFTER_STOP, NOT_READ, Inference, Method, TrainConfig, label_mass, price, read_codes, register_method,
-                   step_inference)
+from .base import (AFTER_STOP, NOT_READ, Inference, Method, Steps, TrainConfig, label_mass, price, read_codes,
+                   register_method, step_inference)
 
 
 def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class ListenToLookConfig(TrainConfig):
     tau: float = 1.0  # Gumbel-softmax temperature of the frame choice
 
 
-class ListenToLookNet(nn.Module):
+class ListenToLookNet(Steps):
     def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
         super().__init__()
         self.memory = nn.Linear(coarse_dim, hidden)  # the preview of every frame
@@ -115,13 +115,13 @@ class ListenToLook(Method):
         return {"logits": torch.stack(logits, 1), "frames": torch.stack(frames, 1)}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.rollout(model, batch, hard=False)
+        out = model(self.rollout, batch, False)
         taken = out["frames"] >= 0
         ce = soft_cross_entropy(running_mean(out["logits"], taken)[:, -1], batch.labels).mean()
         return ce, {"ce": ce.item()}
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
-        out = self.rollout(model, batch, hard=True)
+        out = model(self.rollout, batch, True)
         taken = out["frames"] >= 0
         preview, pick = self.costs
         steps = batch.features[self.cfg.fine].shape[1]
@@ -139,7 +139,7 @@ class OCSamplerConfig(TrainConfig):
     warmup_epochs: int = 10  # first the classifier on every frame's expensive features, then it is frozen
 
 
-class OCSamplerNet(nn.Module):
+class OCSamplerNet(Steps):
     def __init__(self, fine_dim: int, coarse_dim: int, num_classes: int, hidden: int):
         super().__init__()
         self.frame = nn.Linear(coarse_dim, hidden)
@@ -224,15 +224,19 @@ class OCSampler(Method):
         if epoch < self.cfg.warmup_epochs:
             fine = batch.features[self.cfg.fine]
             taken = real_mask(batch.length, fine.shape[1])
-            ce = step_loss(model.classifier(fine), batch.labels, taken.to(fine))
+            ce = step_loss(model(lambda net: net.classifier(fine)), batch.labels, taken.to(fine))
             return ce, {"ce": ce.item()}
+        loss, rewards = model(self.policy_loss, batch)
+        return loss, {"reward": rewards[0].mean().item(), "greedy_reward": rewards[1].mean().item()}
+
+    def policy_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Self-critical REINFORCE: ``(loss, [reward of the drawn K, reward of the greedy K])``."""
         scores = self.scores(model, batch)
         drawn, greedy = self.pick(scores, batch.length, True), self.pick(scores.detach(), batch.length, False)
         with torch.no_grad():
             rewards = [label_mass(running_mean(self.frame_logits(model, batch, f), f >= 0)[:, -1].softmax(-1),
                                   batch.labels) for f in (drawn, greedy)]
-        loss = -((rewards[0] - rewards[1]) * self.log_prob(scores, drawn)).mean()
-        return loss, {"reward": rewards[0].mean().item(), "greedy_reward": rewards[1].mean().item()}
+        return -((rewards[0] - rewards[1]) * self.log_prob(scores, drawn)).mean(), rewards
 
     @cached_property
     def costs(self) -> tuple[float, float, float]:
@@ -244,13 +248,13 @@ class OCSampler(Method):
         return scored, price(m.context, 1, dc), pick
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
-        frames = self.pick(self.scores(model, batch), batch.length, False)
+        frames = self.pick(model(self.scores, batch), batch.length, False)
         taken = frames >= 0
         scored, context, pick = self.costs
         cost = taken * pick
         cost[:, 0] += batch.length.to(cost) * scored + context
         steps = batch.features[self.cfg.fine].shape[1]
-        probs = running_mean(self.frame_logits(model, batch, frames), taken).softmax(-1)
+        probs = running_mean(model(self.frame_logits, batch, frames), taken).softmax(-1)
         return step_inference(probs, frames, cost, batch.length, steps, preview=real_mask(batch.length, steps))
 
 
@@ -280,7 +284,7 @@ class FrameExitConfig(TrainConfig):
     gate_weight: float = 1.0
 
 
-class FrameExitNet(nn.Module):
+class FrameExitNet(Steps):
     def __init__(self, dim: int, num_classes: int, hidden: int, steps: int):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
@@ -339,7 +343,7 @@ class FrameExit(Method):
         return {"logits": model.classifier(pooled), "gates": gates, "frames": frames}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.forward_all(model, batch)
+        out = model(self.forward_all, batch)
         taken = (out["frames"] >= 0).to(out["logits"])
         n, s, c = out["logits"].shape
         ce = soft_cross_entropy(out["logits"].reshape(n * s, c), batch.labels.repeat_interleave(s, dim=0)).view(n, s)
@@ -351,7 +355,7 @@ class FrameExit(Method):
 
     def infer(self, model: nn.Module, batch: Batch, exit_at: torch.Tensor | None = None) -> Inference:
         """``exit_at`` (N,) forces the step each video exits at (for tests)."""
-        out = self.forward_all(model, batch)
+        out = model(self.forward_all, batch)
         frames = out["frames"]
         valid = frames >= 0
         if exit_at is None:
