@@ -394,8 +394,6 @@ class ARNetMethod(_Family):
         """The policy frame by frame: its feature on the frames it visits only (frames skipped over
         are never read), then only the chosen resolution's features; with ``budget`` K, each video
         stops after its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
-        if self.cfg.stochastic_eval:
-            raise ValueError("recognize replays argmax decisions; this run evaluates with --stochastic-eval")
         length, names, policy = frames.length, self.names, self.cfg.policy
         n, L = len(length), len(names)
         skips, allowed = torch.tensor(self.skips), self.allowed("cpu")
@@ -506,6 +504,12 @@ class MultiScale(_WarmupOnly):
 
     name = "multiscale"
     display = "Multi-Scale"
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """No decisions: every resolution on every frame (``budget`` does not apply)."""
+        batch = Batch(np.arange(len(frames.length)), {n: frames.all_features(n) for n in self.needs(self.cfg)},
+                      torch.zeros(len(frames.length), self.num_classes), frames.length)
+        return self.infer(model, batch)
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)

@@ -131,8 +131,6 @@ class LiteEvalMethod(Method):
         features only where it opens; with ``budget`` K, each video stops after its K-th fine read.
         The same network steps as :meth:`infer` (``LiteEval._steps``, one step at a time, the gate
         given), so the decisions are those the cache's features give."""
-        if self.cfg.stochastic_eval:
-            raise ValueError("recognize replays argmax decisions; this run evaluates with --stochastic-eval")
         c, length = self.cfg, frames.length
         n, hidden = len(length), (model.hidden_coarse, model.hidden_fine)
         hc, cc = (torch.zeros(n, hidden[0]) for _ in range(2))
@@ -140,9 +138,10 @@ class LiteEvalMethod(Method):
         alive = length > 0
         reads = torch.zeros(n, dtype=torch.long)
         logits, gates, processed = [], [], []
+        upfront = None if budget else frames.all_features(c.coarse)  # every frame's, in one batched pass
         for t in range(frames.steps):
             real = alive & (t < length)
-            coarse = frames.features(c.coarse, real, t)
+            coarse = frames.features(c.coarse, real, t) if budget else upfront[:, t] * real.unsqueeze(1)
             coarse_in = model.project_coarse(coarse) if model.project_coarse is not None else coarse
             open_ = (model.gate(torch.cat([coarse_in, hf, cf], 1)).argmax(1) == 1) & real
             fine = frames.features(c.fine, open_, t)

@@ -1,0 +1,93 @@
+"""Benchmark of ``recognize``: does computing only what a policy chooses really spend less time?
+
+On the same videos (a run's evaluation videos, read through its cache's paths), in one run, it
+recognises them with UNIFORM (every sampled frame through the expensive backbone), LiteEval and
+AR-Net (lazily: only the features their decisions use), each after one untimed warm-up video,
+and prints per method: seconds per video decoding and computing (backbones and policy), frames
+decoded per video, GFLOPs per video, the compute-time ratio to UNIFORM, the GFLOPs ratio and the
+quotient of the two (goal: each method's compute-time ratio within 1.15x of its GFLOPs ratio).
+Decoding is reported apart: where it dominates, the frames each method decodes say how much of
+it the skips avoid.
+
+Usage: python bench/recognize.py [--uniform RUN] [--liteeval RUN] [--arnet RUN] [--videos 60]
+       [--batch-videos 8] [--device cpu|cuda]   (defaults: the demo's runs, after ./demo.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if not __package__:  # run as `python bench/recognize.py`: keep the repository root importable
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+import torch
+
+from extract.cache import Cache
+from policy.recognize import load, recognise
+
+DEMO = os.path.join("data", "runs", "demo_t16")
+
+
+def videos_of(run_dir: str, count: int) -> list[str]:
+    """The first ``count`` evaluation videos of a run, as files (through its cache)."""
+    loaded = load(run_dir, torch.device("cpu"))
+    with Cache(loaded.run.cache) as cache:
+        row = {v: i for i, v in enumerate(cache.ids)}
+        return [cache.video_path(row[v]) for v in loaded.run.video_id[:count]]
+
+
+def measure(run_dir: str, videos: list[str], device: torch.device, batch: int) -> dict:
+    loaded = load(run_dir, device)
+    recognise(loaded, videos[:1])  # warm-up: allocators and kernels, not timed
+    results, start = [], time.perf_counter()
+    for lo in range(0, len(videos), batch):
+        results += recognise(loaded, videos[lo:lo + batch])
+    wall = time.perf_counter() - start
+    n = len(results)
+    return {"label": loaded.run.method, "gflops": np.mean([r["gflops"] for r in results]),
+            "decode": sum(r["seconds"]["decode"] for r in results) / n,
+            "compute": sum(r["seconds"]["compute"] for r in results) / n,
+            "decoded": np.mean([r["decoded"] for r in results]), "frames": np.mean([r["frames"] for r in results]),
+            "expensive": np.mean([r["expensive"] for r in results]), "wall": wall / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--uniform", default=os.path.join(DEMO, "uniform"))
+    parser.add_argument("--liteeval", default=os.path.join(DEMO, "liteeval-gamma0.1"))
+    parser.add_argument("--arnet", default=os.path.join(DEMO, "arnet"))
+    parser.add_argument("--videos", type=int, default=60)
+    parser.add_argument("--batch-videos", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    for run in (args.uniform, args.liteeval, args.arnet):
+        if not os.path.isdir(run):
+            sys.exit(f"{run} is not a run folder: run ./demo.sh first, or pass --uniform/--liteeval/--arnet")
+    videos = videos_of(args.uniform, args.videos)
+    rows = [measure(run, videos, device, args.batch_videos) for run in (args.uniform, args.liteeval, args.arnet)]
+    base = rows[0]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{len(videos)} videos, {base['frames']:.1f} sampled frames each; {name}; torch {torch.__version__}; "
+          f"{args.batch_videos} videos in flight")
+    print("| method | GFLOPs/V | decode s/V | compute s/V | frames decoded/V | expensive reads/V | compute-time "
+          "ratio | GFLOPs ratio | time ratio / GFLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        time_ratio, flops_ratio = r["compute"] / base["compute"], r["gflops"] / base["gflops"]
+        print(f"| {r['label']} | {r['gflops']:.3f} | {r['decode']:.4f} | {r['compute']:.4f} | {r['decoded']:.1f} | "
+              f"{r['expensive']:.1f} | {time_ratio:.3f} | {flops_ratio:.3f} | {time_ratio / flops_ratio:.2f} |")
+    for r in rows[1:]:
+        quotient = (r["compute"] / base["compute"]) / (r["gflops"] / base["gflops"])
+        print(f"{r['label']}: compute-time ratio within 1.15x of its GFLOPs ratio: "
+              f"{'yes' if quotient <= 1.15 else 'NO'} ({quotient:.2f}x); decoding "
+              f"{r['decode'] / base['decode']:.2f}x UNIFORM's ({r['decoded']:.1f} of {r['frames']:.1f} frames decoded)")
+    share = base["decode"] / (base["decode"] + base["compute"])
+    print(f"UNIFORM spends {share:.0%} of its time decoding" + (": decoding dominates" if share > 0.5 else ""))
+
+
+if __name__ == "__main__":
+    main()

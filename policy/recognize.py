@@ -1,0 +1,284 @@
+"""``recognize``: a trained policy applied to raw videos, computing only what its decisions use.
+
+It loads a run folder (its config, ``model.pt`` and action codes) and the backbones its cache was
+extracted with, checked against the weights identity (and sha256) the cache records. Each video
+is decoded with phase 1's decoding and preprocessing, at phase 1's sampling; the method's
+``lazy`` path then asks for features frame by frame (:class:`FrameSource`): a frame is decoded
+the first time a backbone needs it (seeking to it; frames no decision reaches are neither decoded
+nor run through a CNN), and each backbone runs once per request on the frames of every video in
+flight. GFLOPs are counted exactly as ``train-policy`` counts them, from the cache's FLOPs table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract.backbones import Backbone, WeightsUnavailable, create_backbone
+from extract.cache import Cache
+from extract.decode import DOWNSAMPLE, VideoError, open_reader, preprocess
+from extract.distributed import synchronize
+from extract.pipeline import compute_features
+from extract.sampling import Sampling
+
+from .methods import METHODS, Method
+from .run_folder import RunError, RunFolder
+
+BATCH_FRAMES = 64  # frames per backbone forward pass
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
+
+
+class FrameSource:
+    """The sampled frames of a batch of videos, decoded and run through a backbone only when a
+    method asks (see :class:`~policy.methods.base.Frames`). Seconds spent decoding and computing
+    are kept per video (a batched forward's time shared by the frames in it)."""
+
+    def __init__(self, paths: list[str], sampling: Sampling, backbones: dict[str, Backbone], device: torch.device,
+                 downsample: str, l2: bool, steps: int | None):
+        self.readers, self.indices = [], []
+        self.decode_seconds, self.compute_seconds = np.zeros(len(paths)), np.zeros(len(paths))
+        for v, path in enumerate(paths):
+            start = time.perf_counter()
+            reader = open_reader(path)
+            self.readers.append(reader)
+            self.indices.append(sampling.indices(len(reader), reader.get_avg_fps()))
+            self.decode_seconds[v] += time.perf_counter() - start
+        self.length = torch.tensor([len(i) for i in self.indices])
+        self.steps = int(steps or self.length.max())
+        self.backbones, self.device, self.downsample, self.l2 = backbones, device, downsample, l2
+        self.crops: list[dict[int, torch.Tensor]] = [{} for _ in paths]  # step -> (3, 224, 224) uint8
+        self.known: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, video, step) -> features
+
+    def decode(self, video: int, steps: list[int]) -> None:
+        """Decode the frames of ``steps`` of ``video`` not decoded yet (a repeated frame once)."""
+        wanted = sorted({s for s in steps if s not in self.crops[video]})
+        if not wanted:
+            return
+        start = time.perf_counter()
+        frames = self.indices[video][wanted]
+        unique = np.unique(frames)
+        try:
+            crops = torch.cat([preprocess(self.readers[video].get_batch(unique[i:i + 8].tolist()).asnumpy())
+                               for i in range(0, len(unique), 8)])
+        except Exception as err:
+            raise VideoError(f"decoding failed ({str(err).strip().splitlines()[0][:200] if str(err) else err})")
+        for s, f in zip(wanted, frames):
+            self.crops[video][s] = crops[int(np.searchsorted(unique, f))]
+        self.decode_seconds[video] += time.perf_counter() - start
+
+    def compute(self, name: str, wanted: list[tuple[int, int]]) -> None:
+        """Run backbone ``name`` once on the frames ``(video, step)`` of ``wanted`` it has not seen
+        (in batches of ``BATCH_FRAMES``), decoding those not decoded yet."""
+        missing = list(dict.fromkeys(p for p in wanted if (name, *p) not in self.known))
+        for v in sorted({v for v, _ in missing}):
+            self.decode(v, [s for u, s in missing if u == v])
+        for lo in range(0, len(missing), BATCH_FRAMES):
+            part = missing[lo:lo + BATCH_FRAMES]
+            start = time.perf_counter()
+            crops = torch.stack([self.crops[v][s] for v, s in part])
+            out = compute_features([self.backbones[name]], crops, self.device, self.downsample)[name]  # float16
+            synchronize(self.device)
+            share = (time.perf_counter() - start) / len(part)
+            for (v, s), feats in zip(part, torch.from_numpy(out).float()):
+                self.known[(name, v, s)] = torch.nn.functional.normalize(feats, dim=0) if self.l2 else feats
+                self.compute_seconds[v] += share
+
+    def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        steps = step if isinstance(step, torch.Tensor) else torch.full_like(self.length, step)
+        wanted = [(int(v), int(steps[v])) for v in rows.nonzero().flatten()]
+        self.compute(name, wanted)
+        result = torch.zeros(len(self.length), self.backbones[name].dim)
+        for v, s in wanted:
+            result[v] = self.known[(name, v, s)]
+        return result
+
+    def all_features(self, name: str, steps: torch.Tensor | None = None) -> torch.Tensor:
+        real = torch.arange(self.steps).unsqueeze(0) < self.length.unsqueeze(1)
+        steps = real if steps is None else steps & real
+        wanted = [(int(v), int(s)) for v, s in steps.nonzero()]
+        self.compute(name, wanted)  # one batched pass over every frame asked for
+        out = torch.zeros(len(self.length), self.steps, self.backbones[name].dim)
+        for v, s in wanted:
+            out[v, s] = self.known[(name, v, s)]
+        return out
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A run ready to recognise: its method and model, the cache's facts, the backbones."""
+
+    run: RunFolder
+    method: Method
+    classes: list[str]
+    sampling: Sampling
+    steps: int | None
+    downsample: str
+    backbones: dict[str, Backbone]
+    device: torch.device
+
+
+def config_of(cls: type[Method], saved: dict):
+    """The method's config dataclass from a run's ``config.json`` (lists back to tuples)."""
+    hints = typing.get_type_hints(cls.Config)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in saved.items() if k in fields}
+    return cls.Config(**values)
+
+
+def weights_argument(identity: str) -> str:
+    """``create_backbone``'s ``weights`` for a weights identity the cache records."""
+    if identity.startswith("none"):
+        return "none"
+    if identity.startswith("file:"):
+        return identity[len("file:"):].rsplit(":sha256=", 1)[0]
+    return "imagenet"
+
+
+def load(run_dir: str, device: torch.device) -> Loaded:
+    """The run in ``run_dir`` and the backbones of its cache; :class:`RunError` says what is missing."""
+    run = RunFolder.load(run_dir)
+    cls = METHODS.get(run.method)
+    if cls is None:
+        raise RunError(f"{run_dir} is a {run.method} run, a method this version does not have")
+    if not os.path.isfile(os.path.join(run_dir, "model.pt")):
+        raise RunError(f"{run_dir} has no model.pt (a run folder of train-policy is needed)")
+    if not os.path.isfile(run.cache):
+        raise RunError(f"{run_dir}: its cache {run.cache} is gone; recognize reads the class names, sampling, "
+                       "FLOPs table and backbone weights from it")
+    cfg = config_of(cls, run.config)
+    with Cache(run.cache) as cache:
+        classes, flops, weights = cache.classes, cache.flops, cache.weights
+        saved = cache.sampling
+        preprocessing = cache.preprocessing
+    sampling = Sampling(num_frames=saved.get("num_frames"), fps=saved.get("fps"), max_frames=saved.get("max_frames"))
+    if saved.get("seek") == "keyframe":
+        raise RunError(f"{run.cache} was sampled at keyframes; recognize decodes the exact sampled frames only")
+    if cls.lazy is Method.lazy:
+        lazy = ", ".join(name for name, c in METHODS.items() if c.lazy is not Method.lazy)
+        raise RunError(f"{run_dir}: recognize has no lazy path for {run.method} yet (it has for {lazy})")
+    if getattr(cfg, "stochastic_eval", False):
+        raise RunError(f"{run_dir} evaluates with sampled decisions (--stochastic-eval); recognize replays argmax ones")
+    method = cls(cfg, {n: e.dim for n, e in flops.items()}, len(classes), {n: e.gflops for n, e in flops.items()})
+    state = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
+    method.model.load_state_dict(state["model"])
+    method.model.eval()
+    backbones = {}
+    for name in cls.needs(cfg):
+        recorded = weights.get(name, "")
+        try:
+            backbone = create_backbone(name, weights=weights_argument(recorded))
+        except WeightsUnavailable as err:
+            raise RunError(f"{name}: {err}; recognize needs the weights the cache was extracted with ({recorded})")
+        if backbone.weights != recorded:
+            raise RunError(f"{name}: the weights found ({backbone.weights}) differ from those the cache was "
+                           f"extracted with ({recorded}): the policy would read other features")
+        backbone.module.to(device)
+        backbones[name] = backbone
+    downsample = next((k for k, v in DOWNSAMPLE.items() if v == preprocessing.get("lower_resolutions")), "antialias")
+    return Loaded(run, method, classes, sampling, sampling.max_length, downsample, backbones, device)
+
+
+def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
+    """One result per video of ``paths`` (all readable): top-5, actions, GFLOPs and seconds."""
+    l2 = loaded.run.config.get("normalise") == "l2"
+    frames = FrameSource(paths, loaded.sampling, loaded.backbones, loaded.device, loaded.downsample, l2,
+                         loaded.steps)
+    with torch.no_grad():
+        inf = loaded.method.lazy(loaded.method.model, frames, budget)
+    codes = loaded.method.codes
+    results = []
+    for v, path in enumerate(paths):
+        n = int(frames.length[v])
+        top = np.argsort(-inf.scores[v])[:5]
+        actions = inf.actions[v, :n]
+        results.append({"video": path, "top5": [[loaded.classes[c], float(inf.scores[v, c])] for c in top],
+                        "actions": [int(a) for a in actions], "gflops": float(inf.gflops[v]),
+                        "seconds": {"decode": float(frames.decode_seconds[v]),
+                                    "compute": float(frames.compute_seconds[v])},
+                        "visited": int(codes.is_visited(actions).sum()),
+                        "expensive": int(codes.is_expensive(actions).sum()), "frames": n,
+                        "decoded": len(frames.crops[v])})
+    return results
+
+
+def video_list(inputs: tuple[str, ...]) -> list[str]:
+    """Video files from ``inputs``: video files as given, and list files (one video per line, its
+    first field; relative paths from the list's folder)."""
+    videos = []
+    for item in inputs:
+        if item.lower().endswith(VIDEO_EXTENSIONS) or not os.path.isfile(item):
+            videos.append(item)
+            continue
+        folder = os.path.dirname(os.path.abspath(item))
+        with open(item) as f:
+            for line in f:
+                if line.strip():
+                    first = line.split()[0]
+                    videos.append(first if os.path.isabs(first) else os.path.join(folder, first))
+    return videos
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
+Examples:
+  recognize data/demo/videos/red_disc_000.mp4 --run data/runs/demo_t16/liteeval-gamma0.1
+  recognize test_list.txt --run data/runs/demo_t16/arnet --json > predictions.jsonl
+  recognize clip.mp4 --run data/runs/demo_t16/liteeval-gamma0.1 --budget 2
+""")
+@click.argument("inputs", nargs=-1, required=True, metavar="VIDEO_OR_LIST...")
+@click.option("--run", "run_dir", required=True, metavar="RUN_DIR", help="A run folder of train-policy.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per video and line.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--budget", type=click.IntRange(0), default=0,
+              help="Stop after the K-th expensive read and answer with the prediction there (0: no budget).")
+@click.option("--batch-videos", type=click.IntRange(1), default=8, show_default=True,
+              help="Videos in flight: each backbone runs once per step on their frames.")
+@click.option("--no-progress", is_flag=True)
+def main(inputs, run_dir, as_json, device, budget, batch_videos, no_progress) -> None:
+    """Run a trained policy on raw videos, computing only the features its decisions use; print the
+    top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video."""
+    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    try:
+        loaded = load(run_dir, chosen)
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
+    videos = video_list(inputs)
+    failed = 0
+    bar = tqdm(total=len(videos), desc="recognize", unit="video", disable=no_progress, file=sys.stderr)
+    for start in range(0, len(videos), batch_videos):
+        group = videos[start:start + batch_videos]
+        try:
+            results = recognise(loaded, group, budget)
+        except VideoError:
+            results = []
+            for path in group:  # find the unreadable ones; the rest go on
+                try:
+                    results += recognise(loaded, [path], budget)
+                except VideoError as err:
+                    click.echo(f"{path}: skipped ({err})", err=True)
+                    failed += 1
+        for r in results:
+            if as_json:
+                click.echo(json.dumps({k: r[k] for k in ("video", "top5", "actions", "gflops", "seconds")}))
+            else:
+                top = ", ".join(f"{c} {s:.3f}" for c, s in r["top5"])
+                click.echo(f"{r['video']}: {top} | {r['visited']}/{r['frames']} frames visited, {r['expensive']} "
+                           f"expensive reads, {r['gflops']:.3f} GFLOPs, {r['seconds']['decode']:.3f} s decoding + "
+                           f"{r['seconds']['compute']:.3f} s computing")
+        bar.update(len(group))
+    bar.close()
+    if failed:
+        click.echo(f"{failed} of {len(videos)} videos could not be read", err=True)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""recognize: a trained policy on raw videos reproduces the offline path, spends only what it chose,
+and refuses what it cannot do in one line."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from extract.cache import Cache, write_cache
+from policy.methods import METHODS
+from policy.run_folder import Predictions, RunFolder
+from policy.train import train
+
+CONFIGS = {
+    "liteeval": dict(epochs=3, hidden_coarse=16, hidden_fine=32, gamma=0.3, lam=8.0),
+    "arnet": dict(hidden=16, warmup_epochs=1, joint_epochs=2, finetune_epochs=1, optim="adam", warmup_lr=3e-3,
+                  joint_lr=3e-3, finetune_lr=1e-3, alpha=0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(demo_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recognize")
+    for method, extra in CONFIGS.items():
+        cfg = METHODS[method].Config(method=method, features=demo_cache, out=str(root / method), batch_size=4,
+                                     lr=3e-3, **extra)
+        train(cfg, progress=False)
+    return root
+
+
+def evaluated_videos(run: RunFolder) -> list[str]:
+    with Cache(run.cache) as cache:
+        row = {v: i for i, v in enumerate(cache.ids)}
+        return [cache.video_path(row[v]) for v in run.video_id]
+
+
+def recognize(run_dir, *args, check=True):
+    return run_cli("policy.recognize", *args, "--run", str(run_dir), "--no-progress", check=check)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_recognize_reproduces_what_train_policy_wrote(method, runs):
+    run = RunFolder.load(str(runs / method))
+    videos = evaluated_videos(run)
+    lines = [json.loads(line) for line in recognize(runs / method, *videos, "--json").stdout.splitlines()]
+    assert [r["video"] for r in lines] == videos
+    same_actions = same_top1 = frames = 0
+    with Cache(run.cache) as cache:
+        classes = cache.classes
+    for i, r in enumerate(lines):
+        offline = run.actions[i][: len(r["actions"])]
+        same_actions += int((np.array(r["actions"]) == offline).sum())
+        frames += len(r["actions"])
+        same_top1 += r["top5"][0][0] == classes[int(run.scores[i].argmax())]
+        if r["actions"] == offline.tolist():  # the same decisions cost the same GFLOPs
+            assert r["gflops"] == pytest.approx(float(run.gflops[i]), rel=1e-9)
+        assert set(r) == {"video", "top5", "actions", "gflops", "seconds"} and len(r["top5"]) == 5
+        assert set(r["seconds"]) == {"decode", "compute"}
+    assert same_actions >= 0.98 * frames and same_top1 >= 0.98 * len(lines)
+
+
+def test_a_budget_stops_after_the_kth_expensive_read(runs):
+    run = RunFolder.load(str(runs / "liteeval"))
+    videos = evaluated_videos(run)
+    full = [json.loads(line) for line in recognize(runs / "liteeval", *videos, "--json").stdout.splitlines()]
+    one = [json.loads(line) for line in recognize(runs / "liteeval", *videos, "--json", "--budget", "1")
+           .stdout.splitlines()]
+    codes = run.codes
+    for a, b in zip(full, one):
+        reads = np.flatnonzero(np.isin(a["actions"], codes.expensive))
+        assert sum(np.isin(b["actions"], codes.expensive)) == min(1, len(reads))
+        if len(reads):  # the frames up to the first read are the same; after it, nothing is processed
+            stop = reads[0]
+            assert b["actions"][: stop + 1] == a["actions"][: stop + 1]
+            assert set(b["actions"][stop + 1:]) <= set(codes.stopped)
+            assert b["gflops"] <= a["gflops"] + 1e-9
+
+
+def test_an_unreadable_video_gets_one_line_and_the_rest_go_on(runs, tmp_path):
+    run = RunFolder.load(str(runs / "arnet"))
+    good = evaluated_videos(run)[0]
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    proc = recognize(runs / "arnet", str(bad), good, check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith(f"{good}: ") and "GFLOPs" in proc.stdout
+    assert f"{bad}: skipped (cannot open video stream" in proc.stderr
+
+
+def test_weights_other_than_the_caches_are_refused_in_one_line(runs, tmp_path):
+    source = RunFolder.load(str(runs / "liteeval"))
+    other = tmp_path / "other.h5"
+    with Cache(source.cache) as c:  # the same features, recorded as made with other weights
+        write_cache(str(other), dataset=c.dataset, sampling=c.sampling, classes=c.classes, ids=c.ids,
+                    splits=c.split.tolist(), labels=c.labels, length=c.length,
+                    frame_index=np.stack([c.frame_index(i) for i in range(len(c.ids))]),
+                    flops=list(c.flops.values()), features={n: c.features(n)[:] for n in c.backbones})
+    folder = tmp_path / "run"
+    shutil.copytree(runs / "liteeval", folder)
+    predictions = Predictions(video_id=source.video_id, labels=source.labels, scores=source.scores,
+                              actions=source.actions, gflops=source.gflops, codes=source.codes)
+    RunFolder.save_results(str(folder), source.metrics, predictions, cache=str(other), dataset=source.dataset)
+    proc = recognize(folder, evaluated_videos(source)[0], check=False)
+    assert proc.returncode == 1 and "differ from those the cache was extracted with (synthetic)" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_a_method_without_a_lazy_path_is_refused_in_one_line(demo_cache, tmp_path):
+    cfg = METHODS["frameexit"].Config(method="frameexit", features=demo_cache, out=str(tmp_path / "fe"), epochs=1,
+                                      batch_size=4, hidden=8)
+    train(cfg, progress=False)
+    proc = recognize(tmp_path / "fe", "any.mp4", check=False)
+    assert proc.returncode == 1 and "no lazy path for frameexit" in proc.stderr and "liteeval" in proc.stderr
