@@ -10,7 +10,7 @@ Decoding is reported apart: where it dominates, the frames each method decodes s
 it the skips avoid.
 
 Usage: python bench/recognize.py [--uniform RUN] [--liteeval RUN] [--arnet RUN] [--videos 60]
-       [--batch-videos 8] [--device cpu|cuda]   (defaults: the demo's runs, after ./demo.sh)
+       [--batch-videos 8] [--frames-per-pass 0] [--device cpu|cuda]   (defaults: the demo's runs)
 """
 from __future__ import annotations
 
@@ -33,21 +33,23 @@ DEMO = os.path.join("data", "runs", "demo_t16")
 
 def videos_of(run_dir: str, count: int) -> list[str]:
     """The first ``count`` evaluation videos of a run, as files (through its cache)."""
-    loaded = load(run_dir, torch.device("cpu"))
+    loaded = load(run_dir, torch.device("cpu"), frames_per_pass=1)
     with Cache(loaded.run.cache) as cache:
         row = {v: i for i, v in enumerate(cache.ids)}
         return [cache.video_path(row[v]) for v in loaded.run.video_id[:count]]
 
 
-def measure(run_dir: str, videos: list[str], device: torch.device, batch: int) -> dict:
-    loaded = load(run_dir, device)
+def measure(run_dir: str, videos: list[str], device: torch.device, batch: int, per_pass: int) -> dict:
+    loaded = load(run_dir, device, per_pass)
+    print(f"{loaded.run.method}: frames per forward pass {loaded.frames_per_pass}")
     recognise(loaded, videos[:1])  # warm-up: allocators and kernels, not timed
     results, start = [], time.perf_counter()
     for lo in range(0, len(videos), batch):
         results += recognise(loaded, videos[lo:lo + batch])
     wall = time.perf_counter() - start
     n = len(results)
-    return {"label": loaded.run.method, "gflops": np.mean([r["gflops"] for r in results]),
+    predicted = sum(r["computed"][name] * seconds for r in results for name, seconds in loaded.frame_seconds.items())
+    return {"predicted": predicted / n,"label": loaded.run.method, "gflops": np.mean([r["gflops"] for r in results]),
             "decode": sum(r["seconds"]["decode"] for r in results) / n,
             "compute": sum(r["seconds"]["compute"] for r in results) / n,
             "decoded": np.mean([r["decoded"] for r in results]), "frames": np.mean([r["frames"] for r in results]),
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--arnet", default=os.path.join(DEMO, "arnet"))
     parser.add_argument("--videos", type=int, default=60)
     parser.add_argument("--batch-videos", type=int, default=8)
+    parser.add_argument("--frames-per-pass", type=int, default=0,
+                        help="most frames per backbone forward; 0: each backbone's fastest, timed (the default)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -68,11 +72,13 @@ def main() -> None:
         if not os.path.isdir(run):
             sys.exit(f"{run} is not a run folder: run ./demo.sh first, or pass --uniform/--liteeval/--arnet")
     videos = videos_of(args.uniform, args.videos)
-    rows = [measure(run, videos, device, args.batch_videos) for run in (args.uniform, args.liteeval, args.arnet)]
+    rows = [measure(run, videos, device, args.batch_videos, args.frames_per_pass)
+            for run in (args.uniform, args.liteeval, args.arnet)]
     base = rows[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(videos)} videos, {base['frames']:.1f} sampled frames each; {name}; torch {torch.__version__}; "
-          f"{args.batch_videos} videos in flight")
+          f"{args.batch_videos} videos in flight, frames per forward pass "
+          f"{args.frames_per_pass or 'calibrated per backbone'}")
     print("| method | GFLOPs/V | decode s/V | compute s/V | frames decoded/V | expensive reads/V | compute-time "
           "ratio | GFLOPs ratio | time ratio / GFLOPs ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -80,6 +86,13 @@ def main() -> None:
         time_ratio, flops_ratio = r["compute"] / base["compute"], r["gflops"] / base["gflops"]
         print(f"| {r['label']} | {r['gflops']:.3f} | {r['decode']:.4f} | {r['compute']:.4f} | {r['decoded']:.1f} | "
               f"{r['expensive']:.1f} | {time_ratio:.3f} | {flops_ratio:.3f} | {time_ratio / flops_ratio:.2f} |")
+    print("predicted: each backbone's calibrated seconds per frame times the frames it computed; the gap between "
+          "the GFLOPs ratio and the predicted ratio is the backbones' unequal speed per GFLOP, the gap between the "
+          "predicted and the measured ratio the lazy path's own cost (small batches, the policy's steps)")
+    for r in rows:
+        print(f"{r['label']}: predicted backbone time {r['predicted']:.4f} s/V, ratio to UNIFORM's "
+              f"{r['predicted'] / base['predicted']:.3f} (measured compute-time ratio "
+              f"{r['compute'] / base['compute']:.3f})")
     for r in rows[1:]:
         quotient = (r["compute"] / base["compute"]) / (r["gflops"] / base["gflops"])
         print(f"{r['label']}: compute-time ratio within 1.15x of its GFLOPs ratio: "
