@@ -50,6 +50,15 @@ def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def located_start(fine: torch.Tensor, length: torch.Tensor, hidden: int) -> tuple:
+    """Where an agent that reads frames by location starts: ``(span of each video's frames,
+    location 0.5 (the middle), videos alive, zero LSTM state (h, c), empty per-step records)``."""
+    h = fine.new_zeros(len(fine), hidden)
+    out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+    span, middle = (length - 1).clamp(min=0).to(fine), fine.new_full((len(fine),), 0.5)
+    return span, middle, length > 0, (h, torch.zeros_like(h)), out
+
+
 class _Agent(Method):
     """What the agents share: a rollout over the expensive features, REINFORCE with a value baseline."""
 
@@ -199,13 +208,7 @@ class FrameGlimpse(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each glimpse after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        n = fine.shape[0]
-        span = (length - 1).clamp(min=0).to(fine)
-        where = fine.new_full((n,), 0.5)
-        alive = length > 0
-        h = fine.new_zeros(n, self.cfg.hidden)
-        c = torch.zeros_like(h)
-        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        span, where, alive, (h, c), out = located_start(fine, length, self.cfg.hidden)
         for s in range(self.cfg.glimpses):
             pos = torch.round(where * span).long()
             x = torch.cat([at_frames(fine, pos), where.unsqueeze(1)], 1)
@@ -287,15 +290,9 @@ class AdaFrame(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each read after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        n = fine.shape[0]
-        memory = model.memory(batch.features[self.cfg.coarse][torch.arange(n).unsqueeze(1),
+        memory = model.memory(batch.features[self.cfg.coarse][torch.arange(len(fine)).unsqueeze(1),
                                                               spread_index(length, self.cfg.memory)])
-        span = (length - 1).clamp(min=0).to(fine)
-        where = fine.new_full((n,), 0.5)
-        alive = length > 0
-        h = fine.new_zeros(n, self.cfg.hidden)
-        c = torch.zeros_like(h)
-        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+        span, where, alive, (h, c), out = located_start(fine, length, self.cfg.hidden)
         for s in range(self.cfg.steps):
             pos = torch.round(where * span).long()
             attention = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
