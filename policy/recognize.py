@@ -145,21 +145,21 @@ def weights_argument(identity: str) -> str:
     return "imagenet"
 
 
-CALIBRATION = (1, 2, 4, 8, 16, 32, 64)
+CALIBRATION = (1, 2, 4, 8, 16, 32)
 
 
 def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: str) -> dict[str, tuple[int, float]]:
     """Per backbone, ``(batch size, seconds per frame)`` of the size in ``CALIBRATION`` with the least
     time per frame, timed here:
     on a GPU the largest wins, on a CPU small batches can be several times faster per frame
-    (EfficientNet-Lite0@224 on 2 cores: 7.8 ms at 2 frames, 25 ms at 64)."""
+    (EfficientNet-Lite0@224 on 2 cores: 7.8 ms at 2 frames, 25 ms at 64). A few seconds per backbone."""
     chosen = {}
     for name, backbone in backbones.items():
         best = (float("inf"), 1)
         for size in CALIBRATION:
             crops = torch.zeros(size, 3, 224, 224, dtype=torch.uint8)
             compute_features([backbone], crops, device, downsample)  # warm-up at this shape
-            for _ in range(3):  # the best of three: a busy machine only ever adds time
+            for _ in range(2):  # the best of two: a busy machine only ever adds time
                 start = time.perf_counter()
                 compute_features([backbone], crops, device, downsample)
                 synchronize(device)
@@ -288,6 +288,10 @@ def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass
         loaded = load(run_dir, chosen, frames_per_pass)
     except RunError as err:
         raise click.ClickException(str(err)) from None
+    if budget and not loaded.method.stops_at_budget:
+        supported = ", ".join(name for name, c in METHODS.items() if c.stops_at_budget)
+        raise click.ClickException(f"--budget needs a method that reads frames in order ({supported}); "
+                                   f"{loaded.run.method} does not")
     videos = video_list(inputs)
     failed = 0
     bar = tqdm(total=len(videos), desc="recognize", unit="video", disable=no_progress, file=sys.stderr)

@@ -16,6 +16,9 @@ CONFIGS = {
     "liteeval": dict(epochs=3, hidden_coarse=16, hidden_fine=32, gamma=0.3, lam=8.0),
     "arnet": dict(hidden=16, warmup_epochs=1, joint_epochs=2, finetune_epochs=1, optim="adam", warmup_lr=3e-3,
                   joint_lr=3e-3, finetune_lr=1e-3, alpha=0.3),
+    "frameexit": dict(epochs=3, hidden=16, max_frames=6),
+    "ocsampler": dict(epochs=3, hidden=16, frames=3, warmup_epochs=2),
+    "fastforward": dict(epochs=3, hidden=16),
 }
 
 
@@ -36,7 +39,9 @@ def evaluated_videos(run: RunFolder) -> list[str]:
 
 
 def recognize(run_dir, *args, check=True):
-    return run_cli("policy.recognize", *args, "--run", str(run_dir), "--no-progress", check=check)
+    """The CLI, at a fixed batch size (the start-up calibration times each backbone: seconds)."""
+    return run_cli("policy.recognize", *args, "--run", str(run_dir), "--no-progress", "--frames-per-pass", "8",
+                   check=check)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -107,8 +112,13 @@ def test_weights_other_than_the_caches_are_refused_in_one_line(runs, tmp_path):
 
 
 def test_a_method_without_a_lazy_path_is_refused_in_one_line(demo_cache, tmp_path):
-    cfg = METHODS["frameexit"].Config(method="frameexit", features=demo_cache, out=str(tmp_path / "fe"), epochs=1,
-                                      batch_size=4, hidden=8)
+    cfg = METHODS["random"].Config(method="random", features=demo_cache, out=str(tmp_path / "r"), batch_size=4,
+                                   hidden=8, warmup_epochs=1)
     train(cfg, progress=False)
-    proc = recognize(tmp_path / "fe", "any.mp4", check=False)
-    assert proc.returncode == 1 and "no lazy path for frameexit" in proc.stderr and "liteeval" in proc.stderr
+    proc = recognize(tmp_path / "r", "any.mp4", check=False)
+    assert proc.returncode == 1 and "no lazy path for random" in proc.stderr and "liteeval" in proc.stderr
+
+
+def test_a_budget_for_a_method_that_does_not_read_in_order_is_refused(runs):
+    proc = recognize(runs / "ocsampler", "any.mp4", "--budget", "2", check=False)
+    assert proc.returncode == 1 and "--budget needs a method that reads frames in order" in proc.stderr

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Bernoulli, Categorical, Normal
@@ -26,8 +27,8 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..run_folder import ActionCodes
-from .base import (Inference, Method, Steps, TrainConfig, at_frames, label_mass, price, read_codes, register_method,
-                   reinforce, spread_index, step_inference)
+from .base import (Frames, Inference, Method, Steps, TrainConfig, at_frames, label_mass, price, read, read_codes,
+                   read_many, register_method, reinforce, spread_index, step_inference, steps_of)
 
 
 def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
@@ -50,12 +51,12 @@ def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def located_start(fine: torch.Tensor, length: torch.Tensor, hidden: int) -> tuple:
+def located_start(length: torch.Tensor, hidden: int) -> tuple:
     """Where an agent that reads frames by location starts: ``(span of each video's frames,
     location 0.5 (the middle), videos alive, zero LSTM state (h, c), empty per-step records)``."""
-    h = fine.new_zeros(len(fine), hidden)
+    h = torch.zeros(len(length), hidden, device=length.device)
     out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
-    span, middle = (length - 1).clamp(min=0).to(fine), fine.new_full((len(fine),), 0.5)
+    span, middle = (length - 1).clamp(min=0).float(), torch.full((len(length),), 0.5, device=length.device)
     return span, middle, length > 0, (h, torch.zeros_like(h)), out
 
 
@@ -96,7 +97,14 @@ class _Agent(Method):
         out = model(self.rollout, batch, "argmax", forced)
         taken = out["frames"] >= 0
         return step_inference(out["logits"].softmax(-1), out["frames"], taken * self.step_costs, batch.length,
-                              batch.features[self.cfg.fine].shape[1], stops=self.stops)
+                              steps_of(batch), stops=self.stops)
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """The rollout itself, reading each frame's features from ``frames`` when it gets there."""
+        names = dict.fromkeys(self.needs(self.cfg))
+        lazy = Batch(np.arange(len(frames.length)), {name: frames for name in names},
+                     torch.zeros(len(frames.length), self.num_classes), frames.length)
+        return self.infer(model, lazy)
 
     stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
 
@@ -141,15 +149,11 @@ class FastForward(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"actions": (N, S) action index per step, len(jumps) = stop}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        n, steps = fine.shape[:2]
-        jumps = torch.tensor(self.cfg.jumps, device=fine.device)
-        pos = torch.zeros(n, dtype=torch.long, device=fine.device)
-        alive = length > 0
-        h = fine.new_zeros(n, self.cfg.hidden)
-        c = torch.zeros_like(h)
-        out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
-        for s in range(steps):
-            h2, c2 = model.lstm(at_frames(fine, pos), (h, c))
+        jumps = torch.tensor(self.cfg.jumps, device=length.device)
+        pos = torch.zeros_like(length)
+        _, _, alive, (h, c), out = located_start(length, self.cfg.hidden)
+        for s in range(steps_of(batch)):
+            h2, c2 = model.lstm(read(fine, self.cfg.fine, alive, pos), (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
             dist = Categorical(logits=model.policy(h))
             action = _choose(dist, mode, None if forced is None else forced["actions"][:, s])
@@ -208,15 +212,15 @@ class FrameGlimpse(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each glimpse after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        span, where, alive, (h, c), out = located_start(fine, length, self.cfg.hidden)
+        span, where, alive, (h, c), out = located_start(length, self.cfg.hidden)
         for s in range(self.cfg.glimpses):
             pos = torch.round(where * span).long()
-            x = torch.cat([at_frames(fine, pos), where.unsqueeze(1)], 1)
+            x = torch.cat([read(fine, self.cfg.fine, alive, pos), where.unsqueeze(1)], 1)
             h2, c2 = model.lstm(x, (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
             stop_dist = Bernoulli(logits=model.stop(h).squeeze(1))
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
-            stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].to(fine))
+            stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].float())
             nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
             last = s == self.cfg.glimpses - 1
             out["logits"].append(model.classifier(h))
@@ -290,14 +294,14 @@ class AdaFrame(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each read after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        memory = model.memory(batch.features[self.cfg.coarse][torch.arange(len(fine)).unsqueeze(1),
-                                                              spread_index(length, self.cfg.memory)])
-        span, where, alive, (h, c), out = located_start(fine, length, self.cfg.hidden)
+        memory = model.memory(read_many(batch.features[self.cfg.coarse], self.cfg.coarse,
+                                        spread_index(length, self.cfg.memory)))
+        span, where, alive, (h, c), out = located_start(length, self.cfg.hidden)
         for s in range(self.cfg.steps):
             pos = torch.round(where * span).long()
             attention = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
             context = (attention.softmax(1).unsqueeze(2) * memory).sum(1)
-            h2, c2 = model.lstm(torch.cat([at_frames(fine, pos), context], 1), (h, c))
+            h2, c2 = model.lstm(torch.cat([read(fine, self.cfg.fine, alive, pos), context], 1), (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
             utility = model.utility(h).squeeze(1)
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
@@ -342,7 +346,7 @@ class AdaFrame(_Agent):
         taken = out["frames"] >= 0
         cost = taken * self.step_costs
         cost[:, 0] += self.memory_cost
-        steps = batch.features[self.cfg.fine].shape[1]
+        steps = steps_of(batch)
         preview = torch.zeros(len(taken), steps, dtype=torch.bool, device=taken.device)
         preview[torch.arange(len(taken)).unsqueeze(1), out["memory_frames"]] = True
         return step_inference(out["logits"].softmax(-1), out["frames"], cost, batch.length, steps, preview=preview)
@@ -393,15 +397,14 @@ class MultiAgent(_Agent):
         """``forced``: {"moves": (N, steps, agents) in 0 back, 1 stay, 2 forward}. Steps are reads,
         agent by agent within each round."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        n, agents = fine.shape[0], self.cfg.agents
+        n, agents = len(length), self.cfg.agents
         pos = spread_index(length, agents)  # (N, A)
-        stride = (self.cfg.move * length.to(fine)).round().long().clamp(min=1).unsqueeze(1)
-        h = fine.new_zeros(n * agents, self.cfg.hidden)
-        rows = torch.arange(n, device=fine.device).unsqueeze(1)
+        stride = (self.cfg.move * length.float()).round().long().clamp(min=1).unsqueeze(1)
+        h = torch.zeros(n * agents, self.cfg.hidden, device=length.device)
         real = (length > 0).unsqueeze(1).expand(n, agents)
         out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
         for s in range(self.cfg.steps + 1):
-            feats = fine[rows, pos]  # (N, A, D)
+            feats = read_many(fine, self.cfg.fine, pos)  # (N, A, D)
             seen = model.observe(feats)
             context = seen.mean(1, keepdim=True).expand_as(seen)
             h = model.gru(torch.cat([seen, context], 2).reshape(n * agents, -1), h)

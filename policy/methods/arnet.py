@@ -322,6 +322,7 @@ class ARNetMethod(_Family):
 
     name = "arnet"
     display = "AR-Net"
+    stops_at_budget = True
     reports = ("usage", "frames", "claims")
     ablations = (Ablation("actions", "AR-Net action spaces (AR-Net Table 4)", {"actions": "actions"},
                           tuple(f"--set actions={a}" for a in ("resolution", "skip", "both"))),
@@ -545,15 +546,30 @@ class SCSampler(_WarmupOnly):
         return ActionCodes(legend={-1: "no frame", 1: f"{self.cfg.policy} only", 0: self.names[0]},
                            marks={1: "c", 0: "F"}, visited=(0, 1), expensive=(0,))
 
-    def infer(self, model: nn.Module, batch: Batch) -> Inference:
-        logits = self.all_logits(model, batch)
-        steps = logits.shape[1]
-        real = real_mask(batch.length, steps)
+    def kept(self, logits: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(N, T) the ``topk`` frames by the sampler head's confidence (its logits at ``[:, :, 1]``)."""
+        real = real_mask(length, logits.shape[1])
         sampler_logits = logits[:, :, 1] if self.cfg.rank == "logit" else logits[:, :, 1].softmax(-1)
         confidence = sampler_logits.amax(-1).masked_fill(~real, float("-inf"))
-        k = torch.clamp(batch.length, max=self.cfg.topk)
         rank = confidence.argsort(1, descending=True).argsort(1)
-        keep = (rank < k.unsqueeze(1)) & real
+        return (rank < torch.clamp(length, max=self.cfg.topk).unsqueeze(1)) & real
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """The sampler's feature on every frame, then the highest resolution on the kept frames only
+        (``budget`` does not apply: it reads in confidence order, not in time)."""
+        n, names = len(frames.length), self.names
+        sampler = frames.all_features(self.cfg.policy)
+        probe = Batch(np.arange(n), {names[0]: torch.zeros(n, frames.steps, self.dims[names[0]]), names[1]: sampler},
+                      torch.zeros(n, self.num_classes), frames.length)
+        keep = self.kept(self.all_logits(model, probe), frames.length)
+        batch = Batch(probe.index, {names[0]: frames.all_features(names[0], keep), names[1]: sampler}, probe.labels,
+                      frames.length)
+        return self.infer(model, batch)
+
+    def infer(self, model: nn.Module, batch: Batch) -> Inference:
+        logits = self.all_logits(model, batch)
+        real = real_mask(batch.length, logits.shape[1])
+        keep = self.kept(logits, batch.length)
         weight = keep.to(logits)
         full, sampler = self.flops[self.names[0]] + self.head_costs[0], self.flops[self.cfg.policy] + self.head_costs[1]
         step = numpy(real) * sampler + numpy(keep) * full

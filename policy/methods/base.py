@@ -165,6 +165,7 @@ class Method:
     ablations: ClassVar[tuple[Ablation, ...]] = ()
     baseline: ClassVar[bool] = False  # the method savings are measured against (UNIFORM: claims, online)
     budget_knob: ClassVar[str] = ""  # the config field that sets the target cost (claims: a sweep moves GFLOPs)
+    stops_at_budget: ClassVar[bool] = False  # its lazy path honours recognize --budget (reads frames in order)
 
     def __init__(self, cfg: TrainConfig, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         self.cfg, self.dims, self.num_classes, self.flops = cfg, dims, num_classes, flops
@@ -213,8 +214,8 @@ class Method:
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """What :meth:`infer` returns, computing features only where the decisions use them
-        (``recognize``); with ``budget`` K > 0 it stops after the K-th expensive read. A method
-        without a lazy path refuses."""
+        (``recognize``); with ``budget`` K > 0 (methods with ``stops_at_budget``) it stops after the
+        K-th expensive read. A method without a lazy path refuses."""
         raise NotImplementedError(f"{self.name} has no lazy path for recognize")
 
     def optimizer(self) -> torch.optim.Optimizer:
@@ -271,6 +272,30 @@ def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def at_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[i, index[i]]`` for (N, T, ...) ``x`` and (N,) ``index``."""
     return x[torch.arange(len(x), device=x.device), index]
+
+
+def read(source: torch.Tensor | Frames, name: str, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(N, D) the features at frame ``pos[i]`` of each video: from an (N, T, D) tensor (training,
+    :meth:`Method.infer`) or, for ``recognize``, from :class:`Frames`, computed for ``rows`` only."""
+    if isinstance(source, torch.Tensor):
+        return at_frames(source, pos)
+    return source.features(name, rows, pos)
+
+
+def read_many(source: torch.Tensor | Frames, name: str, pos: torch.Tensor) -> torch.Tensor:
+    """(N, K, D) the features at frames ``pos`` (N, K) of each video, from a tensor or :class:`Frames`."""
+    rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
+    if isinstance(source, torch.Tensor):
+        return source[rows, pos]
+    wanted = torch.zeros(len(pos), source.steps, dtype=torch.bool)
+    wanted[rows, pos] = True
+    return source.all_features(name, wanted)[rows, pos]
+
+
+def steps_of(batch: Batch) -> int:
+    """T of a batch whose features are tensors or a :class:`Frames`."""
+    source = next(iter(batch.features.values()))
+    return source.shape[1] if isinstance(source, torch.Tensor) else source.steps
 
 
 def spread_index(length: torch.Tensor, k: int) -> torch.Tensor:

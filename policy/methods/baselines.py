@@ -38,6 +38,8 @@ class LSTMConfig(TrainConfig):
 class _OnFineFeatures(Method):
     """What UNIFORM and LSTM share: their row names the feature they read."""
 
+    stops_at_budget = True
+
     @classmethod
     def label(cls, config: dict) -> str:
         return f"{cls.display} ({config.get('fine', '?')})"

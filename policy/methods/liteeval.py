@@ -46,6 +46,7 @@ class LiteEvalMethod(Method):
     Config = LiteEvalConfig
     reports = ("online", "usage", "frames", "claims")
     budget_knob = "gamma"
+    stops_at_budget = True
     ablations = (Ablation("sync", "Synchronising the fine LSTM with the coarse LSTM (LiteEval Table 2)",
                           {"sync": "sync"}, ("", "--no-sync")),
                  Ablation("gamma", "Fine-feature usage target γ (LiteEval Table 3)", {"γ": "gamma"},

@@ -23,8 +23,8 @@ from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
 from .agents import step_loss
-from .base import (AFTER_STOP, NOT_READ, Inference, Method, Steps, TrainConfig, label_mass, price, read_codes,
-                   register_method, step_inference)
+from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, label_mass, price, read,
+                   read_codes, register_method, step_inference, steps_of)
 
 
 def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -90,22 +90,25 @@ class ListenToLook(Method):
 
     def rollout(self, model: nn.Module, batch: Batch, hard: bool) -> dict:
         """``logits`` (N, K, C) of each pick, ``frames`` (N, K) picked (-1: no frame left to pick)."""
-        fine, coarse, length = batch.features[self.cfg.fine], batch.features[self.cfg.coarse], batch.length
-        n, steps = fine.shape[:2]
+        fine, length = batch.features[self.cfg.fine], batch.length
+        n, steps = len(length), steps_of(batch)
+        coarse = batch.features[self.cfg.coarse]
+        coarse = coarse if isinstance(coarse, torch.Tensor) else coarse.all_features(self.cfg.coarse)  # every preview
         memory = model.memory(coarse)
         free = real_mask(length, steps)
-        h = fine.new_zeros(n, self.cfg.hidden)
+        h = torch.zeros(n, self.cfg.hidden, device=length.device)
         c = torch.zeros_like(h)
         logits, frames = [], []
         for _ in range(self.cfg.frames):
             has = free.any(1)
             scores = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
             scores = scores.masked_fill(~free, float("-inf")).masked_fill(~has.unsqueeze(1), 0.0)
-            if hard:
-                weight = F.one_hot(scores.argmax(1), steps).to(fine)
-            else:
+            if hard:  # the frame picked, read alone (recognize computes only it)
+                weight = F.one_hot(scores.argmax(1), steps).float()
+                picked_fine = read(fine, self.cfg.fine, has, scores.argmax(1))
+            else:  # straight-through: gradients reach every frame's score
                 weight = F.gumbel_softmax(scores, tau=self.cfg.tau, hard=True)
-            picked_fine = (weight.unsqueeze(2) * fine).sum(1)
+                picked_fine = (weight.unsqueeze(2) * fine).sum(1)
             picked_coarse = (weight.unsqueeze(2) * coarse).sum(1)
             h2, c2 = model.lstm(torch.cat([picked_fine, picked_coarse], 1), (h, c))
             h, c = torch.where(has.unsqueeze(1), h2, h), torch.where(has.unsqueeze(1), c2, c)
@@ -113,6 +116,12 @@ class ListenToLook(Method):
             frames.append(torch.where(has, weight.argmax(1), -1))
             free = free & ~(weight.detach() > 0.5)
         return {"logits": torch.stack(logits, 1), "frames": torch.stack(frames, 1)}
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """The preview of every frame (one batched pass), then each pick's expensive features only."""
+        lazy = Batch(np.arange(len(frames.length)), {self.cfg.coarse: frames, self.cfg.fine: frames},
+                     torch.zeros(len(frames.length), self.num_classes), frames.length)
+        return self.infer(model, lazy)
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(self.rollout, batch, False)
@@ -124,7 +133,7 @@ class ListenToLook(Method):
         out = model(self.rollout, batch, True)
         taken = out["frames"] >= 0
         preview, pick = self.costs
-        steps = batch.features[self.cfg.fine].shape[1]
+        steps = steps_of(batch)
         attention = 2 * steps * self.cfg.hidden / 1e9  # scores over every frame and the weighted sums
         cost = taken * (pick + attention)
         cost[:, 0] += batch.length.to(cost) * preview
@@ -247,6 +256,21 @@ class OCSampler(Method):
         pick = self.flops[self.cfg.fine] + price(m.classifier, 1, self.dims[self.cfg.fine])
         return scored, price(m.context, 1, dc), pick
 
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """The cheap features of every frame, the scores, then the expensive features of the K
+        picked frames only (``budget`` does not apply: K is its budget)."""
+        n, c = len(frames.length), self.cfg
+        coarse = frames.all_features(c.coarse)
+        probe = Batch(np.arange(n), {c.coarse: coarse, c.fine: torch.zeros(n, frames.steps, self.dims[c.fine])},
+                      torch.zeros(n, self.num_classes), frames.length)
+        picked = self.pick(model(self.scores, probe), frames.length, False)
+        wanted = torch.zeros(n, frames.steps, dtype=torch.bool)
+        rows = torch.arange(n).unsqueeze(1).expand_as(picked)
+        wanted[rows[picked >= 0], picked[picked >= 0]] = True
+        batch = Batch(probe.index, {c.coarse: coarse, c.fine: frames.all_features(c.fine, wanted)}, probe.labels,
+                      frames.length)
+        return self.infer(model, batch)
+
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         frames = self.pick(model(self.scores, batch), batch.length, False)
         taken = frames >= 0
@@ -305,6 +329,7 @@ class FrameExit(Method):
     name = "frameexit"
     display = "FrameExit"
     Config = FrameExitConfig
+    stops_at_budget = True
     reports = ("online", "claims-random")
 
     @property
@@ -352,6 +377,27 @@ class FrameExit(Method):
         per_video = ((ce + self.cfg.gate_weight * gate) * taken).sum(1) / taken.sum(1).clamp(min=1)
         return per_video.mean(), {"ce": ((ce * taken).sum(1) / taken.sum(1).clamp(min=1)).mean().item(),
                                   "exit_target": (target * taken).sum().item() / taken.sum().clamp(min=1).item()}
+
+    def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
+        """Frames in its order, one step at a time for the videos still going: a step's expensive
+        features, then its gate (which reads only the frames so far); ``budget`` K caps the reads at K."""
+        n, c = len(frames.length), self.cfg
+        order = self.order(frames.length)
+        fine = torch.zeros(n, frames.steps, self.dims[c.fine])
+        batch = Batch(np.arange(n), {c.fine: fine}, torch.zeros(n, self.num_classes), frames.length)
+        alive = frames.length > 0
+        exit_at = torch.zeros(n, dtype=torch.long)
+        for s in range(order.shape[1]):
+            rows = alive & (order[:, s] >= 0)
+            if not rows.any():
+                break
+            fine[rows, order[rows, s]] = frames.features(c.fine, rows, order[:, s].clamp(min=0))[rows]
+            fires = model(self.forward_all, batch)["gates"][:, s] > 0
+            last = (s + 1 == order.shape[1]) | (order[:, min(s + 1, order.shape[1] - 1)] < 0) | (s + 1 == budget)
+            done = rows & (fires | last)
+            exit_at[done] = s
+            alive &= ~done
+        return self.infer(model, batch, exit_at=exit_at)
 
     def infer(self, model: nn.Module, batch: Batch, exit_at: torch.Tensor | None = None) -> Inference:
         """``exit_at`` (N,) forces the step each video exits at (for tests)."""
