@@ -150,9 +150,9 @@ CALIBRATION = (1, 2, 4, 8, 16, 32)
 
 def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: str) -> dict[str, tuple[int, float]]:
     """Per backbone, ``(batch size, seconds per frame)`` of the size in ``CALIBRATION`` with the least
-    time per frame, timed here:
-    on a GPU the largest wins, on a CPU small batches can be several times faster per frame
-    (EfficientNet-Lite0@224 on 2 cores: 7.8 ms at 2 frames, 25 ms at 64). A few seconds per backbone."""
+    time per frame, timed here (a few seconds per backbone): on a GPU the largest wins, on a CPU
+    small batches can be several times faster per frame (EfficientNet-Lite0@224 on 2 cores: 7.8 ms
+    per frame in batches of 2, 25 ms in batches of 64)."""
     chosen = {}
     for name, backbone in backbones.items():
         best = (float("inf"), 1)
