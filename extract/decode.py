@@ -118,12 +118,12 @@ def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torc
     except VideoError:
         raise
     except Exception as err:
-        raise _decoding_failed(err) from None
+        raise decoding_failed(err) from None
     frames = torch.cat(decoded)
     return frames[np.searchsorted(targets, indices)], indices, strategy
 
 
-def _decoding_failed(err: Exception) -> VideoError:
+def decoding_failed(err: Exception) -> VideoError:
     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return VideoError(f"decoding failed ({reason})")
 
@@ -140,7 +140,7 @@ def read_resized(path: str, choose: Callable[[int], np.ndarray]) -> torch.Tensor
         for start in range(0, len(targets), 8):
             parts.append(short_side(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
     except Exception as err:
-        raise _decoding_failed(err) from None
+        raise decoding_failed(err) from None
     return torch.cat(parts)[np.searchsorted(targets, indices)]
 
 

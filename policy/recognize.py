@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
-from extract.decode import DOWNSAMPLE, VideoError, open_reader, preprocess
+from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess
 from extract.distributed import synchronize
 from extract.pipeline import compute_features
 from extract.sampling import Sampling
@@ -32,7 +32,7 @@ from extract.sampling import Sampling
 from .methods import METHODS, Method
 from .run_folder import RunError, RunFolder
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
+LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
 
 
 class FrameSource:
@@ -47,11 +47,14 @@ class FrameSource:
         for v, path in enumerate(paths):
             start = time.perf_counter()
             reader = open_reader(path)
+            try:
+                self.indices.append(sampling.indices(len(reader), reader.get_avg_fps()))
+            except Exception as err:  # no frame rate, broken metadata: one line, as phase 1 says it
+                raise decoding_failed(err) from None
             self.readers.append(reader)
-            self.indices.append(sampling.indices(len(reader), reader.get_avg_fps()))
             self.decode_seconds[v] += time.perf_counter() - start
         self.length = torch.tensor([len(i) for i in self.indices])
-        self.steps = int(steps or self.length.max())
+        self.steps = max(int(steps or 0), int(self.length.max()))  # the cache's T, as training saw it
         self.backbones, self.device, self.downsample, self.l2 = backbones, device, downsample, l2
         self.frames_per_pass = frames_per_pass
         self.crops: list[dict[int, torch.Tensor]] = [{} for _ in paths]  # step -> (3, 224, 224) uint8
@@ -69,7 +72,7 @@ class FrameSource:
             crops = torch.cat([preprocess(self.readers[video].get_batch(unique[i:i + 8].tolist()).asnumpy())
                                for i in range(0, len(unique), 8)])
         except Exception as err:
-            raise VideoError(f"decoding failed ({str(err).strip().splitlines()[0][:200] if str(err) else err})")
+            raise decoding_failed(err) from None
         for s, f in zip(wanted, frames):
             self.crops[video][s] = crops[int(np.searchsorted(unique, f))]
         self.decode_seconds[video] += time.perf_counter() - start
@@ -120,7 +123,7 @@ class Loaded:
     method: Method
     classes: list[str]
     sampling: Sampling
-    steps: int | None
+    steps: int  # the cache's T: what training padded every video to
     downsample: str
     backbones: dict[str, Backbone]
     device: torch.device
@@ -185,6 +188,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
         classes, flops, weights = cache.classes, cache.flops, cache.weights
         saved = cache.sampling
         preprocessing = cache.preprocessing
+        steps = cache.features(cache.backbones[0]).shape[1] if cache.backbones else 0
     sampling = Sampling(num_frames=saved.get("num_frames"), fps=saved.get("fps"), max_frames=saved.get("max_frames"))
     if saved.get("seek") == "keyframe":
         raise RunError(f"{run.cache} was sampled at keyframes; recognize decodes the exact sampled frames only")
@@ -213,8 +217,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
     timed = calibrate(backbones, device, downsample) if frames_per_pass == 0 else {}
     per_pass = {name: timed[name][0] if timed else frames_per_pass for name in backbones}
     frame_seconds = {name: timed[name][1] for name in timed}
-    return Loaded(run, method, classes, sampling, sampling.max_length, downsample, backbones, device, per_pass,
-                  frame_seconds)
+    return Loaded(run, method, classes, sampling, steps, downsample, backbones, device, per_pass, frame_seconds)
 
 
 def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
@@ -222,10 +225,10 @@ def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
     l2 = loaded.run.config.get("normalise") == "l2"
     frames = FrameSource(paths, loaded.sampling, loaded.backbones, loaded.device, loaded.downsample, l2,
                          loaded.steps, loaded.frames_per_pass)
-    start = time.perf_counter()
+    start, opened = time.perf_counter(), frames.decode_seconds.sum()
     with torch.no_grad():
         inf = loaded.method.lazy(loaded.method.model, frames, budget)
-    rest = time.perf_counter() - start - frames.decode_seconds.sum() - frames.compute_seconds.sum()
+    rest = time.perf_counter() - start - (frames.decode_seconds.sum() - opened) - frames.compute_seconds.sum()
     frames.compute_seconds += max(rest, 0.0) / len(paths)  # the policy's own steps, shared by the videos
     codes = loaded.method.codes
     results = []
@@ -246,11 +249,11 @@ def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
 
 
 def video_list(inputs: tuple[str, ...]) -> list[str]:
-    """Video files from ``inputs``: video files as given, and list files (one video per line, its
-    first field; relative paths from the list's folder)."""
+    """Video files from ``inputs``: list files (``.txt``, ``.csv``, ``.lst``, ``.list``: one video
+    per line, its first field; relative paths from the list's folder), and every other input as a video."""
     videos = []
     for item in inputs:
-        if item.lower().endswith(VIDEO_EXTENSIONS) or not os.path.isfile(item):
+        if not item.lower().endswith(LIST_EXTENSIONS) or not os.path.isfile(item):
             videos.append(item)
             continue
         folder = os.path.dirname(os.path.abspath(item))

@@ -508,8 +508,11 @@ class MultiScale(_WarmupOnly):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """No decisions: every resolution on every frame (``budget`` does not apply)."""
-        batch = Batch(np.arange(len(frames.length)), {n: frames.all_features(n) for n in self.needs(self.cfg)},
-                      torch.zeros(len(frames.length), self.num_classes), frames.length)
+        n = len(frames.length)
+        used = set(self.names) | ({self.cfg.policy} if self.cfg.policy_head else set())  # the policy reads nothing
+        batch = Batch(np.arange(n), {name: frames.all_features(name) if name in used else
+                                     torch.zeros(n, frames.steps, self.dims[name]) for name in self.needs(self.cfg)},
+                      torch.zeros(n, self.num_classes), frames.length)
         return self.infer(model, batch)
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
