@@ -202,7 +202,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
     method.model.load_state_dict(state["model"])
     method.model.eval()
     backbones = {}
-    for name in cls.needs(cfg):
+    for name in cls.lazy_needs(cfg):
         recorded = weights.get(name, "")
         try:
             backbone = create_backbone(name, weights=weights_argument(recorded))

@@ -508,12 +508,16 @@ class MultiScale(_WarmupOnly):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """No decisions: every resolution on every frame (``budget`` does not apply)."""
-        n = len(frames.length)
-        used = set(self.names) | ({self.cfg.policy} if self.cfg.policy_head else set())  # the policy reads nothing
+        n, used = len(frames.length), self.lazy_needs(self.cfg)
         batch = Batch(np.arange(n), {name: frames.all_features(name) if name in used else
                                      torch.zeros(n, frames.steps, self.dims[name]) for name in self.needs(self.cfg)},
                       torch.zeros(n, self.num_classes), frames.length)
         return self.infer(model, batch)
+
+    @classmethod
+    def lazy_needs(cls, cfg) -> list[str]:
+        """Every resolution; the policy's feature only when a head reads the policy's state."""
+        return list(dict.fromkeys([*cfg.backbones, *([cfg.policy] if cfg.policy_head else [])]))
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)

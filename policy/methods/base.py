@@ -186,6 +186,11 @@ class Method:
         return [cfg.fine]
 
     @classmethod
+    def lazy_needs(cls, cfg) -> list[str]:
+        """The features :meth:`lazy` may compute (the backbones ``recognize`` loads): ``needs``."""
+        return cls.needs(cfg)
+
+    @classmethod
     def label(cls, config: dict) -> str:
         """A table row's name for a run of this method with the saved ``config`` (``config.json``):
         the display name and, in parentheses, what sets the run apart."""
