@@ -21,10 +21,9 @@ import time
 if not __package__:  # run as `python bench/assemble.py`: this folder would shadow the extract package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import h5py
 import numpy as np
 
-from extract.cache import Journal, VideoFeatures, assemble
+from extract.cache import Cache, Journal, VideoFeatures, assemble
 from extract.datasets import VideoRecord
 from extract.flops import FlopsEntry
 
@@ -74,11 +73,11 @@ def main() -> None:
             return time.perf_counter() - start, cached, failed
 
         seconds, cached, failed = run(chunks)
-        with h5py.File(path, "r") as f:
-            frames = int(f["videos/length"][:].sum())
+        with Cache(path) as cache:
+            frames = int(cache.length.sum())
             real = frames * sum(BACKBONES.values()) * 2
-            stored = sum(f["features"][n].id.get_storage_size() for n in BACKBONES)
-            dense = sum(f["features"][n].size * 2 for n in BACKBONES)
+            stored = sum(cache.features(n).id.get_storage_size() for n in BACKBONES)
+            dense = sum(cache.features(n).size * 2 for n in BACKBONES)
         rate = frames / seconds
         print(f"assemble from the journal: {seconds:.2f} s for {args.videos} videos ({cached} cached, {failed} failed, "
               f"{frames:,} real frames): {rate:,.0f} frames/s, {rate / GOAL_FRAMES_PER_S:.2f}x the goal's "
