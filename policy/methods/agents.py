@@ -18,17 +18,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Bernoulli, Categorical, Normal
 
-from extract.training import soft_cross_entropy
-
 from ..data import Batch
 from ..run_folder import ActionCodes
 from .base import (Frames, Inference, Method, Steps, TrainConfig, at_frames, label_mass, price, read, read_codes,
-                   read_many, register_method, reinforce, spread_index, step_inference, steps_of)
+                   read_many, register_method, reinforce, spread_index, step_inference, step_loss, steps_of)
 
 
 def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
@@ -42,13 +39,6 @@ def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
     if isinstance(dist, Bernoulli):
         return (dist.probs > 0.5).to(dist.probs)
     return dist.mean
-
-
-def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the prediction at every taken step (``mask``), averaged per video, then over videos."""
-    n, s, c = logits.shape
-    ce = soft_cross_entropy(logits.reshape(n * s, c), labels.repeat_interleave(s, dim=0)).view(n, s)
-    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def located_start(length: torch.Tensor, hidden: int) -> tuple:
@@ -101,10 +91,7 @@ class _Agent(Method):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The rollout itself, reading each frame's features from ``frames`` when it gets there."""
-        names = dict.fromkeys(self.needs(self.cfg))
-        lazy = Batch(np.arange(len(frames.length)), {name: frames for name in names},
-                     torch.zeros(len(frames.length), self.num_classes), frames.length)
-        return self.infer(model, lazy)
+        return self.infer(model, self.lazy_batch(frames, {name: frames for name in self.needs(self.cfg)}))
 
     stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
 
@@ -294,8 +281,8 @@ class AdaFrame(_Agent):
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each read after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
-        memory = model.memory(read_many(batch.features[self.cfg.coarse], self.cfg.coarse,
-                                        spread_index(length, self.cfg.memory)))
+        memory_frames = spread_index(length, self.cfg.memory)
+        memory = model.memory(read_many(batch.features[self.cfg.coarse], self.cfg.coarse, memory_frames))
         span, where, alive, (h, c), out = located_start(length, self.cfg.hidden)
         for s in range(self.cfg.steps):
             pos = torch.round(where * span).long()
@@ -319,7 +306,7 @@ class AdaFrame(_Agent):
                 stop = utility < self.cfg.stop_utility
             alive = alive & ~stop
             where = torch.where(alive, nxt.detach(), where)
-        return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": spread_index(length, self.cfg.memory)}
+        return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": memory_frames}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(self.rollout, batch, "sample")

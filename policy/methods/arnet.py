@@ -508,11 +508,9 @@ class MultiScale(_WarmupOnly):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """No decisions: every resolution on every frame (``budget`` does not apply)."""
-        n, used = len(frames.length), self.lazy_needs(self.cfg)
-        batch = Batch(np.arange(n), {name: frames.all_features(name) if name in used else
-                                     torch.zeros(n, frames.steps, self.dims[name]) for name in self.needs(self.cfg)},
-                      torch.zeros(n, self.num_classes), frames.length)
-        return self.infer(model, batch)
+        used = self.lazy_needs(self.cfg)
+        return self.infer(model, self.lazy_batch(frames, {name: frames.all_features(name) if name in used else None
+                                                          for name in self.needs(self.cfg)}))
 
     @classmethod
     def lazy_needs(cls, cfg) -> list[str]:
@@ -564,14 +562,10 @@ class SCSampler(_WarmupOnly):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The sampler's feature on every frame, then the highest resolution on the kept frames only
         (``budget`` does not apply: it reads in confidence order, not in time)."""
-        n, names = len(frames.length), self.names
-        sampler = frames.all_features(self.cfg.policy)
-        probe = Batch(np.arange(n), {names[0]: torch.zeros(n, frames.steps, self.dims[names[0]]), names[1]: sampler},
-                      torch.zeros(n, self.num_classes), frames.length)
-        keep = self.kept(self.all_logits(model, probe), frames.length)
-        batch = Batch(probe.index, {names[0]: frames.all_features(names[0], keep), names[1]: sampler}, probe.labels,
-                      frames.length)
-        return self.infer(model, batch)
+        full, cheap = self.names
+        sampler = frames.all_features(cheap)
+        keep = self.kept(self.all_logits(model, self.lazy_batch(frames, {full: None, cheap: sampler})), frames.length)
+        return self.infer(model, self.lazy_batch(frames, {full: frames.all_features(full, keep), cheap: sampler}))
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         logits = self.all_logits(model, batch)

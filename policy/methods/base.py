@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from extract.flops import count_gflops
+from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import real_mask
@@ -217,6 +218,14 @@ class Method:
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         raise NotImplementedError
 
+    def lazy_batch(self, frames: Frames, features: dict[str, torch.Tensor | Frames | None]) -> Batch:
+        """A batch for :meth:`infer` over ``recognize``'s videos: each feature as computed, as
+        ``frames`` itself (read when a rollout gets there), or ``None`` (never read: zeros)."""
+        n = len(frames.length)
+        feats = {name: torch.zeros(n, frames.steps, self.dims[name]) if value is None else value
+                 for name, value in features.items()}
+        return Batch(np.arange(n), feats, torch.zeros(n, self.num_classes), frames.length)
+
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """What :meth:`infer` returns, computing features only where the decisions use them
         (``recognize``); with ``budget`` K > 0 (methods with ``stops_at_budget``) it stops after the
@@ -251,21 +260,38 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def last_step(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """``x[i, length[i] - 1]`` for (N, T, ...) ``x``."""
-    return x[torch.arange(len(x)), (length - 1).clamp(min=0)]
+    return at_frames(x, (length - 1).clamp(min=0))
+
+
+def spread_steps(length: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(frames (N, k), frames kept (N,))``: ``k`` frames per video spread uniformly over its real
+    frames (the centre of ``k`` equal segments, TSN's test-time sampling), all of them in order when
+    a video has fewer (the rest 0, past the kept count)."""
+    kept = length.clamp(max=k)
+    i = torch.arange(k, device=length.device).unsqueeze(0)
+    step = ((i + 0.5) * length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
+    return torch.where(i < kept.unsqueeze(1), step.clamp(max=length.max().item() - 1), 0), kept
 
 
 def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
-    """``batch`` cut to ``k`` frames per video spread uniformly over its real frames (the centre of
-    ``k`` equal segments, TSN's test-time sampling); all of them when a video has fewer. ``k`` 0:
-    unchanged. Features of ``names`` only; steps are the picked frames in order."""
+    """``batch`` cut to the ``k`` frames per video of :func:`spread_steps`; ``k`` 0: unchanged.
+    Features of ``names`` only; steps are the picked frames in order."""
     if k <= 0:
         return batch
-    kept = batch.length.clamp(max=k)
-    i = torch.arange(k, device=kept.device).unsqueeze(0)
-    step = ((i + 0.5) * batch.length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
-    step = torch.where(i < kept.unsqueeze(1), step.clamp(max=batch.length.max().item() - 1), 0)
+    step, kept = spread_steps(batch.length, k)
     rows = torch.arange(len(kept), device=kept.device).unsqueeze(1)
     return Batch(batch.index, {n: batch.features[n][rows, step] for n in names}, batch.labels, kept)
+
+
+def step_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, S) the cross-entropy of the prediction at every step of (N, S, C) ``logits``."""
+    n, s, c = logits.shape
+    return soft_cross_entropy(logits.reshape(n * s, c), labels.repeat_interleave(s, dim=0)).view(n, s)
+
+
+def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`step_ce` at every taken step (``mask``), averaged per video, then over videos."""
+    return ((step_ce(logits, labels) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -287,14 +313,20 @@ def read(source: torch.Tensor | Frames, name: str, rows: torch.Tensor, pos: torc
     return source.features(name, rows, pos)
 
 
+def frame_mask(pos: torch.Tensor, steps: int) -> torch.Tensor:
+    """(N, steps) bool: True at each video's frames ``pos`` (N, K); entries -1 mark none."""
+    mask = torch.zeros(len(pos), steps, dtype=torch.bool, device=pos.device)
+    rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
+    mask[rows[pos >= 0], pos[pos >= 0]] = True
+    return mask
+
+
 def read_many(source: torch.Tensor | Frames, name: str, pos: torch.Tensor) -> torch.Tensor:
     """(N, K, D) the features at frames ``pos`` (N, K) of each video, from a tensor or :class:`Frames`."""
     rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
     if isinstance(source, torch.Tensor):
         return source[rows, pos]
-    wanted = torch.zeros(len(pos), source.steps, dtype=torch.bool)
-    wanted[rows, pos] = True
-    return source.all_features(name, wanted)[rows, pos]
+    return source.all_features(name, frame_mask(pos, source.steps))[rows, pos]
 
 
 def steps_of(batch: Batch) -> int:

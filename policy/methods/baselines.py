@@ -13,8 +13,8 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import FrameClassifier, LSTMClassifier, real_mask
-from .base import (Frames, Inference, Method, TrainConfig, last_step, numpy, price, register_method, spread_frames,
-                   truncate)
+from .base import (Frames, Inference, Method, TrainConfig, frame_mask, last_step, numpy, price, register_method,
+                   spread_frames, spread_steps, truncate)
 
 
 @dataclass
@@ -47,19 +47,15 @@ class _OnFineFeatures(Method):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """No decisions: the fine features of the ``frames`` picked (with ``budget`` K, the first K
         of them), then :meth:`infer` on them (frames not picked stay zeros, never read)."""
-        steps = torch.arange(frames.steps).expand(len(frames.length), -1)
-        probe = Batch(np.arange(len(steps)), {"step": steps.unsqueeze(-1).float()}, torch.zeros(len(steps), 1),
-                      frames.length)
-        picked = spread_frames(probe, ["step"], self.cfg.frames)
-        order = picked.features["step"][..., 0].long()
-        used = real_mask(picked.length, order.shape[1])
+        if self.cfg.frames > 0:
+            order, kept = spread_steps(frames.length, self.cfg.frames)
+        else:
+            order, kept = torch.arange(frames.steps).expand(len(frames.length), -1), frames.length
+        used = real_mask(kept, order.shape[1])
         if budget:
             used &= torch.arange(order.shape[1]).unsqueeze(0) < budget
-        wanted = torch.zeros_like(steps, dtype=torch.bool)
-        wanted[torch.arange(len(steps)).unsqueeze(1).expand_as(order)[used], order[used]] = True
-        batch = Batch(np.arange(len(steps)), {self.cfg.fine: frames.all_features(self.cfg.fine, wanted)},
-                      torch.zeros(len(steps), self.num_classes), frames.length)
-        return truncate(self.infer(model, batch), self.codes, budget)
+        fine = frames.all_features(self.cfg.fine, frame_mask(torch.where(used, order, -1), frames.steps))
+        return truncate(self.infer(model, self.lazy_batch(frames, {self.cfg.fine: fine})), self.codes, budget)
 
 
 @register_method

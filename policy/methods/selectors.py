@@ -22,9 +22,8 @@ from extract.training import soft_cross_entropy
 from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
-from .agents import step_loss
-from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, label_mass, price, read,
-                   read_codes, register_method, step_inference, steps_of)
+from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, frame_mask, label_mass, price,
+                   read, read_codes, register_method, step_ce, step_inference, step_loss, steps_of)
 
 
 def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -119,9 +118,7 @@ class ListenToLook(Method):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The preview of every frame (one batched pass), then each pick's expensive features only."""
-        lazy = Batch(np.arange(len(frames.length)), {self.cfg.coarse: frames, self.cfg.fine: frames},
-                     torch.zeros(len(frames.length), self.num_classes), frames.length)
-        return self.infer(model, lazy)
+        return self.infer(model, self.lazy_batch(frames, {self.cfg.coarse: frames, self.cfg.fine: frames}))
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(self.rollout, batch, False)
@@ -259,17 +256,12 @@ class OCSampler(Method):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The cheap features of every frame, the scores, then the expensive features of the K
         picked frames only (``budget`` does not apply: K is its budget)."""
-        n, c = len(frames.length), self.cfg
+        c = self.cfg
         coarse = frames.all_features(c.coarse)
-        probe = Batch(np.arange(n), {c.coarse: coarse, c.fine: torch.zeros(n, frames.steps, self.dims[c.fine])},
-                      torch.zeros(n, self.num_classes), frames.length)
-        picked = self.pick(model(self.scores, probe), frames.length, False)
-        wanted = torch.zeros(n, frames.steps, dtype=torch.bool)
-        rows = torch.arange(n).unsqueeze(1).expand_as(picked)
-        wanted[rows[picked >= 0], picked[picked >= 0]] = True
-        batch = Batch(probe.index, {c.coarse: coarse, c.fine: frames.all_features(c.fine, wanted)}, probe.labels,
-                      frames.length)
-        return self.infer(model, batch)
+        picked = self.pick(model(self.scores, self.lazy_batch(frames, {c.coarse: coarse, c.fine: None})),
+                           frames.length, False)
+        fine = frames.all_features(c.fine, frame_mask(picked, frames.steps))
+        return self.infer(model, self.lazy_batch(frames, {c.coarse: coarse, c.fine: fine}))
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         frames = self.pick(model(self.scores, batch), batch.length, False)
@@ -370,8 +362,7 @@ class FrameExit(Method):
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(self.forward_all, batch)
         taken = (out["frames"] >= 0).to(out["logits"])
-        n, s, c = out["logits"].shape
-        ce = soft_cross_entropy(out["logits"].reshape(n * s, c), batch.labels.repeat_interleave(s, dim=0)).view(n, s)
+        ce = step_ce(out["logits"], batch.labels)
         target = (ce.detach() < self.cfg.epsilon).to(ce)
         gate = F.binary_cross_entropy_with_logits(out["gates"], target, reduction="none")
         per_video = ((ce + self.cfg.gate_weight * gate) * taken).sum(1) / taken.sum(1).clamp(min=1)
@@ -381,12 +372,12 @@ class FrameExit(Method):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """Frames in its order, one step at a time for the videos still going: a step's expensive
         features, then its gate (which reads only the frames so far); ``budget`` K caps the reads at K."""
-        n, c = len(frames.length), self.cfg
+        c = self.cfg
         order = self.order(frames.length)
-        fine = torch.zeros(n, frames.steps, self.dims[c.fine])
-        batch = Batch(np.arange(n), {c.fine: fine}, torch.zeros(n, self.num_classes), frames.length)
+        batch = self.lazy_batch(frames, {c.fine: None})  # filled in step by step
+        fine = batch.features[c.fine]
         alive = frames.length > 0
-        exit_at = torch.zeros(n, dtype=torch.long)
+        exit_at = torch.zeros(len(alive), dtype=torch.long)
         for s in range(order.shape[1]):
             rows = alive & (order[:, s] >= 0)
             if not rows.any():
