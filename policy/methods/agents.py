@@ -41,13 +41,18 @@ def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
     return dist.mean
 
 
-def located_start(length: torch.Tensor, hidden: int) -> tuple:
-    """Where an agent that reads frames by location starts: ``(span of each video's frames,
-    location 0.5 (the middle), videos alive, zero LSTM state (h, c), empty per-step records)``."""
+def agent_start(length: torch.Tensor, hidden: int) -> tuple:
+    """How every agent's rollout starts: ``(videos alive, zero LSTM state (h, c), empty per-step records)``."""
     h = torch.zeros(len(length), hidden, device=length.device)
     out: dict[str, list] = {k: [] for k in ("logits", "frames", "log_prob", "entropy", "value")}
+    return length > 0, (h, torch.zeros_like(h)), out
+
+
+def located_start(length: torch.Tensor, hidden: int) -> tuple:
+    """Where an agent that reads frames by location in [0, 1] starts: ``(span of each video's frames,
+    location 0.5 (the middle), *agent_start)``."""
     span, middle = (length - 1).clamp(min=0).float(), torch.full((len(length),), 0.5, device=length.device)
-    return span, middle, length > 0, (h, torch.zeros_like(h)), out
+    return span, middle, *agent_start(length, hidden)
 
 
 class _Agent(Method):
@@ -138,7 +143,7 @@ class FastForward(_Agent):
         fine, length = batch.features[self.cfg.fine], batch.length
         jumps = torch.tensor(self.cfg.jumps, device=length.device)
         pos = torch.zeros_like(length)
-        _, _, alive, (h, c), out = located_start(length, self.cfg.hidden)
+        alive, (h, c), out = agent_start(length, self.cfg.hidden)
         for s in range(steps_of(batch)):
             h2, c2 = model.lstm(read(fine, self.cfg.fine, alive, pos), (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
