@@ -1,16 +1,18 @@
 """Benchmark of ``recognize``: does computing only what a policy chooses really spend less time?
 
-On the same videos (a run's evaluation videos, read through its cache's paths), in one run, it
-recognises them with UNIFORM (every sampled frame through the expensive backbone), LiteEval and
-AR-Net (lazily: only the features their decisions use), each after one untimed warm-up video, and
-prints per method (the fastest of ``--repeats`` passes): seconds per video decoding and computing
-(backbones and policy), frames decoded per video, GFLOPs per video, the compute-time ratio to
-UNIFORM, the GFLOPs ratio and the quotient of the two (goal: each method's compute-time ratio within
-1.15x of its GFLOPs ratio). Decoding is reported apart: where it dominates, the frames each method
+On the same videos (a run's evaluation videos, read through its cache's paths, or ``--video-list``'s
+files, e.g. real clips the run never saw), in one run, it recognises them with UNIFORM (every sampled
+frame through the expensive backbone), LiteEval and AR-Net (lazily: only the features their
+decisions use), each after one untimed warm-up video, the methods' passes taken in turn, and prints
+per method (its fastest of ``--repeats`` passes): seconds per video decoding, computing (backbones
+and policy) and in all (wall clock), frames decoded per video, GFLOPs per video, the compute-time
+ratio to UNIFORM, the GFLOPs ratio and the quotient of the two (goal: each method's compute-time
+ratio within 1.15x of its GFLOPs ratio). Decoding is reported apart: where it dominates, the frames each method
 decodes say how much of it the skips avoid.
 
 Usage: python bench/recognize.py [--uniform RUN] [--liteeval RUN] [--arnet RUN] [--videos 60]
-       [--batch-videos 8] [--frames-per-pass 0] [--repeats 3] [--device cpu|cuda]   (defaults: the demo's runs)
+       [--video-list FILE] [--batch-videos 8] [--threads 0] [--frames-per-pass 0] [--repeats 5]
+       [--device cpu|cuda]   (defaults: the demo's runs)
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from extract.cache import Cache
-from policy.recognize import load, recognise
+from policy.recognize import Loaded, load, recognise, video_list
 
 DEMO = os.path.join("data", "runs", "demo_t16")
 
@@ -39,22 +41,20 @@ def videos_of(run_dir: str, count: int) -> list[str]:
         return [cache.video_path(row[v]) for v in loaded.run.video_id[:count]]
 
 
-def measure(run_dir: str, videos: list[str], device: torch.device, batch: int, per_pass: int,
-            repeats: int) -> dict:
-    """The method's numbers over ``videos``; its seconds from the fastest of ``repeats`` passes."""
-    loaded = load(run_dir, device, per_pass)
-    print(f"{loaded.run.method}: frames per forward pass {loaded.frames_per_pass}")
-    recognise(loaded, videos[:1])  # warm-up: allocators and kernels, not timed
-    passes = []
-    for _ in range(repeats):
-        results, start = [], time.perf_counter()
-        for lo in range(0, len(videos), batch):
-            results += recognise(loaded, videos[lo:lo + batch])
-        passes.append((sum(r["seconds"]["compute"] for r in results), time.perf_counter() - start, results))
+def one_pass(loaded: Loaded, videos: list[str], batch: int) -> tuple[float, float, list[dict]]:
+    """``(compute seconds, wall seconds, results)`` of recognising ``videos``, ``batch`` in flight."""
+    results, start = [], time.perf_counter()
+    for lo in range(0, len(videos), batch):
+        results += recognise(loaded, videos[lo:lo + batch])
+    return sum(r["seconds"]["compute"] for r in results), time.perf_counter() - start, results
+
+
+def summary(loaded: Loaded, passes: list[tuple[float, float, list[dict]]]) -> dict:
+    """A method's numbers from its fastest pass (by compute seconds)."""
     _, wall, results = min(passes, key=lambda p: p[0])
     n = len(results)
     predicted = sum(r["computed"][name] * seconds for r in results for name, seconds in loaded.frame_seconds.items())
-    return {"predicted": predicted / n,"label": loaded.run.method, "gflops": np.mean([r["gflops"] for r in results]),
+    return {"predicted": predicted / n, "label": loaded.run.method, "gflops": np.mean([r["gflops"] for r in results]),
             "decode": sum(r["seconds"]["decode"] for r in results) / n,
             "compute": sum(r["seconds"]["compute"] for r in results) / n,
             "decoded": np.mean([r["decoded"] for r in results]), "frames": np.mean([r["frames"] for r in results]),
@@ -67,34 +67,50 @@ def main() -> None:
     parser.add_argument("--liteeval", default=os.path.join(DEMO, "liteeval-gamma0.1"))
     parser.add_argument("--arnet", default=os.path.join(DEMO, "arnet"))
     parser.add_argument("--videos", type=int, default=60)
+    parser.add_argument("--video-list", help="recognise these videos (one per line) instead of the run's evaluation "
+                                             "videos; --videos still caps their number")
     parser.add_argument("--batch-videos", type=int, default=8)
     parser.add_argument("--frames-per-pass", type=int, default=0,
                         help="most frames per backbone forward; 0: each backbone's fastest, timed (the default)")
-    parser.add_argument("--repeats", type=int, default=3, help="passes per method; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="passes per method, taken in turn with the other methods'; the fastest counts")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads; 0: torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     for run in (args.uniform, args.liteeval, args.arnet):
         if not os.path.isdir(run):
             sys.exit(f"{run} is not a run folder: run ./demo.sh first, or pass --uniform/--liteeval/--arnet")
-    videos = videos_of(args.uniform, args.videos)
-    rows = [measure(run, videos, device, args.batch_videos, args.frames_per_pass, args.repeats)
-            for run in (args.uniform, args.liteeval, args.arnet)]
+    videos = video_list((args.video_list,))[:args.videos] if args.video_list else videos_of(args.uniform, args.videos)
+    methods = [load(run, device, args.frames_per_pass) for run in (args.uniform, args.liteeval, args.arnet)]
+    for loaded in methods:
+        print(f"{loaded.run.method}: frames per forward pass {loaded.frames_per_pass}")
+        recognise(loaded, videos[:1])  # warm-up: allocators and kernels, not timed
+    passes = [[] for _ in methods]
+    for _ in range(args.repeats):  # round robin: a slow spell of a shared machine hits every method alike
+        for loaded, done in zip(methods, passes):
+            done.append(one_pass(loaded, videos, args.batch_videos))
+    rows = [summary(loaded, done) for loaded, done in zip(methods, passes)]
     base = rows[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(videos)} videos, {base['frames']:.1f} sampled frames each; {name}; torch {torch.__version__}; "
           f"{args.batch_videos} videos in flight, frames per forward pass "
-          f"{args.frames_per_pass or 'calibrated per backbone'}; the fastest of {args.repeats} passes per method")
-    print("| method | GFLOPs/V | decode s/V | compute s/V | frames decoded/V | expensive reads/V | compute-time "
-          "ratio | GFLOPs ratio | time ratio / GFLOPs ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{args.frames_per_pass or 'calibrated per backbone'}; the fastest of {args.repeats} passes per method, "
+          "taken in turn")
+    print("| method | GFLOPs/V | decode s/V | compute s/V | wall s/V | frames decoded/V | expensive reads/V | "
+          "compute-time ratio | GFLOPs ratio | time ratio / GFLOPs ratio | wall-time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         time_ratio, flops_ratio = r["compute"] / base["compute"], r["gflops"] / base["gflops"]
-        print(f"| {r['label']} | {r['gflops']:.3f} | {r['decode']:.4f} | {r['compute']:.4f} | {r['decoded']:.1f} | "
-              f"{r['expensive']:.1f} | {time_ratio:.3f} | {flops_ratio:.3f} | {time_ratio / flops_ratio:.2f} |")
+        print(f"| {r['label']} | {r['gflops']:.3f} | {r['decode']:.4f} | {r['compute']:.4f} | {r['wall']:.4f} | "
+              f"{r['decoded']:.1f} | {r['expensive']:.1f} | {time_ratio:.3f} | {flops_ratio:.3f} | "
+              f"{time_ratio / flops_ratio:.2f} | {r['wall'] / base['wall']:.3f} |")
     print("predicted: each backbone's calibrated seconds per frame times the frames it computed; the gap between "
           "the GFLOPs ratio and the predicted ratio is the backbones' unequal speed per GFLOP, the gap between the "
-          "predicted and the measured ratio the lazy path's own cost (small batches, the policy's steps)")
+          "predicted and the measured ratio the lazy path's own cost (small batches, the policy's steps) and decoding "
+          "that lands in compute time (the decoder's read-ahead sharing the backbones' cores)")
     for r in rows:
         print(f"{r['label']}: predicted backbone time {r['predicted']:.4f} s/V, ratio to UNIFORM's "
               f"{r['predicted'] / base['predicted']:.3f} (measured compute-time ratio "

@@ -148,25 +148,29 @@ def weights_argument(identity: str) -> str:
     return "imagenet"
 
 
-CALIBRATION = (1, 2, 4, 8, 16, 32)
+CALIBRATION = (1, 2, 4, 8, 16, 32)  # batch sizes timed per backbone
+CALIBRATION_SECONDS = 0.05  # the least time of one timing
 
 
 def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: str) -> dict[str, tuple[int, float]]:
     """Per backbone, ``(batch size, seconds per frame)`` of the size in ``CALIBRATION`` with the least
     time per frame, timed here (a few seconds per backbone): on a GPU the largest wins, on a CPU
     small batches can be several times faster per frame (EfficientNet-Lite0@224 on 2 cores: 7.8 ms
-    per frame in batches of 2, 25 ms in batches of 64)."""
+    per frame in batches of 2, 25 ms in batches of 64). Each size's time is the best of three
+    timings of at least ``CALIBRATION_SECONDS`` each: a busy machine only ever adds time."""
     chosen = {}
     for name, backbone in backbones.items():
         best = (float("inf"), 1)
         for size in CALIBRATION:
             crops = torch.zeros(size, 3, 224, 224, dtype=torch.uint8)
             compute_features([backbone], crops, device, downsample)  # warm-up at this shape
-            for _ in range(2):  # the best of two: a busy machine only ever adds time
-                start = time.perf_counter()
-                compute_features([backbone], crops, device, downsample)
-                synchronize(device)
-                best = min(best, ((time.perf_counter() - start) / size, size))
+            for _ in range(3):
+                calls, start = 0, time.perf_counter()
+                while calls == 0 or time.perf_counter() - start < CALIBRATION_SECONDS:
+                    compute_features([backbone], crops, device, downsample)
+                    synchronize(device)
+                    calls += 1
+                best = min(best, ((time.perf_counter() - start) / (calls * size), size))
         chosen[name] = (best[1], best[0])
     return chosen
 
@@ -281,10 +285,15 @@ Examples:
               help="Videos in flight: each backbone runs once per step on their frames.")
 @click.option("--frames-per-pass", type=click.IntRange(0), default=0, show_default=True,
               help="Most frames per backbone forward pass; 0: each backbone's fastest per frame, timed at start.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="torch's CPU threads for the backbones; 0: torch's default (one per core). On a small CPU, "
+                   "one fewer than the cores leaves decord's decoder thread a core (see the README).")
 @click.option("--no-progress", is_flag=True)
-def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass, no_progress) -> None:
+def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass, threads, no_progress) -> None:
     """Run a trained policy on raw videos, computing only the features its decisions use; print the
     top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video."""
+    if threads:
+        torch.set_num_threads(threads)
     chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     try:

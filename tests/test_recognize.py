@@ -87,7 +87,7 @@ def test_an_unreadable_video_gets_one_line_and_the_rest_go_on(runs, tmp_path):
     good = evaluated_videos(run)[0]
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video at all")
-    proc = recognize(runs / "arnet", str(bad), good, check=False)
+    proc = recognize(runs / "arnet", str(bad), good, "--threads", "1", check=False)
     assert proc.returncode == 1
     assert proc.stdout.count("\n") == 1 and proc.stdout.startswith(f"{good}: ") and "GFLOPs" in proc.stdout
     assert f"{bad}: skipped (cannot open video stream" in proc.stderr

@@ -393,8 +393,9 @@ class ARNetMethod(_Family):
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The policy frame by frame: its feature on the frames it visits only (frames skipped over
-        are never read), then only the chosen resolution's features; with ``budget`` K, each video
-        stops after its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
+        are never read), then only the chosen resolutions' features, in batches over all steps once
+        the policy has run (its decisions never read them); with ``budget`` K, each video stops after
+        its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
         length, names, policy = frames.length, self.names, self.cfg.policy
         n, L = len(length), len(names)
         skips, allowed = torch.tensor(self.skips), self.allowed("cpu")
@@ -404,6 +405,7 @@ class ARNetMethod(_Family):
         alive = length > 0
         frame_logits = torch.zeros(n, frames.steps, self.num_classes)
         codes, chosen_P = [], []
+        routed = torch.zeros(L, n, frames.steps, dtype=torch.bool)  # frames whose features come after the loop
         for t in range(frames.steps):
             active = (remaining == 0) & (t < length) & alive
             x = frames.features(policy, active, t)
@@ -416,15 +418,20 @@ class ARNetMethod(_Family):
             chosen_P.append(F.one_hot(chosen, len(allowed)).to(h) * a)
             for level, name in enumerate(names):
                 rows = active & (chosen == level)
-                if rows.any():
-                    if model.policy_head and level == L - 1:
-                        seen = h_new
-                    else:
-                        seen = x if name == policy else frames.features(name, rows, t)
-                    frame_logits[rows, t] = model.heads[level](seen[rows])
+                if not rows.any():
+                    continue
+                if model.policy_head and level == L - 1:
+                    frame_logits[rows, t] = model.heads[level](h_new[rows])
+                elif name == policy:
+                    frame_logits[rows, t] = model.heads[level](x[rows])
+                else:
+                    routed[level, :, t] = rows
             reads += (active & (chosen == 0)).long()
             if budget:
                 alive = alive & (reads < budget)
+        for level, mask in enumerate(routed):
+            if mask.any():
+                frame_logits[mask] = model.heads[level](frames.all_features(names[level], mask)[mask])
         P = torch.stack(chosen_P, 1)
         spent = step_gflops(P, *self.action_costs("cpu"))
         return averaged_inference(frame_logits, P[:, :, :L].sum(-1), numpy(torch.stack(codes, 1)),
