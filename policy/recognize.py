@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-import typing
 
 import click
 import numpy as np
@@ -131,14 +130,6 @@ class Loaded:
     frame_seconds: dict[str, float]  # backbone -> seconds per frame at that batch size, as calibrated
 
 
-def config_of(cls: type[Method], saved: dict):
-    """The method's config dataclass from a run's ``config.json`` (lists back to tuples)."""
-    hints = typing.get_type_hints(cls.Config)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in saved.items() if k in fields}
-    return cls.Config(**values)
-
-
 def weights_argument(identity: str) -> str:
     """``create_backbone``'s ``weights`` for a weights identity the cache records."""
     if identity.startswith("none"):
@@ -187,7 +178,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
     if not os.path.isfile(run.cache):
         raise RunError(f"{run_dir}: its cache {run.cache} is gone; recognize reads the class names, sampling, "
                        "FLOPs table and backbone weights from it")
-    cfg = config_of(cls, run.config)
+    cfg = run.typed_config(cls.Config)
     with Cache(run.cache) as cache:
         classes, flops, weights = cache.classes, cache.flops, cache.weights
         saved = cache.sampling

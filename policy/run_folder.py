@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -170,6 +171,14 @@ class RunFolder:
     @property
     def method(self) -> str:
         return self.config["method"]
+
+    def typed_config(self, config_cls: type):
+        """``config.json`` as the method's config dataclass ``config_cls``: its fields only, JSON
+        lists back to the tuples the fields declare."""
+        hints = typing.get_type_hints(config_cls)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        return config_cls(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple else v
+                             for k, v in self.config.items() if k in fields})
 
     @property
     def dataset(self) -> str:

@@ -24,8 +24,9 @@ from torch.distributions import Bernoulli, Categorical, Normal
 
 from ..data import Batch
 from ..run_folder import ActionCodes
-from .base import (Frames, Inference, Method, Steps, TrainConfig, at_frames, label_mass, price, read, read_codes,
-                   read_many, register_method, reinforce, spread_index, step_inference, step_loss, steps_of)
+from .base import (Frames, Inference, Method, Steps, TrainConfig, at_frames, frame_mask, label_mass, price, read,
+                   read_codes, read_many, register_method, reinforce, spread_index, step_inference, step_loss,
+                   steps_of)
 
 
 def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
@@ -59,6 +60,7 @@ class _Agent(Method):
     """What the agents share: a rollout over the expensive features, REINFORCE with a value baseline."""
 
     reports = ("online", "claims-random")
+    stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
 
     @property
     def codes(self) -> ActionCodes:
@@ -97,8 +99,6 @@ class _Agent(Method):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """The rollout itself, reading each frame's features from ``frames`` when it gets there."""
         return self.infer(model, self.lazy_batch(frames, {name: frames for name in self.needs(self.cfg)}))
-
-    stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
 
 
 @dataclass
@@ -339,9 +339,8 @@ class AdaFrame(_Agent):
         cost = taken * self.step_costs
         cost[:, 0] += self.memory_cost
         steps = steps_of(batch)
-        preview = torch.zeros(len(taken), steps, dtype=torch.bool, device=taken.device)
-        preview[torch.arange(len(taken)).unsqueeze(1), out["memory_frames"]] = True
-        return step_inference(out["logits"].softmax(-1), out["frames"], cost, batch.length, steps, preview=preview)
+        return step_inference(out["logits"].softmax(-1), out["frames"], cost, batch.length, steps,
+                              preview=frame_mask(out["memory_frames"], steps))
 
 
 @dataclass

@@ -289,9 +289,14 @@ def step_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return soft_cross_entropy(logits.reshape(n * s, c), labels.repeat_interleave(s, dim=0)).view(n, s)
 
 
+def per_video_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) the mean of (N, S) ``x`` over each video's ``mask``ed steps (0 where none)."""
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`step_ce` at every taken step (``mask``), averaged per video, then over videos."""
-    return ((step_ce(logits, labels) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return per_video_mean(step_ce(logits, labels), mask).mean()
 
 
 def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

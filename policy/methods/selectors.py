@@ -22,8 +22,9 @@ from extract.training import soft_cross_entropy
 from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
-from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, frame_mask, label_mass, price,
-                   read, read_codes, register_method, step_ce, step_inference, step_loss, steps_of)
+from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, frame_mask, label_mass,
+                   per_video_mean, price, read, read_codes, read_many, register_method, step_ce, step_inference,
+                   step_loss, steps_of)
 
 
 def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -223,8 +224,7 @@ class OCSampler(Method):
         return total
 
     def frame_logits(self, model: nn.Module, batch: Batch, frames: torch.Tensor) -> torch.Tensor:
-        fine = batch.features[self.cfg.fine]
-        return model.classifier(fine[torch.arange(len(fine)).unsqueeze(1), frames.clamp(min=0)])
+        return model.classifier(read_many(batch.features[self.cfg.fine], self.cfg.fine, frames.clamp(min=0)))
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         if epoch < self.cfg.warmup_epochs:
@@ -350,7 +350,7 @@ class FrameExit(Method):
         fine = batch.features[self.cfg.fine]
         frames = self.order(batch.length)
         valid = (frames >= 0).unsqueeze(2)
-        feats = model.embed(fine[torch.arange(len(fine)).unsqueeze(1), frames.clamp(min=0)])
+        feats = model.embed(read_many(fine, self.cfg.fine, frames.clamp(min=0)))
         if self.cfg.pooling == "max":
             pooled = torch.cummax(feats.masked_fill(~valid, float("-inf")), 1).values
         else:
@@ -365,8 +365,8 @@ class FrameExit(Method):
         ce = step_ce(out["logits"], batch.labels)
         target = (ce.detach() < self.cfg.epsilon).to(ce)
         gate = F.binary_cross_entropy_with_logits(out["gates"], target, reduction="none")
-        per_video = ((ce + self.cfg.gate_weight * gate) * taken).sum(1) / taken.sum(1).clamp(min=1)
-        return per_video.mean(), {"ce": ((ce * taken).sum(1) / taken.sum(1).clamp(min=1)).mean().item(),
+        per_video = per_video_mean(ce + self.cfg.gate_weight * gate, taken)
+        return per_video.mean(), {"ce": per_video_mean(ce, taken).mean().item(),
                                   "exit_target": (target * taken).sum().item() / taken.sum().clamp(min=1).item()}
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
