@@ -5,7 +5,8 @@
 # DEMO_SEED=N ./demo.sh does it all on the demo generated from seed N (default 0: the README's table).
 set -euo pipefail
 # The same kernels and thread count on every x86-64 CPU (AVX2 code paths in PyTorch, MKL and
-# oneDNN; 2 threads), so that a machine with another CPU prints the same table as the README.
+# oneDNN; 2 threads), so that a machine with another CPU prints the same table as the README; on the
+# CPU also on a GPU box (--device cpu): CUDA's kernels give other numbers (README, "Reproducibility").
 export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 SEED=${DEMO_SEED:-0}
 NAME=demo
@@ -16,10 +17,10 @@ rm -rf "$RUNS"
 
 # 1-2. generate data/demo (first time only) and cache EfficientNet-Lite0 features at 224 / 112 / 84 px
 extract-features --dataset demo --demo-seed "$SEED" --video-root "data/$NAME" --out "$CACHE" --num-frames 16 \
-    --no-progress --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112 --backbone efficientnet_lite0@84
+    --device cpu --no-progress --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112 --backbone efficientnet_lite0@84
 
 # 3. train every method (small LSTMs and Adam: 162 training videos, not 45,611)
-COMMON=(--features "$CACHE" --batch-size 16 --no-progress)
+COMMON=(--features "$CACHE" --batch-size 16 --device cpu --no-progress)
 BASE=(--epochs 30 --lr 1e-3)
 train-policy --method uniform "${COMMON[@]}" "${BASE[@]}" --out "$RUNS/uniform"
 train-policy --method uniform "${COMMON[@]}" "${BASE[@]}" --set fine=efficientnet_lite0@84 --out "$RUNS/uniform-coarse"

@@ -9,12 +9,12 @@ rm -rf "$RUNS" data/features/demo_t16_finetuned.h5  # a cache of other weights w
 
 # 1. finetune (TSN: 16 segments, average consensus), 8 videos a step
 finetune-backbone --dataset demo --backbone efficientnet_lite0@112 --epochs 8 --batch-size 8 --lr 0.01 --set min_scale=0.5 \
-    --workers 2 --no-progress
+    --workers 2 --device cpu --no-progress
 # 2. the same frames through the finetuned backbone (data/weights/demo_efficientnet_lite0@112.pt)
 extract-features --dataset demo --video-root data/demo --num-frames 16 --backbone efficientnet_lite0@112 \
-    --weights finetuned --out data/features/demo_t16_finetuned.h5 --no-progress
+    --weights finetuned --out data/features/demo_t16_finetuned.h5 --device cpu --no-progress
 # 3. UNIFORM on ImageNet features against UNIFORM on finetuned features
-COMMON=(--batch-size 16 --epochs 30 --lr 1e-3 --no-progress --set fine=efficientnet_lite0@112)
+COMMON=(--batch-size 16 --epochs 30 --lr 1e-3 --device cpu --no-progress --set fine=efficientnet_lite0@112)
 train-policy --method uniform --features data/features/demo_t16.h5 "${COMMON[@]}" --out "$RUNS/imagenet"
 train-policy --method uniform --features data/features/demo_t16_finetuned.h5 "${COMMON[@]}" --out "$RUNS/finetuned"
 evaluate --report table1 --runs "$RUNS"

@@ -7,7 +7,8 @@
 3. Decode frames/s of exact seeking, one pass and nearest keyframe, for 1-fps and 16-frame
    sampling of a 2-minute 640x360 H.264 video (GOP 250), and what ``--seek auto`` picks.
 
-Usage: python bench/extract.py [--videos 12] [--backbone resnet101@224 ...] [--device auto]
+Usage: python bench/extract.py [--videos 12] [--backbone resnet101@224 ...] [--device auto] [--batch-size 16]
+       [--workers N]
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ import torch
 
 from extract.backbones import create_backbone
 from extract.datasets import load_annotations
-from extract.decode import choose_strategy, open_reader, read_frames
+from extract.decode import choose_strategy, default_workers, open_reader, read_frames
 from extract.demo import generate_demo, write_video
 from extract.distributed import Dist, device_for, synchronize
 from extract.flops import backbone_flops
-from extract.pipeline import ExtractConfig, compute_features, run_extraction
+from extract.pipeline import ExtractConfig, compute_features, place_backbone, run_extraction
 from extract.sampling import Sampling
 
 
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--backbone", action="append", help="default: mobilenetv2@112 and resnet101@224")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="decoding processes of the pipeline run (default: cores per rank - 1)")
     args = parser.parse_args()
     names = args.backbone or ["mobilenetv2@112", "resnet101@224"]
     device = device_for(args.device, Dist())
@@ -85,7 +88,7 @@ def main() -> None:
         # 1b. backbones alone on pre-decoded tensors
         backbones = [create_backbone(n, weights="none") for n in names]
         for b in backbones:
-            b.module.to(device)
+            place_backbone(b, device)
         compute_features(backbones, frames[: args.batch_size], device)  # warm-up
         t_compute = timed(lambda: ([compute_features(backbones, frames[s:s + args.batch_size], device)
                                     for s in range(0, len(frames), args.batch_size)], synchronize(device)))
@@ -94,10 +97,11 @@ def main() -> None:
             f.write("".join(f"{os.path.relpath(v.path, root)} {v.labels[0]}\n" for v in videos))
         cfg = ExtractConfig(dataset="demo", annotations=[os.path.join(root, "bench.txt")], video_root=root,
                             backbones=names, sampling=sampling, out=os.path.join(tmp, "bench.h5"), weights="none",
-                            device=args.device, batch_size=args.batch_size, workers=1, progress=False)
+                            device=args.device, batch_size=args.batch_size, workers=args.workers, progress=False)
         t_pipeline = run_extraction(cfg).seconds
         n = len(frames)
-        print(f"workload: {len(videos)} videos x 16 frames = {n} frames")
+        print(f"workload: {len(videos)} videos x 16 frames = {n} frames, batch {args.batch_size}, "
+              f"{args.workers} decoding workers")
         print(f"  pipeline  {n / t_pipeline:8.1f} frames/s   ({t_pipeline:.2f} s, incl. model build and cache write)")
         print(f"  decode    {n / t_decode:8.1f} frames/s   ({t_decode:.2f} s)")
         print(f"  compute   {n / t_compute:8.1f} frames/s   ({t_compute:.2f} s)")
@@ -108,12 +112,13 @@ def main() -> None:
 
         # 2. ResNet-101@224 against the matmul roofline
         r101 = create_backbone("resnet101@224", weights="none")
-        r101.module.to(device)
         gmacs = backbone_flops(r101).gflops
-        x = torch.randn(args.batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        place_backbone(r101, device)
+        x = torch.randn(args.batch_size, 3, 224, 224, device=device, dtype=next(r101.module.parameters()).dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
 
         def forward():
-            with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
+            with torch.inference_mode():
                 r101.module(x)
             synchronize(device)
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from extract.backbones import create_backbone
 from extract.datasets import VideoRecord
 from extract.distributed import synchronize
-from extract.finetune import TSN, Clips, collate
+from extract.finetune import TSN, Clips, collate, prepare
 from extract.training import soft_cross_entropy
 
 CLASSES = 10
@@ -101,8 +101,9 @@ def main() -> None:
         generate_demo(os.path.dirname(args.videos.rstrip("/")), progress=False)
         paths = sorted(glob.glob(os.path.join(args.videos, "*.mp4")))
     videos = [VideoRecord(os.path.basename(p), p, (i % CLASSES,), "train") for i, p in enumerate(paths)]
-    dataset = Clips(videos, CLASSES, args.backbone, args.segments, train=True, mean=backbone.arch.mean,
-                    std=backbone.arch.std)
+    dataset = Clips(videos, CLASSES, args.backbone, args.segments, train=True)
+    mean = torch.tensor(backbone.arch.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.arch.std, device=device).view(1, 3, 1, 1)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=args.workers, prefetch_factor=4 if args.workers else None,
                         pin_memory=device.type == "cuda")
@@ -113,7 +114,7 @@ def main() -> None:
         tick = time.perf_counter()
         _, x, y, _ = next(batches)
         got = time.perf_counter()
-        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        step(prepare(x.to(device, non_blocking=True), r, mean, std), y.to(device, non_blocking=True))
         synchronize(device)
         wait, busy = wait + got - tick, busy + time.perf_counter() - got
     share = wait / (wait + busy)

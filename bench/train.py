@@ -37,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from extract.cache import write_cache
-from extract.distributed import synchronize
+from extract.distributed import allow_tf32, synchronize
 from extract.flops import FlopsEntry
 from policy.data import CachedFeatures
 from policy.methods import METHODS
@@ -117,7 +117,7 @@ def liteeval_rate(path: str, store: CachedFeatures, rows, args: argparse.Namespa
     elapsed = 0.0
     for i in range(steps + 1):
         start = time.perf_counter()
-        batch = next(batches).part(slice(None), device)
+        batch = next(batches).to(device, store.l2_normalise)
         loss, _ = method.loss(model, batch, 0)
         optimizer.zero_grad()
         loss.backward()
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--budget-gb", type=float, default=1.0, help="memory allowed for features")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: TF32 matmuls (train-policy --set tf32=true)")
     parser.add_argument("--checkpoint-steps", type=int, default=0,
                         help="LiteEval's checkpoint_steps: recompute activations in blocks of this many steps")
     parser.add_argument("--keep", help="write (or reuse) the synthetic cache here instead of a temporary file")
@@ -140,6 +141,7 @@ def main() -> None:
                         help="the method trained (any registered); another than liteeval is also timed against it")
     args = parser.parse_args()
     device = torch.device(args.device)
+    allow_tf32(args.tf32)
     return_freed_memory()  # as train-policy does
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or os.path.join(tmp, "fcvid_shape.h5")
@@ -170,7 +172,7 @@ def main() -> None:
         model.train()
         for i in range(steps + 1):
             t0 = time.perf_counter()
-            batch = next(batches).part(slice(None), device)
+            batch = next(batches).to(device, store.l2_normalise)
             t1 = time.perf_counter()
             if i == 0:
                 step_start = resident()[0]

@@ -9,7 +9,7 @@ import click
 from .backbones import WeightsUnavailable
 from .cache import CacheMismatch
 from .datasets import DATASETS, AnnotationError
-from .decode import SEEK_MODES
+from .decode import SEEK_MODES, default_workers
 from .pipeline import ExtractConfig, canonical, run_extraction
 from .sampling import Sampling
 
@@ -108,7 +108,8 @@ Examples:
 @click.option("--out", metavar="CACHE.h5", help="Cache file. Default: data/features/<dataset>_<sampling>.h5.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Frames per forward pass.")
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decoding processes.")
+@click.option("--workers", type=click.IntRange(0), default=default_workers,
+              help="Decoding processes per rank. Default: cores per rank - 1 (at most 16).")
 @click.option("--chunk-videos", type=click.IntRange(1), default=32, show_default=True,
               help="Journal finished work every N videos (or 30 s): the most an interrupted run loses.")
 @click.option("--demo-seed", type=int, default=0, show_default=True,

@@ -23,6 +23,16 @@ CROP = 224
 SEEK_MODES = ("auto", "exact", "pass", "keyframe")
 # Decoding cost of one seek (flush + demuxer seek), in frames decoded; measured by bench/extract.py.
 SEEK_COST_FRAMES = 12
+MAX_WORKERS = 16  # decoding processes per rank: what the README's GPU estimates assume
+
+
+def default_workers() -> int:
+    """Decoding processes per rank when none are asked for: the cores this process may run on
+    (``os.sched_getaffinity``) shared among the node's ranks (``LOCAL_WORLD_SIZE``, set by torchrun;
+    1 otherwise), less one for the main process; at least 1, at most ``MAX_WORKERS``."""
+    cores = len(os.sched_getaffinity(0))
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_WORKERS, cores // ranks - 1))
 
 
 class VideoError(RuntimeError):

@@ -8,6 +8,7 @@ in pairs that share the coloured shape and differ only in a 1-pixel luminance te
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from typing import Iterable
@@ -94,7 +95,7 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: int = FPS, gop: in
     frames, one thread, deterministic."""
     import av
 
-    tmp = path + ".tmp.mp4"
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"  # one per process: another may write the same file at once
     with av.open(tmp, "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.pix_fmt = "yuv420p"
@@ -127,11 +128,16 @@ def check_seed(root: str, seed: int) -> None:
 
 def ensure_demo(root: str, seed: int, progress: bool = True) -> None:
     """The demo of ``seed`` in ``root``: generated there the first time (one line on stderr says so),
-    refused (:class:`AnnotationError`) when ``root`` holds another seed's."""
-    check_seed(root, seed)
-    if not os.path.isfile(os.path.join(root, "classes.txt")):
-        print(f"generating the demo dataset (seed {seed}) in {root}", file=sys.stderr)
-        generate_demo(root, seed=seed, progress=progress)
+    refused (:class:`AnnotationError`) when ``root`` holds another seed's. Processes that start at once
+    (torchrun's ranks, two runs) take turns on an exclusive lock (``root/.lock``): the first generates,
+    the others wait for it and then find the demo made."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        check_seed(root, seed)
+        if not os.path.isfile(os.path.join(root, "classes.txt")):
+            print(f"generating the demo dataset (seed {seed}) in {root}", file=sys.stderr)
+            generate_demo(root, seed=seed, progress=progress)
 
 
 @register_dataset("demo", needs_annotations=False, video_root="demo", prepare=ensure_demo)

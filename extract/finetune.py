@@ -17,16 +17,14 @@ logs and saves.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import click
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
@@ -36,11 +34,11 @@ from . import distributed
 from .backbones import WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
-from .decode import VideoError, read_frames, read_resized, resize_crop
+from .decode import VideoError, default_workers, read_frames, read_resized, resize_crop
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
-from .training import save_atomic, soft_cross_entropy, write_log
+from .training import Loop, ResumeError, fit, soft_cross_entropy
 
 LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
 
@@ -67,10 +65,13 @@ class FinetuneConfig:
     dropout: float = 0.5
     min_scale: float = 0.25  # random-resized crop: smallest share of the frame's area kept
     amp: str = "bf16"  # CUDA autocast: bf16 | fp16 | none
+    accumulate: int = 1  # gradient accumulation: each step's batch_size videos in this many passes (less GPU memory)
     val_fraction: float = 0.1  # without a val split: this share of train, carved with the seed, validates
     seed: int = 0
     device: str = "auto"
-    workers: int = 4  # decoding processes
+    deterministic: bool = False  # CUDA: deterministic kernels (slower)
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions
+    workers: int = -1  # decoding processes per rank; -1: the cores per rank less one
 
     def resolved_segments(self) -> int:
         return self.segments or (25 if self.backbone in LITEEVAL_BACKBONES else 16)
@@ -87,17 +88,18 @@ def segment_indices(n: int, k: int, rng: np.random.Generator | None = None) -> n
 
 
 class Clips(Dataset):
-    """Item ``i`` -> ``(video id, clip (K, 3, r, r) float normalised | None, labels (C,) | None, error | None)``.
+    """Item ``i`` -> ``(video id, clip (K, 3, s, s) uint8 | None, labels (C,) | None, error | None)``:
+    training clips cropped to the backbone's resolution, validation clips phase 1's 224 crops (resized
+    and normalised on the device by :func:`prepare`: uint8 keeps shared memory and copies small).
 
     Training draws come from a generator seeded by (seed, epoch, i): the same in any worker, after
     any resume."""
 
     def __init__(self, videos: list[VideoRecord], num_classes: int, backbone: str, segments: int, *,
-                 train: bool, seed: int = 0, min_scale: float = 0.25, mean=(0.0,) * 3, std=(1.0,) * 3):
+                 train: bool, seed: int = 0, min_scale: float = 0.25):
         self.videos, self.num_classes, self.segments, self.train = videos, num_classes, segments, train
         self.resolution = parse_name(backbone)[1]
         self.seed, self.epoch = seed, 0
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.augment = v2.Compose([v2.RandomResizedCrop(self.resolution, scale=(min_scale, 1.0), antialias=True),
                                    v2.RandomHorizontalFlip()])
 
@@ -112,15 +114,22 @@ class Clips(Dataset):
                 frames = read_resized(video.path, lambda n: segment_indices(n, self.segments, rng))
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(rng.integers(2**31)))
-                    x = self.augment(frames).float().div_(255)  # one crop and flip for the whole clip
+                    x = self.augment(frames)  # one crop and flip for the whole clip
             else:
-                crops, _, _ = read_frames(video.path, Sampling(num_frames=self.segments))
-                x = resize_crop(crops, self.resolution)
+                x, _, _ = read_frames(video.path, Sampling(num_frames=self.segments))
         except VideoError as err:
             return video.id, None, None, str(err)
         labels = torch.zeros(self.num_classes)
         labels[list(video.labels)] = 1.0
-        return video.id, (x - self.mean) / self.std, labels, None
+        return video.id, x, labels, None
+
+
+def prepare(clips: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, K, 3, s, s)`` clips (on the device) -> float ``(B, K, 3, r, r)`` normalised with the
+    backbone's ``mean`` and ``std`` ``(1, 3, 1, 1)``; resized (phase 1's antialiased resize) when ``s != r``."""
+    b, k = clips.shape[:2]
+    x = resize_crop(clips.flatten(0, 1), resolution)
+    return ((x - mean) / std).view(b, k, *x.shape[1:])
 
 
 def collate(items: list) -> tuple[list[str], torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
@@ -146,7 +155,7 @@ class TSN(nn.Module):
         return self.fc(self.features(clips.flatten(0, 1))).view(b, k, -1).mean(1)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, prep: Callable[[torch.Tensor], torch.Tensor],
              failed: dict[str, str], progress: bool) -> tuple[float, float]:
     """Validation ``(mAP, top-1)`` with the project's metrics (sklearn-convention mAP over the classes
     with a positive); videos that do not decode are recorded in ``failed`` and left out."""
@@ -157,7 +166,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
             failed.update(bad)
             if clips is None:
                 continue
-            scores.append(model(clips.to(device)).float().softmax(1).cpu().numpy())
+            scores.append(model(prep(clips.to(device, non_blocking=True))).float().softmax(1).cpu().numpy())
             labels.append(target.numpy())
     if not scores:
         return float("nan"), float("nan")
@@ -165,19 +174,24 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return mean_average_precision(s, y)[0], hit_at_k(s, y, 1)
 
 
+def carve_validation(videos: list[VideoRecord], seed: int, fraction: float) -> tuple[list, list, str]:
+    """``(train, val, what val is)``: the ``val`` split, else a seeded ``fraction`` of train (never test)."""
+    train = [v for v in videos if v.split == "train"]
+    val = [v for v in videos if v.split == "val"]
+    if val or len(train) < 2:
+        return train, val, "val"
+    order = np.random.default_rng(seed).permutation(len(train))
+    cut = max(1, round(fraction * len(train)))
+    return [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])], "carved-from-train"
+
+
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Finetune ``cfg.backbone`` on ``cfg.dataset``; returns the best epoch's metrics."""
-    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    info = distributed.setup("nccl" if on_gpu else "gloo")
-    device = distributed.device_for(cfg.device, info)
+    distributed.deterministic(cfg.deterministic)
+    distributed.allow_tf32(cfg.tf32)
+    info, device = distributed.setup(cfg.device)
     ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes or None)
-    train_videos = [v for v in ann.videos if v.split == "train"]
-    val_videos, val_split = [v for v in ann.videos if v.split == "val"], "val"
-    if not val_videos and len(train_videos) >= 2:  # no val split: carve one from train, never select on test
-        order = np.random.default_rng(cfg.seed).permutation(len(train_videos))
-        cut = max(1, round(cfg.val_fraction * len(train_videos)))
-        val_videos = [train_videos[i] for i in sorted(order[:cut])]
-        train_videos, val_split = [train_videos[i] for i in sorted(order[cut:])], "carved-from-train"
+    train_videos, val_videos, val_split = carve_validation(ann.videos, cfg.seed, cfg.val_fraction)
     if not train_videos or not val_videos:
         raise AnnotationError(f"{cfg.dataset}: finetuning needs at least 2 training videos (or train and val); "
                               f"found {len(train_videos)} train and {len(val_videos)} val")
@@ -187,97 +201,76 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         click.echo(f"warning: {len(untrained)} class(es) have no training video ({names}): their classifier rows "
                    "stay untrained; the backbone is trained on the others", err=True)
     segments = cfg.resolved_segments()
+    per_pass = max(1, cfg.batch_size // info.world // cfg.accumulate)  # videos per rank and forward pass
     backbone = create_backbone(cfg.backbone, weights=cfg.init)
     torch.manual_seed(cfg.seed)
     raw_model = TSN(backbone.module, backbone.dim, len(ann.classes), cfg.dropout).to(device)
     raw_model.features.requires_grad_(True)
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(raw_model) if info.world > 1 else raw_model
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    steps = list(cfg.lr_steps)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    use_amp = device.type == "cuda" and amp is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
-    stats = dict(mean=backbone.arch.mean, std=backbone.arch.std, min_scale=cfg.min_scale)
-    train_set = Clips(train_videos, len(ann.classes), cfg.backbone, segments, train=True, seed=cfg.seed, **stats)
-    val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False, **stats)
+    mean = torch.tensor(backbone.arch.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.arch.std, device=device).view(1, 3, 1, 1)
+
+    def prep(clips: torch.Tensor) -> torch.Tensor:
+        return prepare(clips, backbone.resolution, mean, std)
+
+    train_set = Clips(train_videos, len(ann.classes), cfg.backbone, segments, train=True, seed=cfg.seed,
+                      min_scale=cfg.min_scale)
+    val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False)
     sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
-    loader_kw = dict(collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
-    train_loader = DataLoader(train_set, batch_size=max(1, cfg.batch_size // info.world), sampler=sampler,
-                              **loader_kw)
-    val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // 2), **loader_kw)
-    last_path, log_path = cfg.out + ".last.pt", cfg.out + ".log.csv"
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    loader_kw = dict(collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
+                     persistent_workers=False, prefetch_factor=4 if workers else None)
+    train_loader = DataLoader(train_set, batch_size=per_pass, sampler=sampler, **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=per_pass, **loader_kw)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    start, best, log, failed = 0, -1.0, [], {}
-    if resume and os.path.exists(last_path):
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state["backbone"] != cfg.backbone or state["classes"] != len(ann.classes):
-            raise WeightsUnavailable(f"{last_path} belongs to {state['backbone']} with {state['classes']} classes, "
-                                     f"not {cfg.backbone} with {len(ann.classes)}: pass another --out")
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start, best, log = state["epoch"] + 1, state["best"], state["log"]
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + info.rank)  # dropout: the same after a resume
+    loop = Loop(epochs=cfg.epochs, best=cfg.out, last=cfg.out + ".last.pt", log=cfg.out + ".log.csv",
+                desc=f"finetune {cfg.backbone}", clip_grad=cfg.clip_grad, amp=cfg.amp, accumulate=cfg.accumulate,
+                agree_each_step=True,
+                meta={"backbone": cfg.backbone, "classes": len(ann.classes), "segments": segments},
+                progress=progress)
+    failed: dict[str, str] = {}
+    frames = [0]
+
+    def batches(epoch: int):
         train_set.epoch = epoch
         sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * 0.1 ** sum(epoch >= s for s in steps)
-        model.train()
-        started, losses, wait, frames = time.monotonic(), [], 0.0, 0
-        tick = time.monotonic()
-        bar = tqdm(train_loader, desc=f"finetune {cfg.backbone} epoch {epoch}", unit="batch",
-                   disable=not (progress and info.main))
-        for _, clips, labels, bad in bar:
-            wait += time.monotonic() - tick
+        for _, clips, labels, bad in train_loader:
             failed.update(bad)
-            if clips is None:
-                tick = time.monotonic()
-                continue
-            clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=use_amp):
-                loss = soft_cross_entropy(model(clips).float(), labels).mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            frames += clips.shape[0] * clips.shape[1]
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            tick = time.monotonic()
-        distributed.barrier()
-        if info.main:
-            val_map, val_top1 = evaluate(raw_model, val_loader, device, len(ann.classes), failed, progress)
-            seconds = time.monotonic() - started
-            log.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                        "loss": float(np.mean(losses or [np.nan])),
-                        "val_mAP": val_map, "val_top1": val_top1, "train_frames_per_s": frames * info.world / seconds,
-                        "data_wait_share": wait / seconds, "seconds": seconds})
-            if val_map >= best or best < 0:  # a tie goes to the later epoch
-                best = val_map
-                save_atomic(raw_model.features.state_dict(), cfg.out)
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "log": log,
-                         "backbone": cfg.backbone, "classes": len(ann.classes),
-                         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "annotations"}},
-                        last_path)
-            write_log(log_path, log)
-            click.echo(f"epoch {epoch}: loss {log[-1]['loss']:.4f}, val mAP {val_map:.4f}, top-1 {val_top1:.4f} "
-                       f"on {len(val_videos)} {val_split} videos", err=True)
-        distributed.barrier()
+            yield None if clips is None else (clips, labels)
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], epoch: int):
+        clips, labels = (t.to(device, non_blocking=True) for t in batch)
+        frames[0] += clips.shape[0] * clips.shape[1]
+        return soft_cross_entropy(model(prep(clips)).float(), labels).mean(), {}
+
+    def on_epoch(epoch: int) -> None:
+        frames[0] = 0
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
+
+    def validate(epoch: int, row: dict) -> dict[str, float]:
+        val_map, val_top1 = evaluate(raw_model, val_loader, device, prep, failed, progress)
+        click.echo(f"epoch {epoch}: val mAP {val_map:.4f}, top-1 {val_top1:.4f} on {len(val_videos)} {val_split} "
+                   "videos", err=True)
+        rate = frames[0] * info.world / max(row["train_seconds"], 1e-9)
+        return {"val_mAP": val_map, "val_top1": val_top1, "train_frames_per_s": rate}
+
+    try:
+        fitted = fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=step,
+                     validate=validate, keep=lambda epoch, score: raw_model.features.state_dict(),
+                     on_epoch=on_epoch, resume=resume)
+    except ResumeError as err:
+        raise WeightsUnavailable(str(err)) from None
     distributed.teardown()
     if info.main:
         for vid, reason in sorted(failed.items())[:20]:
             click.echo(f"failed (skipped): {vid}: {reason}", err=True)
         if len(failed) > 20:
             click.echo(f"... and {len(failed) - 20} more skipped videos", err=True)
-    return {"best_val_mAP": best, "epochs": log, "failed": failed}
+    return {"best_val_mAP": fitted.best, "epochs": fitted.log, "failed": failed}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
@@ -299,11 +292,12 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(1), help="Videos per step, each --set segments frames. Default 48.")
 @click.option("--lr", type=float, help="Default 0.02, x0.1 at --set lr_steps (20,40).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Decoding processes.")
+@click.option("--workers", type=click.IntRange(0),
+              help="Decoding processes per rank. Default: the cores per rank less one.")
 @click.option("--demo-seed", type=int, default=0, show_default=True, help="demo only: the seed of the demo videos.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other setting: init, segments, lr_steps, momentum, weight_decay, clip_grad, dropout, "
-                   "min_scale, amp, val_fraction, seed.")
+                   "min_scale, amp, accumulate, val_fraction, seed, deterministic, tf32.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.last.pt, the last finished epoch.")
 @click.option("--no-progress", is_flag=True)
 def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch_size, lr, device, workers, demo_seed,
@@ -317,7 +311,7 @@ def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch
     annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
     cfg = FinetuneConfig(dataset=dataset, backbone=name, out=out or finetuned_path(dataset, name),
                          annotations=annotations, video_root=video_root, classes=classes or "", device=device,
-                         workers=workers)
+                         workers=-1 if workers is None else workers)
     named = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     apply_overrides(cfg, tuple(f"{k}={v}" for k, v in named.items() if v is not None) + tuple(sets))
     try:

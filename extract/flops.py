@@ -4,12 +4,15 @@ Counted with ``torch.utils.flop_counter``, which sees convolutions and matrix pr
 torchvision's ``_ops``); BatchNorm, activations and pooling are not counted. The counter reports
 2 FLOPs per MAC, so we halve it. ``nn.LSTM`` runs as fused ops the counter does not know (``mkldnn_rnn_layer`` on CPU,
 ``lstm`` elsewhere); we give the counter their formula: the same matrix products an
-``nn.LSTMCell`` unrolls to. Price recurrent modules on the CPU.
+``nn.LSTMCell`` unrolls to. On CUDA ``nn.LSTM`` runs as cuDNN's RNN, which the counter cannot see at
+all: :func:`count_gflops` therefore always prices a CPU copy, whatever device the module is on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+
+import copy
 
 import torch
 from torch import nn
@@ -32,9 +35,13 @@ _RNN_FORMULAS = {torch.ops.aten.lstm: _lstm_flops, torch.ops.aten.mkldnn_rnn_lay
 
 
 def count_gflops(module: nn.Module, *inputs: torch.Tensor) -> float:
-    """GMACs of one forward pass of ``module`` on ``inputs``, run in eval mode without gradients so
-    that pricing draws no random numbers (dropout) and updates no statistics (BatchNorm); the
-    module's train/eval mode is restored."""
+    """GMACs of one forward pass of ``module`` on ``inputs`` (their shapes decide, not their values),
+    run on the CPU (a module elsewhere is priced as a CPU copy of its shapes), in eval mode without
+    gradients so that pricing draws no random numbers (dropout) and updates no statistics (BatchNorm);
+    the module's train/eval mode is restored."""
+    if any(t.device.type != "cpu" for t in [*module.parameters(), *module.buffers()]):
+        module = copy.deepcopy(module).to_empty(device="cpu")
+    inputs = tuple(x if x.device.type == "cpu" else torch.zeros_like(x, device="cpu") for x in inputs)
     training = module.training
     module.eval()
     try:
@@ -59,7 +66,6 @@ class FlopsEntry:
 def backbone_flops(backbone: Backbone) -> FlopsEntry:
     """Price one ``arch@res`` feature extractor on a single ``3 x res x res`` frame."""
     res = backbone.resolution
-    device = next(backbone.module.parameters()).device
-    gflops = count_gflops(backbone.module, torch.zeros(1, 3, res, res, device=device))
+    gflops = count_gflops(backbone.module, torch.zeros(1, 3, res, res))
     params = sum(p.numel() for p in backbone.module.parameters())
     return FlopsEntry(name=backbone.name, resolution=res, gflops=gflops, params=params, dim=backbone.dim)

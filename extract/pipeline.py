@@ -2,6 +2,7 @@
 frames of several videos batched together, journal the results, assemble the cache at the end."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -16,8 +17,8 @@ from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
 from .datasets import load_annotations
-from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, read_frames, resize_crop
-from .flops import backbone_flops
+from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, read_frames, resize_crop
+from .flops import FlopsEntry, backbone_flops
 from .sampling import Sampling
 
 CHUNK_SECONDS = 30.0  # journal a chunk at least this often
@@ -37,7 +38,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     device: str = "auto"
     batch_size: int = 32  # frames per forward pass
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # decoding processes
     chunk_videos: int = 32  # journal a chunk after this many videos: the most a kill can lose
     progress: bool = True
 
@@ -79,23 +80,37 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 
+def place_backbone(backbone: Backbone, device: torch.device) -> None:
+    """Move ``backbone`` to ``device`` once, as :func:`compute_features` feeds it: channels_last, float16
+    on CUDA, float32 on the CPU (bf16 is far slower there)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    backbone.module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+@functools.cache
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 ``(1, 3, 1, 1)`` normalisation tensors on ``device``, built once per distinct pair."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+
 def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device,
                      downsample: str = "antialias") -> dict[str, np.ndarray]:
-    """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution.
-
-    CUDA: channels_last with fp16 autocast. CPU: float32 channels_last (bf16 is far slower there).
-    """
+    """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution,
+    all brought to the host in one transfer. Inputs are normalised in float32, then cast to the module's
+    dtype (see :func:`place_backbone`), channels_last."""
     x = crops.to(device, non_blocking=True)
-    out: dict[str, np.ndarray] = {}
-    for res in sorted({b.resolution for b in backbones}, reverse=True):
-        scaled = resize_crop(x, res, downsample)
-        for b in (b for b in backbones if b.resolution == res):
-            mean = torch.tensor(b.arch.mean, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(b.arch.std, device=device).view(1, 3, 1, 1)
-            inp = ((scaled - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
-                out[b.name] = b.module(inp).float().cpu().numpy().astype(np.float16)
-    return out
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for res in sorted({b.resolution for b in backbones}, reverse=True):
+            scaled = resize_crop(x, res, downsample)
+            for b in (b for b in backbones if b.resolution == res):
+                mean, std = _mean_std(b.arch.mean, b.arch.std, device)
+                dtype = next(b.module.parameters()).dtype
+                inp = ((scaled - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+                outputs[b.name] = b.module(inp).half()
+    host = torch.cat(list(outputs.values()), dim=1).cpu().numpy()
+    bounds = np.cumsum([0] + [out.shape[1] for out in outputs.values()])
+    return {name: host[:, lo:hi] for name, lo, hi in zip(outputs, bounds[:-1], bounds[1:])}
 
 
 def canonical(names: list[str]) -> list[str]:
@@ -135,30 +150,40 @@ def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
 
 def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tuple[int, str]], ids: list[str],
                    journal: Journal, device: torch.device, bar: tqdm, summary: Summary) -> None:
-    """Decode ``items`` once, run ``backbones`` on every frame, journal results every chunk."""
+    """Decode ``items`` once, run ``backbones`` on every frame in batches of ``cfg.batch_size`` (the frames
+    of several videos together; one partial batch, at the end of the group), journal results every chunk."""
     loader = DataLoader(
         _DecodedVideos(items, cfg.sampling, cfg.seek), batch_size=1, collate_fn=_single, num_workers=cfg.workers,
         worker_init_fn=_one_thread if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
         pin_memory=device.type == "cuda",
     )
     names = [b.name for b in backbones]
-    pending: list[tuple[int, torch.Tensor, np.ndarray]] = []
+    waiting: list[tuple[int, np.ndarray]] = []  # (index, frame indices) of videos not all computed, in order
+    queued: list[torch.Tensor] = []  # their frames not run yet, on the device
+    ready: dict[str, list[np.ndarray]] = {n: [] for n in names}  # features of their frames run so far
     done: list[VideoFeatures] = []
     failed: list[tuple[int, str]] = []
     last_write = time.monotonic()
 
-    def run_pending() -> None:
-        crops = torch.cat([frames for _, frames, _ in pending])
-        parts = [compute_features(backbones, crops[s:s + cfg.batch_size], device, cfg.downsample)
-                 for s in range(0, len(crops), cfg.batch_size)]
-        feats = {n: np.concatenate([p[n] for p in parts]) for n in names}
+    def run_queued(final: bool) -> None:
+        """Run the queued frames in full batches, the remainder too when ``final``, and hand on every
+        video whose frames have all run."""
+        frames = torch.cat(queued)
+        stop = len(frames) if final else len(frames) - len(frames) % cfg.batch_size
+        for s in range(0, stop, cfg.batch_size):
+            out = compute_features(backbones, frames[s:s + cfg.batch_size], device, cfg.downsample)
+            for n in names:
+                ready[n].append(out[n])
+        queued[:] = [frames[stop:]] if stop < len(frames) else []
+        summary.frames += stop
+        feats = {n: np.concatenate(ready[n]) for n in names}
         start = 0
-        for index, frames, indices in pending:
-            stop = start + len(frames)
-            done.append(VideoFeatures(index, indices, {n: feats[n][start:stop] for n in names}))
-            start = stop
-        summary.frames += len(crops)
-        pending.clear()
+        while waiting and start + len(waiting[0][1]) <= len(feats[names[0]]):
+            index, indices = waiting.pop(0)
+            done.append(VideoFeatures(index, indices, {n: feats[n][start:start + len(indices)] for n in names}))
+            start += len(indices)
+        for n in names:
+            ready[n] = [feats[n][start:]]
 
     def write_chunk() -> None:
         nonlocal last_write
@@ -172,17 +197,18 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
             failed.append((index, error))
             summary.new_failures.append((ids[index], error))
         else:
-            pending.append((index, frames, indices))
-            if sum(len(f) for _, f, _ in pending) >= cfg.batch_size:
-                run_pending()
+            waiting.append((index, indices))
+            queued.append(frames.to(device, non_blocking=True))  # from pinned memory on CUDA: no pageable copy
+            if sum(len(f) for f in queued) >= cfg.batch_size:
+                run_queued(final=False)
         summary.processed += 1
         bar.update(1)
         bar.set_postfix(frames_per_s=f"{summary.frames / max(bar.format_dict['elapsed'], 1e-9):.1f}",
                         failed=len(summary.new_failures), refresh=False)
         if len(done) + len(failed) >= cfg.chunk_videos or time.monotonic() - last_write > CHUNK_SECONDS:
             write_chunk()
-    if pending:
-        run_pending()
+    if queued:
+        run_queued(final=True)
     if done or failed:
         write_chunk()
 
@@ -193,8 +219,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     Under ``torchrun`` rank r takes the videos with ``index % world == r``; rank 0 assembles.
     """
     started = time.monotonic()
-    info_dist = distributed.setup()
-    device = distributed.device_for(cfg.device, info_dist)
+    info_dist, device = distributed.setup(cfg.device)
     ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)
     attrs = cache_attrs(cfg)
     requested = canonical(cfg.backbones)
@@ -213,6 +238,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
         raise CacheMismatch(f"{journal.folder} holds {', '.join(unfinished)} from an interrupted run: add "
                             f"--backbone {' --backbone '.join(unfinished)} to finish it, or delete that folder")
     models: dict[str, Backbone] = {}
+    prices: dict[str, FlopsEntry] = {}  # priced at load, on the CPU in float32
 
     def model(name: str) -> Backbone:
         if name not in models:
@@ -224,7 +250,8 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
                 if other:
                     raise CacheMismatch(f"{where} holds {name} computed with weights {other.pop()}, "
                                         f"this run uses {backbone.weights}: {advice}")
-            backbone.module.to(device)
+            prices[name] = backbone_flops(backbone)
+            place_backbone(backbone, device)
             models[name] = backbone
         return models[name]
 
@@ -253,7 +280,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
         summary.cached, summary.failed = len(info.ids), len(info.failed)
     elif info_dist.main:
         names = sorted(set(info.backbones) | set(models))
-        flops = {**info.flops, **{n: backbone_flops(m) for n, m in models.items()}}
+        flops = {**info.flops, **prices}
         weights = {**info.weights, **{n: m.weights for n, m in models.items()}}
         summary.cached, summary.failed = assemble(
             cfg.out, chunks=journal.chunks(), videos=ann.videos, classes=ann.classes, problems=ann.problems,

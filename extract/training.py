@@ -1,11 +1,30 @@
-"""What every training loop of the project shares (``finetune-backbone`` here, ``train-policy`` in
-phase 2): the loss against multi-hot labels and crash-safe writes of checkpoints and logs."""
+"""The one training loop of the project (``finetune-backbone`` here, ``train-policy`` in phase 2),
+and what both share: the loss against multi-hot labels and crash-safe writes of checkpoints and logs.
+
+:func:`fit` is the loop, read top to bottom: per epoch ``on_epoch`` (learning rates, stages), the
+training steps, validation on rank 0, the kept checkpoint (best validation mAP, a tie to the later
+epoch), the resume point and the CSV log. Under ``torchrun`` the model is wrapped in
+DistributedDataParallel (the raw module is what is saved) and every rank takes part in every
+collective: a step is taken only when every rank has a batch for it (with ``agree_each_step``, a
+rank whose share did not decode makes every rank skip it together). The resume point holds every
+rank's generator states, so a resumed run draws what the uninterrupted run would have drawn.
+"""
 from __future__ import annotations
 
 import csv
+import math
 import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import distributed
+from .distributed import Dist
 
 
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -30,3 +49,162 @@ def write_log(path: str, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+class ResumeError(ValueError):
+    """A resume point written by a run of another model or data."""
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The state of every generator training draws from: the CPU's, and the CUDA device's when
+    training on one (Gumbel noise, dropout and random policies draw there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's :func:`rng_state`, indexed by rank (ranks draw different amounts: uneven shares)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+    return states
+
+
+@dataclass
+class Loop:
+    """How :func:`fit` trains and where it writes. Paths: ``best`` (what ``keep`` returns, for the
+    best validation mAP), ``last`` (the resume point), ``log`` (one CSV row per epoch)."""
+
+    epochs: int
+    best: str
+    last: str
+    log: str
+    desc: str = "train"
+    clip_grad: float = 0.0  # max gradient norm; 0: no clipping
+    amp: str = "none"  # CUDA autocast: bf16 | fp16 | none (fp16 with a gradient scaler)
+    accumulate: int = 1  # batches per optimizer step (gradient accumulation)
+    find_unused_parameters: bool = False  # DDP: modules a step may leave unused (policies' skipped branches)
+    agree_each_step: bool = False  # batches may be None on one rank alone (videos that fail to decode): ranks agree
+    meta: dict[str, Any] = field(default_factory=dict)  # what a resume point must match (model, data)
+    progress: bool = True
+
+
+@dataclass
+class Fitted:
+    best_epoch: int
+    best: float  # the kept epoch's validation mAP (-1: no epoch was kept)
+    log: list[dict]
+
+
+def _rank_score(value: float) -> float:
+    """A validation mAP as ranked for the kept checkpoint: NaN (nothing validated) below any real score."""
+    return -0.5 if math.isnan(value) else value
+
+
+def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, info: Dist, device: torch.device,
+        batches: Callable[[int], Iterable[Any]], step: Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict]],
+        validate: Callable[[int, dict], dict[str, float]], keep: Callable[[int, float], Any],
+        on_epoch: Callable[[int], None] = lambda epoch: None, selectable: Callable[[int], bool] = lambda epoch: True,
+        resume: bool = False) -> Fitted:
+    """Train ``raw_model`` for ``loop.epochs`` epochs; returns the kept epoch and the log.
+
+    ``batches(epoch)`` yields this rank's batches (``None``: nothing this time; every rank skips the
+    step, also when only one rank's share failed to decode, with ``loop.agree_each_step``);
+    ``step(model, batch, epoch)`` returns the mean loss and per-batch statistics (0-d tensors,
+    averaged per epoch); ``validate(epoch, row)`` (rank 0 only; ``row``: the epoch's
+    log so far) returns more log columns, ``val_mAP`` among them; ``keep(epoch, val_mAP)`` is what
+    ``loop.best`` holds. The caller seeds the generators before building the model (every rank alike).
+    """
+    model = raw_model
+    if info.world > 1:
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=loop.find_unused_parameters)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    start, best, best_epoch, log = 0, -1.0, -1, []
+    if resume and os.path.exists(loop.last):
+        state = torch.load(loop.last, map_location="cpu", weights_only=True)
+        differs = {k: (v, loop.meta.get(k)) for k, v in state.get("meta", {}).items() if loop.meta.get(k) != v}
+        if differs:
+            said = "; ".join(f"{k}: {old} there, {new} here" for k, (old, new) in differs.items())
+            raise ResumeError(f"{loop.last} belongs to another run ({said}): pass another --out")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
+        start, best, best_epoch, log = state["epoch"] + 1, state["best"], state["best_epoch"], state["log"]
+    shown = loop.progress and info.main
+    bar = tqdm(total=loop.epochs, initial=start, desc=loop.desc, unit="epoch", disable=not shown)
+    for epoch in range(start, loop.epochs):
+        on_epoch(epoch)
+        model.train()
+        started, wait, taken = time.monotonic(), 0.0, 0
+        sums: dict[str, torch.Tensor] = {}
+        optimizer.zero_grad(set_to_none=True)
+        source = iter(tqdm(batches(epoch), desc=f"epoch {epoch}", unit="batch", leave=False,
+                           disable=not shown))
+        while True:
+            tick = time.monotonic()
+            batch = next(source, StopIteration)
+            wait += time.monotonic() - tick
+            if batch is StopIteration:
+                break
+            have = batch is not None
+            if loop.agree_each_step:  # one collective a step: a rank with nothing makes every rank skip it
+                have = distributed.smallest(int(have), device) == 1
+            if not have:
+                continue
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, stats = step(model, batch, epoch)
+            scaler.scale(loss / loop.accumulate if loop.accumulate > 1 else loss).backward()
+            taken += 1
+            for k, v in {"loss": loss, **stats}.items():
+                v = torch.as_tensor(v).detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            if taken % loop.accumulate == 0:
+                _optimizer_step(loop, raw_model, optimizer, scaler)
+        if taken % loop.accumulate:
+            _optimizer_step(loop, raw_model, optimizer, scaler)  # the epoch's last, shorter accumulation
+        seconds = time.monotonic() - started
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+               **{k: (v / max(taken, 1)).item() for k, v in sums.items()}}
+        timing = {"steps": taken, "train_seconds": seconds, "data_wait_share": wait / max(seconds, 1e-9)}
+        if info.main:
+            row |= validate(epoch, {**row, **timing})
+            row |= timing | {"seconds": time.monotonic() - started}
+            log.append(row)
+        rng = all_rng_states(device, info.world)  # after validation: it may draw (stochastic evaluation)
+        if info.main:
+            score = _rank_score(row["val_mAP"])
+            if score >= best and selectable(epoch):  # a tie goes to the later, longer-trained epoch
+                best, best_epoch = score, epoch
+                save_atomic(keep(epoch, row["val_mAP"]), loop.best)
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng, "epoch": epoch, "best": best,
+                         "best_epoch": best_epoch, "log": log, "meta": loop.meta}, loop.last)
+            write_log(loop.log, log)
+            bar.set_postfix(loss=f"{row.get('loss', math.nan):.3f}", val_mAP=f"{row['val_mAP']:.3f}")
+        bar.update(1)
+    bar.close()
+    distributed.barrier()
+    return Fitted(best_epoch, best, log)
+
+
+def _optimizer_step(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> None:
+    if loop.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(raw_model.parameters(), loop.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)

@@ -2,18 +2,28 @@
 
 Features are held in memory as float16 when they fit the memory budget, and otherwise streamed
 from HDF5 in blocks of half the budget (shuffled block by block), reading only the rows asked for,
-so a cache larger than RAM still trains.
+so a cache larger than RAM still trains. Under ``torchrun`` the budget is the node's, shared by its
+ranks (``policy.train.memory_budget``), and each rank gathers only its share of every batch.
+
+:meth:`CachedFeatures.loader` feeds a device: a background thread gathers the next batches on the
+host (float16, in pinned memory for CUDA) while the device computes; the copy is asynchronous and
+the cast to float32 and the L2 normalisation run on the device.
 """
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from extract.cache import Cache, read_rows
+
+
+T = TypeVar("T")
 
 
 class CacheError(ValueError):
@@ -23,14 +33,60 @@ class CacheError(ValueError):
 @dataclass
 class Batch:
     index: np.ndarray  # (B,) rows of the cache
-    features: dict[str, torch.Tensor]  # name -> (B, T, D) float32
+    features: dict[str, torch.Tensor]  # name -> (B, T, D): float16 on the host as read, float32 on a device
     labels: torch.Tensor  # (B, C) float32 multi-hot
     length: torch.Tensor  # (B,) int64 real frames
 
-    def part(self, rows: slice, device: torch.device) -> "Batch":
-        """The ``rows`` of this batch on ``device`` (a rank's share under DDP)."""
-        return Batch(self.index[rows], {k: v[rows].to(device) for k, v in self.features.items()},
-                     self.labels[rows].to(device), self.length[rows].to(device))
+    def to(self, device: torch.device, l2_normalise: bool = False) -> "Batch":
+        """This batch on ``device``, features as float32 (L2-normalised per frame if asked), cast there."""
+        def ready(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=True).float()
+            return torch.nn.functional.normalize(x, dim=-1) if l2_normalise else x
+        return Batch(self.index, {k: ready(v) for k, v in self.features.items()},
+                     self.labels.to(device, non_blocking=True), self.length.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.index, {k: v.pin_memory() for k, v in self.features.items()}, self.labels.pin_memory(),
+                     self.length.pin_memory())
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced ``depth`` ahead by a background thread (in order; its errors re-raised here)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry: tuple) -> bool:
+        """Hand ``entry`` over unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((end, err))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def default_memory_budget() -> int:
@@ -97,29 +153,44 @@ class CachedFeatures:
 
     def _batch(self, picked: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
         where = np.searchsorted(rows, picked)  # rows is sorted and holds every picked row
-        feats = {}
-        for n, x in data.items():
-            t = torch.from_numpy(x[where]).float()
-            feats[n] = torch.nn.functional.normalize(t, dim=-1) if self.l2_normalise else t
-        return Batch(picked, feats, torch.from_numpy(self.labels[picked]), torch.from_numpy(self.length[picked]))
+        return Batch(picked, {n: torch.from_numpy(x[where]) for n, x in data.items()},
+                     torch.from_numpy(self.labels[picked]), torch.from_numpy(self.length[picked]))
 
-    def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
-        """Batches over ``rows``, shuffled when a ``generator`` is given. In memory: a full
-        permutation. Streamed: blocks of ``block_rows`` of the sorted ``rows`` in shuffled order, each
-        read once (its rows only), shuffled within."""
+    def batches(self, rows: np.ndarray, batch_size: int, generator: torch.Generator | None = None,
+                share: tuple[int, int] = (0, 1)) -> Iterator[Batch | None]:
+        """Host batches (float16 features) over ``rows``, shuffled when a ``generator`` is given. In
+        memory: a full permutation. Streamed: blocks of ``block_rows`` of the sorted ``rows`` in
+        shuffled order, each read once (its rows only), shuffled within.
+
+        ``share`` ``(rank, world)``: every rank draws the same order and gets rows ``rank::world`` of
+        each batch, reading only those; a batch with fewer rows than ranks (a last batch) is ``None``
+        on every rank alike, so that all skip it together."""
+        rank, world = share
         rows = np.sort(rows)
-        if self.in_memory:
-            order = rows if generator is None else rows[torch.randperm(len(rows), generator=generator).numpy()]
-            for start in range(0, len(order), batch_size):
-                picked = order[start:start + batch_size]
-                ordered = np.sort(picked)
-                yield self._batch(picked, self._read(ordered), ordered)
-            return
-        blocks = [rows[s:s + self.block_rows] for s in range(0, len(rows), self.block_rows)]
-        if generator is not None:
+        blocks = [rows] if self.in_memory else [rows[s:s + self.block_rows] for s in range(0, len(rows),
+                                                                                           self.block_rows)]
+        if generator is not None and not self.in_memory:
             blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
         for block in blocks:
-            data = self._read(block)
             order = block if generator is None else block[torch.randperm(len(block), generator=generator).numpy()]
-            for start in range(0, len(order), batch_size):
-                yield self._batch(order[start:start + batch_size], data, block)
+            mine = [order[s:s + batch_size][rank::world] if min(batch_size, len(order) - s) >= world else order[:0]
+                    for s in range(0, len(order), batch_size)]
+            if self.in_memory:
+                for picked in mine:
+                    ordered = np.sort(picked)
+                    yield self._batch(picked, self._read(ordered), ordered) if len(picked) else None
+                continue
+            read = np.sort(np.concatenate(mine))
+            data = self._read(read)
+            for picked in mine:
+                yield self._batch(picked, data, read) if len(picked) else None
+
+    def loader(self, rows: np.ndarray, batch_size: int, device: torch.device, generator: torch.Generator | None = None,
+               share: tuple[int, int] = (0, 1)) -> Iterator[Batch | None]:
+        """:meth:`batches` ready on ``device`` (float32, normalised as the store says), the next ones
+        gathered by a background thread meanwhile; host batches are pinned for a CUDA device."""
+        pin = device.type == "cuda"
+        host = (b.pin_memory() if pin and b is not None else b for b in self.batches(rows, batch_size, generator,
+                                                                                     share))
+        for batch in prefetch(host):
+            yield None if batch is None else batch.to(device, self.l2_normalise)

@@ -6,7 +6,8 @@ is decoded with phase 1's decoding and preprocessing, at phase 1's sampling; the
 ``lazy`` path then asks for features frame by frame (:class:`FrameSource`): a frame is decoded
 the first time a backbone needs it (seeking to it; frames no decision reaches are neither decoded
 nor run through a CNN), and each backbone runs once per request on the frames of every video in
-flight. GFLOPs are counted exactly as ``train-policy`` counts them, from the cache's FLOPs table.
+flight. The policy runs on the backbones' device; features reach it there. GFLOPs are counted
+exactly as ``train-policy`` counts them, from the cache's FLOPs table.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
 from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess
 from extract.distributed import synchronize
-from extract.pipeline import compute_features
+from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
 
 from .methods import METHODS, Method
@@ -36,8 +37,9 @@ LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
 
 class FrameSource:
     """The sampled frames of a batch of videos, decoded and run through a backbone only when a
-    method asks (see :class:`~policy.methods.base.Frames`). Seconds spent decoding and computing
-    are kept per video (a batched forward's time shared by the frames in it)."""
+    method asks (see :class:`~policy.methods.base.Frames`); ``length`` and the features served are
+    on ``device``, the features kept on the host. Seconds spent decoding and computing are kept per
+    video (a batched forward's time shared by the frames in it)."""
 
     def __init__(self, paths: list[str], sampling: Sampling, backbones: dict[str, Backbone], device: torch.device,
                  downsample: str, l2: bool, steps: int | None, frames_per_pass: dict[str, int]):
@@ -52,8 +54,9 @@ class FrameSource:
                 raise decoding_failed(err) from None
             self.readers.append(reader)
             self.decode_seconds[v] += time.perf_counter() - start
-        self.length = torch.tensor([len(i) for i in self.indices])
-        self.steps = max(int(steps or 0), int(self.length.max()))  # the cache's T, as training saw it
+        length = torch.tensor([len(i) for i in self.indices])
+        self.steps = max(int(steps or 0), int(length.max()))  # the cache's T, as training saw it
+        self.length = length.to(device)
         self.backbones, self.device, self.downsample, self.l2 = backbones, device, downsample, l2
         self.frames_per_pass = frames_per_pass
         self.crops: list[dict[int, torch.Tensor]] = [{} for _ in paths]  # step -> (3, 224, 224) uint8
@@ -96,22 +99,23 @@ class FrameSource:
 
     def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
         steps = step if isinstance(step, torch.Tensor) else torch.full_like(self.length, step)
-        wanted = [(int(v), int(steps[v])) for v in rows.nonzero().flatten()]
+        videos = rows.nonzero().flatten()
+        wanted = list(zip(videos.tolist(), steps[videos].tolist()))
         self.compute(name, wanted)
         result = torch.zeros(len(self.length), self.backbones[name].dim)
         for v, s in wanted:
             result[v] = self.known[(name, v, s)]
-        return result
+        return result.to(self.device)
 
     def all_features(self, name: str, steps: torch.Tensor | None = None) -> torch.Tensor:
-        real = torch.arange(self.steps).unsqueeze(0) < self.length.unsqueeze(1)
+        real = torch.arange(self.steps, device=self.device).unsqueeze(0) < self.length.unsqueeze(1)
         steps = real if steps is None else steps & real
-        wanted = [(int(v), int(s)) for v, s in steps.nonzero()]
+        wanted = [(v, s) for v, s in steps.nonzero().tolist()]
         self.compute(name, wanted)  # one batched pass over every frame asked for
         out = torch.zeros(len(self.length), self.steps, self.backbones[name].dim)
         for v, s in wanted:
             out[v, s] = self.known[(name, v, s)]
-        return out
+        return out.to(self.device)
 
 
 @dataclasses.dataclass
@@ -139,20 +143,24 @@ def weights_argument(identity: str) -> str:
     return "imagenet"
 
 
-CALIBRATION = (1, 2, 4, 8, 16, 32)  # batch sizes timed per backbone
+CALIBRATION = {"cpu": (1, 2, 4, 8, 16, 32), "cuda": (16, 32, 64, 128, 256)}  # batch sizes timed per backbone
 CALIBRATION_SECONDS = 0.05  # the least time of one timing
+BATCH_VIDEOS = {"cpu": 8, "cuda": 64}  # videos in flight by default: the most frames of one step's forward pass
 
 
 def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: str) -> dict[str, tuple[int, float]]:
-    """Per backbone, ``(batch size, seconds per frame)`` of the size in ``CALIBRATION`` with the least
-    time per frame, timed here (a few seconds per backbone): on a GPU the largest wins, on a CPU
-    small batches can be several times faster per frame (EfficientNet-Lite0@224 on 2 cores: 7.8 ms
-    per frame in batches of 2, 25 ms in batches of 64). Each size's time is the best of three
-    timings of at least ``CALIBRATION_SECONDS`` each: a busy machine only ever adds time."""
+    """Per backbone, ``(batch size, seconds per frame)`` of the size in ``CALIBRATION[device.type]``
+    with the least time per frame, timed here (a few seconds per backbone). On a CPU small batches
+    can be several times faster per frame (EfficientNet-Lite0@224 on 2 cores: 7.8 ms per frame in
+    batches of 2, 25 ms in batches of 64). On a GPU the time per frame falls as the batch grows
+    until the GPU is full, at a size that depends on the GPU and the backbone: sizes up to 256 are
+    timed rather than one fixed, and the timing gives the seconds per frame that compute time is
+    predicted from. Each size's time is the best of three timings of at least
+    ``CALIBRATION_SECONDS`` each: a busy machine only ever adds time."""
     chosen = {}
     for name, backbone in backbones.items():
         best = (float("inf"), 1)
-        for size in CALIBRATION:
+        for size in CALIBRATION[device.type]:
             crops = torch.zeros(size, 3, 224, 224, dtype=torch.uint8)
             compute_features([backbone], crops, device, downsample)  # warm-up at this shape
             for _ in range(3):
@@ -167,8 +175,9 @@ def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: 
 
 
 def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded:
-    """The run in ``run_dir`` and the backbones of its cache; :class:`RunError` says what is missing.
-    ``frames_per_pass`` 0: each backbone's batch size as :func:`calibrate` times it on ``device``."""
+    """The run in ``run_dir`` and the backbones of its cache, the policy and the backbones on ``device``;
+    :class:`RunError` says what is missing. ``frames_per_pass`` 0: each backbone's batch size as
+    :func:`calibrate` times it on ``device``."""
     run = RunFolder.load(run_dir)
     cls = METHODS.get(run.method)
     if cls is None:
@@ -195,7 +204,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
     method = cls(cfg, {n: e.dim for n, e in flops.items()}, len(classes), {n: e.gflops for n, e in flops.items()})
     state = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
     method.model.load_state_dict(state["model"])
-    method.model.eval()
+    method.model.to(device).eval()
     backbones = {}
     for name in cls.lazy_needs(cfg):
         recorded = weights.get(name, "")
@@ -206,7 +215,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded
         if backbone.weights != recorded:
             raise RunError(f"{name}: the weights found ({backbone.weights}) differ from those the cache was "
                            f"extracted with ({recorded}): the policy would read other features")
-        backbone.module.to(device)
+        place_backbone(backbone, device)
         backbones[name] = backbone
     downsample = next((k for k, v in DOWNSAMPLE.items() if v == preprocessing.get("lower_resolutions")), "antialias")
     timed = calibrate(backbones, device, downsample) if frames_per_pass == 0 else {}
@@ -225,10 +234,10 @@ def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
         inf = loaded.method.lazy(loaded.method.model, frames, budget)
     rest = time.perf_counter() - start - (frames.decode_seconds.sum() - opened) - frames.compute_seconds.sum()
     frames.compute_seconds += max(rest, 0.0) / len(paths)  # the policy's own steps, shared by the videos
-    codes = loaded.method.codes
+    codes, lengths = loaded.method.codes, frames.length.tolist()
     results = []
     for v, path in enumerate(paths):
-        n = int(frames.length[v])
+        n = lengths[v]
         top = np.argsort(-inf.scores[v])[:5]
         actions = inf.actions[v, :n]
         results.append({"video": path, "top5": [[loaded.classes[c], float(inf.scores[v, c])] for c in top],
@@ -272,8 +281,8 @@ Examples:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--budget", type=click.IntRange(0), default=0,
               help="Stop after the K-th expensive read and answer with the prediction there (0: no budget).")
-@click.option("--batch-videos", type=click.IntRange(1), default=8, show_default=True,
-              help="Videos in flight: each backbone runs once per step on their frames.")
+@click.option("--batch-videos", type=click.IntRange(0), default=0, show_default=True,
+              help="Videos in flight: each backbone runs once per step on their frames; 0: 8 on the CPU, 64 on CUDA.")
 @click.option("--frames-per-pass", type=click.IntRange(0), default=0, show_default=True,
               help="Most frames per backbone forward pass; 0: each backbone's fastest per frame, timed at start.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
@@ -287,6 +296,7 @@ def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass
         torch.set_num_threads(threads)
     chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
+    batch_videos = batch_videos or BATCH_VIDEOS[chosen.type]
     try:
         loaded = load(run_dir, chosen, frames_per_pass)
     except RunError as err:

@@ -12,17 +12,15 @@ import ctypes
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from extract import distributed
-from extract.training import save_atomic, write_log
+from extract.distributed import Dist
+from extract.training import Loop, ResumeError, fit
 
-from .data import CachedFeatures, CacheError
+from .data import CachedFeatures, CacheError, default_memory_budget
 from .methods import METHODS, Inference, Method, check_config
 from .run_folder import CONFIG, Predictions, RunFolder, summarise
 
@@ -50,8 +48,8 @@ def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures,
     device = next(model.parameters()).device
     parts = []
     with torch.no_grad():
-        for batch in store.batches(rows, batch_size):
-            inf = method.infer(model, batch.part(slice(None), device))
+        for batch in store.loader(rows, batch_size, device):
+            inf = method.infer(model, batch)
             inf.step_scores = inf.step_scores.astype(np.float16)
             inf.extra = {k: v.astype(np.float16) for k, v in inf.extra.items()}
             parts.append(inf)
@@ -63,29 +61,12 @@ def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures,
                      step_frame=np.concatenate([p.step_frame for p in parts]) if ordered else None)
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The state of every generator training draws from: the CPU's, and the CUDA device's when
-    training on one (Gumbel noise, dropout and random policies draw there)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
-    """Every rank's :func:`rng_state`, indexed by rank (ranks draw different amounts: uneven shares)."""
-    mine = rng_state(device)
-    if world == 1:
-        return [mine]
-    states: list = [None] * world
-    torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
-    return states
+def memory_budget(gb: float, info: Dist, device: torch.device) -> int:
+    """This rank's share of the node's feature budget, in bytes: ``gb`` GiB per node, or half the
+    memory available (the least any rank of the job measured, before any of them loads), divided
+    among the node's ranks (each holds its own copy when the features fit its share)."""
+    node = int(gb * (1 << 30)) if gb else distributed.smallest(default_memory_budget(), device)
+    return node // info.local_world
 
 
 def evaluate_split(method: Method, inf: Inference, labels: np.ndarray) -> dict:
@@ -103,93 +84,67 @@ def predictions(method: Method, store: CachedFeatures, rows: np.ndarray, inf: In
 def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Train ``cfg.method`` on ``cfg.features``, write the run folder ``cfg.out``, return its metrics."""
     return_freed_memory()
-    info = distributed.setup()
+    distributed.deterministic(cfg.deterministic)
+    distributed.allow_tf32(cfg.tf32)
+    info, device = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
-    device = distributed.device_for(cfg.device, info)
     method_cls = METHODS[cfg.method]
     probe = CachedFeatures(cfg.features, [], memory_budget=0)
     cfg = method_cls.resolve(cfg, probe.flops, probe.sampling)
     probe.cache.close()
     check_config(cfg)
-    budget = int(cfg.memory_budget_gb * (1 << 30)) if cfg.memory_budget_gb else None
-    store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget=budget,
+    store = CachedFeatures(cfg.features, method_cls.needs(cfg), memory_budget(cfg.memory_budget_gb, info, device),
                            l2_normalise=cfg.normalise == "l2")
     train_rows, val_rows, eval_rows, val_note = store.splits(cfg.seed, cfg.val_fraction)
     if cfg.select_on == "eval":  # both official codes' protocol: the kept epoch is the best on the evaluation split
         train_rows = np.sort(np.concatenate([train_rows, val_rows[store.split[val_rows] == "train"]]))
         val_rows, val_note = eval_rows, "the evaluation split itself (select_on=eval, as the official codes)"
     method = method_cls(cfg, store.dims, len(store.classes), store.flops)
-    raw_model = method.model.to(device)  # saved and used for inference; hooks that train get `model`
+    raw_model = method.model.to(device)  # saved and used for inference; hooks that train get the DDP-wrapped model
     optimizer = method.optimizer()
-    model = DistributedDataParallel(raw_model, find_unused_parameters=True) if info.world > 1 else raw_model
     os.makedirs(cfg.out, exist_ok=True)
     resolved = {**dataclasses.asdict(cfg), "validation": val_note, "cache_dataset": store.dataset,
                 "cache_sampling": store.sampling, "features_in_memory": store.in_memory,
                 "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
-    start_epoch, best, log_rows = 0, -1.0, []
-    last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "model.pt")
+    best_path = os.path.join(cfg.out, "model.pt")
     if resume and os.path.exists(os.path.join(cfg.out, CONFIG)):
         with open(os.path.join(cfg.out, CONFIG)) as f:
             before = json.load(f)
         if (before["cache_dataset"], before["cache_sampling"]) != (store.dataset, store.sampling):
             raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
                              f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
-    if resume and os.path.exists(last_path):
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        try:
-            raw_model.load_state_dict(state["model"])
-        except RuntimeError:
-            raise CacheError(f"{cfg.out} was trained on features of other dimensions than {cfg.features} holds "
-                             f"({', '.join(f'{n}: {d}-d' for n, d in store.dims.items())}): "
-                             "start another --out") from None
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
-        start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
     if info.main:
         RunFolder.save_config(cfg.out, resolved)
-    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
-               disable=not (progress and info.main))
-    for epoch in range(start_epoch, cfg.epochs):
-        method.on_epoch(epoch, optimizer)
-        model.train()
+    loop = Loop(epochs=cfg.epochs, best=best_path, last=os.path.join(cfg.out, "last.pt"),
+                log=os.path.join(cfg.out, "train_log.csv"), desc=f"train {cfg.method}", find_unused_parameters=True,
+                meta={"features": {n: int(d) for n, d in store.dims.items()}, "classes": len(store.classes)},
+                progress=progress)
+
+    def batches(epoch: int):
         order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        started, losses = time.monotonic(), []
-        stats: dict[str, list[float]] = {}
-        for batch in store.batches(train_rows, cfg.batch_size, generator=order):
-            if len(batch.index) < info.world:  # a last batch too small to give every rank a video
-                continue
-            batch = batch.part(slice(info.rank, None, info.world), device)
-            loss, extra = method.loss(model, batch, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            for k, v in extra.items():
-                stats.setdefault(k, []).append(v)
+        return store.loader(train_rows, cfg.batch_size, device, order, share=(info.rank, info.world))
+
+    def validate(epoch: int, row: dict) -> dict[str, float]:
         val = evaluate_split(method, run_inference(method, raw_model, store, val_rows, cfg.batch_size),
                              store.labels[val_rows])
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), **{k: float(np.mean(v)) for k, v in stats.items()},
-               "val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"],
-               "seconds": time.monotonic() - started}
-        log_rows.append(row)
-        rng = all_rng_states(device, info.world)
-        if info.main:
-            if val["mAP"] >= best and method.selectable(epoch):  # a tie goes to the later, longer-trained epoch
-                best = val["mAP"]
-                save_atomic({"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": best}, best_path)
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": rng, "epoch": epoch, "best": best, "log": log_rows}, last_path)
-            write_log(os.path.join(cfg.out, "train_log.csv"), log_rows)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", val_mAP=f"{val['mAP']:.3f}")
-    bar.close()
-    distributed.barrier()
-    kept = torch.load(best_path, map_location="cpu", weights_only=True)
-    raw_model.load_state_dict(kept["model"])
-    inf = run_inference(method, raw_model, store, eval_rows, cfg.batch_size)
-    metrics = {**evaluate_split(method, inf, store.labels[eval_rows]), "best_epoch": int(kept["epoch"])}
+        return {"val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"]}
+
+    try:
+        fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=method.loss,
+            validate=validate, keep=lambda epoch, score: {"model": raw_model.state_dict(), "epoch": epoch,
+                                                          "val_mAP": score},
+            on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, resume=resume)
+    except ResumeError as err:
+        raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
     if info.main:
+        kept = torch.load(best_path, map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(kept["model"])
+        inf = run_inference(method, raw_model, store, eval_rows, cfg.batch_size)
+        metrics = {**evaluate_split(method, inf, store.labels[eval_rows]), "best_epoch": int(kept["epoch"])}
         RunFolder.save_results(cfg.out, metrics, predictions(method, store, eval_rows, inf), cache=store.path,
                                dataset=store.dataset)
+    distributed.barrier()
+    if not info.main:
+        metrics = RunFolder.load(cfg.out).metrics
     distributed.teardown()
     return metrics

@@ -10,6 +10,10 @@ import pytest
 from extract.demo import generate_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests run on the CPU, also on a GPU box (the README's numbers are CPU numbers; their subprocesses inherit
+# this); FRAMEGATE_TEST_CUDA=1 lets them see the GPU and run the CUDA tests. Set before torch first looks for one.
+if os.environ.get("FRAMEGATE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

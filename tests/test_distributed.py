@@ -7,7 +7,7 @@ import torch
 from conftest import killed_after_first_epoch, run_cli
 
 from policy.methods import METHODS
-from policy.train import rng_state, set_rng_state
+from extract.training import rng_state, set_rng_state
 
 SMALL = {"hidden": 16, "hidden_coarse": 16, "hidden_fine": 32, "warmup_epochs": 1, "joint_epochs": 1,
          "finetune_epochs": 1}

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from extract.backbones import create_backbone
 from extract.cache import Cache
 from extract.decode import read_frames
+from extract.demo import CLASSES
 from extract.sampling import Sampling
 
 BACKBONES = ["--backbone", "mobilenetv2@112", "--backbone", "resnet18@84"]
@@ -379,3 +380,108 @@ def test_list_dataset_reads_a_folder_per_class_without_annotations(demo_root, tm
     monkeypatch.chdir(tmp_path)
     refused = CliRunner().invoke(main, ["--dataset", "minik", "--video-root", str(root), "--out", str(out)])
     assert refused.exit_code == 2 and "no --annotations given and data/minik/annotations/ is empty" in refused.output
+
+
+# ---------------------------------------------------------------- feeding the device: batches, workers, the demo
+
+
+class FrameCode(torch.nn.Module):
+    """Stand-in backbone: each frame's feature is its first pixel (``dim`` copies); records batch sizes."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.one, self.dim, self.batches = torch.nn.Parameter(torch.ones(())), dim, []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return x[:, :1, 0, 0].expand(-1, self.dim) * self.one
+
+
+def test_a_group_runs_full_batches_and_one_partial_batch_in_one_transfer_each(monkeypatch):
+    """Frame counts that do not divide the batch size: the leftover frames wait for the next video,
+    only the group's last batch is partial, each frame's features land with its video, and every
+    batch comes back to the host in one transfer whatever the number of backbones."""
+    from tqdm import tqdm
+
+    from extract.backbones import Arch, Backbone
+    from extract.decode import VideoError
+    from extract.pipeline import ExtractConfig, Summary, _extract_group
+
+    lengths = [5, 3, 7, 0, 1, 6, 4, 2]  # 0: a video that fails to decode
+    first = np.cumsum([0] + lengths)
+
+    def frames_of(path, sampling, seek):
+        v = int(path)
+        if not lengths[v]:
+            raise VideoError("zero-byte file")
+        codes = torch.arange(first[v], first[v + 1], dtype=torch.uint8)  # each frame: its number in the group
+        return codes.view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous(), np.arange(lengths[v]), "exact"
+
+    monkeypatch.setattr("extract.pipeline.read_frames", frames_of)
+    arch = Arch("code", 1, "fc", build=None, imagenet=None, mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    backbones = [Backbone(f"code{dim}@8", arch, 8, FrameCode(dim), "none") for dim in (1, 2)]
+    written = []
+    journal = type("Journal", (), {"write": lambda self, done, failed, weights: written.extend(done)})()
+    transfers = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: transfers.append(t.shape) or cpu(t))
+    cfg = ExtractConfig("demo", [], "", [], Sampling(num_frames=4), "", batch_size=8, workers=0, chunk_videos=2)
+    summary = Summary()
+    items = [(v, str(v)) for v in range(len(lengths))]
+    _extract_group(cfg, backbones, items, [str(v) for v in range(len(lengths))], journal, torch.device("cpu"),
+                   tqdm(disable=True), summary)
+    total = sum(lengths)  # 28 frames: 3 batches of 8 and one of 4 (today: 8, 8, 8, 2, 2)
+    assert backbones[0].module.batches == backbones[1].module.batches == [8, 8, 8, 4]
+    assert len(transfers) == 4 and summary.frames == total
+    assert sorted(v.index for v in written) == [v for v in range(len(lengths)) if lengths[v]]
+    for video in written:
+        expected = np.arange(first[video.index], first[video.index + 1], dtype=np.float16)[:, None]
+        assert np.array_equal(video.features["code1@8"], expected)
+        assert np.array_equal(video.features["code2@8"], np.repeat(expected, 2, axis=1))
+
+
+def test_default_workers_follow_the_cores_per_rank(monkeypatch):
+    from click.testing import CliRunner
+
+    from extract import cli
+    from extract.decode import default_workers
+    from extract.pipeline import Summary
+
+    for cores, ranks, expected in ((64, None, 16), (64, "8", 7), (12, "2", 5), (2, None, 1), (2, "4", 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        if ranks is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert default_workers() == expected
+    seen = []
+    monkeypatch.setattr(cli, "run_extraction", lambda cfg: seen.append(cfg.workers) or Summary(cached=1))
+    args = ["--dataset", "demo", "--annotations", "unused.txt", "--no-progress"]
+    for extra in ([], ["--workers", "0"], ["--workers", "3"]):
+        assert CliRunner().invoke(cli.main, args + extra).exit_code == 0
+    assert seen == [1, 0, 3]  # 2 cores, 4 ranks: the least, 1; an explicit value as given
+    assert "Default: cores per rank - 1" in " ".join(CliRunner().invoke(cli.main, ["--help"]).output.split())
+
+
+SMALL_DEMO = """\
+import functools, runpy, sys
+from extract import demo
+demo.generate_demo = functools.partial(demo.generate_demo, videos_per_class=2, frames=24, test_fraction=0.5)
+sys.argv[0] = "extract-features"
+runpy.run_module("extract.cli", run_name="__main__")
+"""
+
+
+def test_torchrun_ranks_generate_the_demo_once_and_extract_it(tmp_path):
+    """Two ranks start on a folder without the demo: one generates it while the other waits."""
+    script = tmp_path / "small_demo.py"  # extract-features with a demo of 20 videos, not 240
+    script.write_text(SMALL_DEMO)
+    root, out = tmp_path / "demo", tmp_path / "c.h5"
+    proc = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--dataset", "demo",
+                   "--video-root", str(root), "--num-frames", "4", "--backbone", "efficientnet_lite0@112",
+                   "--out", str(out), "--workers", "0", "--no-progress", env={"OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("generating the demo dataset") == 1 and "20 videos cached" in proc.stdout
+    assert sorted(os.listdir(root / "videos")) == sorted(f"{c}_{k:03d}.mp4" for c in CLASSES for k in range(2))
+    data = read(out)
+    assert len(data["ids"]) == 20 and not data["failed"]

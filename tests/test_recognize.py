@@ -5,10 +5,17 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import run_cli
 from extract.cache import Cache, write_cache
-from policy.methods import METHODS
+from policy.data import Batch
+from policy.methods import METHODS, Method
+from policy.methods.base import at_frames
+from policy.models import real_mask
+from policy.recognize import load
 from policy.run_folder import Predictions, RunFolder
 from policy.train import train
 
@@ -122,3 +129,67 @@ def test_a_method_without_a_lazy_path_is_refused_in_one_line(demo_cache, tmp_pat
 def test_a_budget_for_a_method_that_does_not_read_in_order_is_refused(runs):
     proc = recognize(runs / "ocsampler", "any.mp4", "--budget", "2", check=False)
     assert proc.returncode == 1 and "--budget needs a method that reads frames in order" in proc.stderr
+
+
+def test_load_puts_the_policy_and_the_backbones_on_the_device(runs):
+    loaded = load(str(runs / "liteeval"), torch.device("meta"), frames_per_pass=8)  # meta: any device but the CPU
+    assert {p.device.type for p in loaded.method.model.parameters()} == {"meta"}
+    assert {p.device.type for b in loaded.backbones.values() for p in b.module.parameters()} == {"meta"}
+
+
+class InMemoryFrames:
+    """:class:`~policy.methods.base.Frames` over features already computed, on their device."""
+
+    def __init__(self, features: dict[str, torch.Tensor], length: torch.Tensor):
+        self.feats, self.length, self.steps = features, length, next(iter(features.values())).shape[1]
+
+    def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        steps = step if isinstance(step, torch.Tensor) else torch.full_like(self.length, step)
+        return at_frames(self.feats[name], steps) * rows.unsqueeze(1)
+
+    def all_features(self, name: str, steps: torch.Tensor | None = None) -> torch.Tensor:
+        mask = real_mask(self.length, self.steps) & (True if steps is None else steps)
+        return self.feats[name] * mask.unsqueeze(2)
+
+
+class OnlyOn(TorchDispatchMode):
+    """Fails at the first operation whose result is a tensor off ``device``."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                raise AssertionError(f"{func} made a tensor on {t.device}, the model is on {self.device}")
+        return out
+
+
+LAZY = sorted(name for name, cls in METHODS.items() if cls.lazy is not Method.lazy)
+
+
+@pytest.mark.parametrize("name", LAZY)
+def test_every_lazy_path_makes_its_tensors_on_the_models_device(name):
+    """The default device is set elsewhere (meta), as the CPU is when the model is on CUDA: a tensor
+    a lazy path makes without naming the model's device lands off it and fails here. The lazy path
+    takes the offline path's decisions."""
+    flops, dims = {"resnet50@224": 4.0, "mobilenetv2@84": 0.3}, {"resnet50@224": 6, "mobilenetv2@84": 5}
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    cfg = cls.resolve(cls.Config(method=name, **{"hidden": 8} if "hidden" in cls.Config.__dataclass_fields__ else {}),
+                      flops, {"num_frames": 16})
+    method = cls(cfg, dims, 3, flops)
+    method.model.eval()
+    length = torch.tensor([16, 10, 1])
+    features = {n: torch.randn(len(length), 16, d) * real_mask(length, 16).unsqueeze(2) for n, d in dims.items()}
+    with torch.no_grad():
+        # offline first: it also prices the modules (cached), which is no part of a lazy path
+        offline = method.infer(method.model, Batch(np.arange(len(length)), features, torch.zeros(3, 3), length))
+        for budget in (0, 2) if cls.stops_at_budget else (0,):
+            with torch.device("meta"), OnlyOn(torch.device("cpu")):
+                inf = method.lazy(method.model, InMemoryFrames(features, length), budget)
+            if not budget:
+                np.testing.assert_array_equal(inf.actions, offline.actions)
+                np.testing.assert_allclose(inf.scores, offline.scores, rtol=1e-5, atol=1e-6)

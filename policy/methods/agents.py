@@ -10,7 +10,8 @@ final prediction puts on the video's labels (:func:`~policy.methods.base.label_m
 learned baseline (a value head, not charged: it is not run at inference). Classification is
 trained by back-propagation, the decisions by REINFORCE; FrameGlimpse and FastForward subtract
 ``read_penalty`` times the share of the video's frames read from the reward. Action codes: :func:`read_codes`; the
-steps are reads in the order taken (``step_frame``).
+steps are reads in the order taken (``step_frame``). The policies' distributions skip argument
+validation (``validate_args=False``): it checks values on the host, a device sync at every step.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class _Agent(Method):
         """GMACs of one read: the expensive backbone and the agent's modules at that step."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, "sample")
         taken = (out["frames"] >= 0).to(out["logits"])
         ce = step_loss(out["logits"], batch.labels, taken)
@@ -87,7 +88,7 @@ class _Agent(Method):
         value = ((out["value"] - reward.unsqueeze(1)) ** 2 * taken).sum() / taken.sum().clamp(min=1)
         entropy = (out["entropy"] * taken).sum() / taken.sum().clamp(min=1)
         loss = ce + reinforce(out["log_prob"], advantage, taken) + value - self.cfg.entropy * entropy
-        return loss, {"ce": ce.item(), "reward": reward.mean().item(), "reads": taken.sum(1).mean().item()}
+        return loss, {"ce": ce.detach(), "reward": reward.mean().detach(), "reads": taken.sum(1).mean().detach()}
 
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
         """Decisions by argmax (the policy's mode), or ``forced`` ones (see :meth:`rollout`)."""
@@ -147,7 +148,7 @@ class FastForward(_Agent):
         for s in range(steps_of(batch)):
             h2, c2 = model.lstm(read(fine, self.cfg.fine, alive, pos), (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
-            dist = Categorical(logits=model.policy(h))
+            dist = Categorical(logits=model.policy(h), validate_args=False)
             action = _choose(dist, mode, None if forced is None else forced["actions"][:, s])
             out["logits"].append(model.classifier(h))
             out["frames"].append(torch.where(alive, pos, -1))
@@ -210,8 +211,8 @@ class FrameGlimpse(_Agent):
             x = torch.cat([read(fine, self.cfg.fine, alive, pos), where.unsqueeze(1)], 1)
             h2, c2 = model.lstm(x, (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
-            stop_dist = Bernoulli(logits=model.stop(h).squeeze(1))
-            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
+            stop_dist = Bernoulli(logits=model.stop(h).squeeze(1), validate_args=False)
+            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
             stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].float())
             nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
             last = s == self.cfg.glimpses - 1
@@ -296,7 +297,7 @@ class AdaFrame(_Agent):
             h2, c2 = model.lstm(torch.cat([read(fine, self.cfg.fine, alive, pos), context], 1), (h, c))
             h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
             utility = model.utility(h).squeeze(1)
-            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma)
+            move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
             nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
             out["logits"].append(model.classifier(h))
             out["frames"].append(torch.where(alive, pos, -1))
@@ -313,7 +314,7 @@ class AdaFrame(_Agent):
             where = torch.where(alive, nxt.detach(), where)
         return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": memory_frames}
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, "sample")
         logits = out["logits"]
         taken = (out["frames"] >= 0).to(logits)
@@ -331,7 +332,7 @@ class AdaFrame(_Agent):
             future[:, s - 1] = running
         utility = ((out["value"] - future) ** 2 * taken).sum() / taken.sum().clamp(min=1)
         loss = ce + reinforce(out["log_prob"], future - out["value"], taken) + utility
-        return loss, {"ce": ce.item(), "reward": reward.sum(1).mean().item()}
+        return loss, {"ce": ce.detach(), "reward": reward.sum(1).mean().detach()}
 
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
         out = model(self.rollout, batch, "argmax", forced)
@@ -400,7 +401,7 @@ class MultiAgent(_Agent):
             context = seen.mean(1, keepdim=True).expand_as(seen)
             h = model.gru(torch.cat([seen, context], 2).reshape(n * agents, -1), h)
             logits = model.classifier(feats).mean(1, keepdim=True).expand(n, agents, -1)  # the agents' prediction
-            dist = Categorical(logits=model.policy(h).view(n, agents, 3))
+            dist = Categorical(logits=model.policy(h).view(n, agents, 3), validate_args=False)
             last = s == self.cfg.steps
             move = _choose(dist, mode, None if forced is None or last else forced["moves"][:, s])
             out["logits"].append(logits)

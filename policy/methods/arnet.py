@@ -378,7 +378,7 @@ class ARNetMethod(_Family):
     def selectable(self, epoch: int) -> bool:
         return self.stage(epoch) == self.schedule[-1]
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.stage(epoch) == "warmup":
             return self.warmup_loss(model, batch), {}
         out, frame_logits, weight = self._route(model, batch, mode="gumbel", tau=self.tau(epoch))
@@ -386,7 +386,7 @@ class ARNetMethod(_Family):
         flops = flops_per_frame(out["P"], *self.action_costs(batch.length.device), batch.length)
         uniform = uniform_usage(out["frame_P"], batch.length)
         loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
-        return loss, {"ce": ce.mean().item(), "gflops_per_frame": flops.mean().item()}
+        return loss, {"ce": ce.mean().detach(), "gflops_per_frame": flops.mean().detach()}
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
@@ -397,15 +397,15 @@ class ARNetMethod(_Family):
         the policy has run (its decisions never read them); with ``budget`` K, each video stops after
         its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
         length, names, policy = frames.length, self.names, self.cfg.policy
-        n, L = len(length), len(names)
-        skips, allowed = torch.tensor(self.skips), self.allowed("cpu")
-        h = torch.zeros(n, model.lstm.hidden_size)
+        n, L, device = len(length), len(names), length.device
+        skips, allowed = torch.tensor(self.skips, device=device), self.allowed(device)
+        h = torch.zeros(n, model.lstm.hidden_size, device=device)
         c = torch.zeros_like(h)
-        remaining, reads = (torch.zeros(n, dtype=torch.long) for _ in range(2))
+        remaining, reads = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(2))
         alive = length > 0
-        frame_logits = torch.zeros(n, frames.steps, self.num_classes)
+        frame_logits = torch.zeros(n, frames.steps, self.num_classes, device=device)
         codes, chosen_P = [], []
-        routed = torch.zeros(L, n, frames.steps, dtype=torch.bool)  # frames whose features come after the loop
+        routed = torch.zeros(L, n, frames.steps, dtype=torch.bool, device=device)  # features read after the loop
         for t in range(frames.steps):
             active = (remaining == 0) & (t < length) & alive
             x = frames.features(policy, active, t)
@@ -433,7 +433,7 @@ class ARNetMethod(_Family):
             if mask.any():
                 frame_logits[mask] = model.heads[level](frames.all_features(names[level], mask)[mask])
         P = torch.stack(chosen_P, 1)
-        spent = step_gflops(P, *self.action_costs("cpu"))
+        spent = step_gflops(P, *self.action_costs(device))
         return averaged_inference(frame_logits, P[:, :, :L].sum(-1), numpy(torch.stack(codes, 1)),
                                   numpy(spent.cumsum(1)).astype(np.float64))
 
@@ -447,7 +447,7 @@ class _WarmupOnly(_Family):
         cfg = super().resolve(cfg, flops, sampling)
         return dataclasses.replace(cfg, epochs=cfg.warmup_epochs)
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.warmup_loss(model, batch), {}
 
 

@@ -86,7 +86,9 @@ class TrainConfig:
     select_on: str = "val"  # the checkpoint kept: best on the held-out val split | eval (both official codes)
     val_fraction: float = 0.1
     device: str = "auto"
-    memory_budget_gb: float = 0.0  # 0: half the memory available
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); the CPU always is
+    tf32: bool = False  # CUDA: TF32 matmuls (faster on Ampere and later, ~1e-3 relative error)
+    memory_budget_gb: float = 0.0  # features held in RAM, per node (its ranks share it); 0: half the memory available
     fine: str = ""  # feature name; "": the cache's most expensive feature
     coarse: str = ""  # feature name; "": the cache's cheapest feature
 
@@ -122,9 +124,10 @@ class Steps(nn.Module):
 
 class Frames(Protocol):
     """The sampled frames of a batch of videos as ``recognize`` serves them to :meth:`Method.lazy`:
-    nothing is decoded or run through a backbone until a method asks for it."""
+    nothing is decoded or run through a backbone until a method asks for it. ``length`` and every
+    feature are on the model's device; a lazy path makes its own tensors there (``length.device``)."""
 
-    length: torch.Tensor  # (N,) sampled frames per video
+    length: torch.Tensor  # (N,) sampled frames per video, on the model's device
     steps: int  # T: the cache's steps (padding past each video's length)
 
     def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
@@ -212,7 +215,9 @@ class Method:
     def build(self) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(mean loss, statistics)``: the statistics are detached 0-d tensors (the training loop
+        averages them per epoch; a ``.item()`` per batch would wait for the device every step)."""
         raise NotImplementedError
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
@@ -221,10 +226,10 @@ class Method:
     def lazy_batch(self, frames: Frames, features: dict[str, torch.Tensor | Frames | None]) -> Batch:
         """A batch for :meth:`infer` over ``recognize``'s videos: each feature as computed, as
         ``frames`` itself (read when a rollout gets there), or ``None`` (never read: zeros)."""
-        n = len(frames.length)
-        feats = {name: torch.zeros(n, frames.steps, self.dims[name]) if value is None else value
+        n, device = len(frames.length), frames.length.device
+        feats = {name: torch.zeros(n, frames.steps, self.dims[name], device=device) if value is None else value
                  for name, value in features.items()}
-        return Batch(np.arange(n), feats, torch.zeros(n, self.num_classes), frames.length)
+        return Batch(np.arange(n), feats, torch.zeros(n, self.num_classes, device=device), frames.length)
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """What :meth:`infer` returns, computing features only where the decisions use them
@@ -270,7 +275,7 @@ def spread_steps(length: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     kept = length.clamp(max=k)
     i = torch.arange(k, device=length.device).unsqueeze(0)
     step = ((i + 0.5) * length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
-    return torch.where(i < kept.unsqueeze(1), step.clamp(max=length.max().item() - 1), 0), kept
+    return torch.where(i < kept.unsqueeze(1), step.clamp(max=(length - 1).unsqueeze(1)), 0), kept
 
 
 def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
@@ -405,7 +410,8 @@ def numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def price(module: nn.Module, *shape: int) -> float:
-    """GMACs of ``module`` on one zero input of ``shape``, on the module's device (shapes decide, not weights)."""
-    return count_gflops(module, torch.zeros(*shape, device=next(module.parameters()).device))
+    """GMACs of ``module`` on one zero input of ``shape``, priced on the CPU whatever the module's
+    device (shapes decide, not weights)."""
+    return count_gflops(module, torch.zeros(*shape))
 
 

@@ -47,13 +47,14 @@ class _OnFineFeatures(Method):
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """No decisions: the fine features of the ``frames`` picked (with ``budget`` K, the first K
         of them), then :meth:`infer` on them (frames not picked stay zeros, never read)."""
+        length = frames.length
         if self.cfg.frames > 0:
-            order, kept = spread_steps(frames.length, self.cfg.frames)
+            order, kept = spread_steps(length, self.cfg.frames)
         else:
-            order, kept = torch.arange(frames.steps).expand(len(frames.length), -1), frames.length
+            order, kept = torch.arange(frames.steps, device=length.device).expand(len(length), -1), length
         used = real_mask(kept, order.shape[1])
         if budget:
-            used &= torch.arange(order.shape[1]).unsqueeze(0) < budget
+            used &= torch.arange(order.shape[1], device=length.device).unsqueeze(0) < budget
         fine = frames.all_features(self.cfg.fine, frame_mask(torch.where(used, order, -1), frames.steps))
         return truncate(self.infer(model, self.lazy_batch(frames, {self.cfg.fine: fine})), self.codes, budget)
 
@@ -72,7 +73,7 @@ class Uniform(_OnFineFeatures):
     def build(self) -> nn.Module:
         return FrameClassifier(self.dims[self.cfg.fine], self.num_classes)
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
@@ -123,7 +124,7 @@ class LSTMBaseline(_OnFineFeatures):
             logits = (logits * mask).cumsum(1) / seen
         return logits
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = spread_frames(batch, [self.cfg.fine], self.cfg.frames)
         logits = self.step_logits(model, batch)
         return soft_cross_entropy(last_step(logits, batch.length), batch.labels).mean(), {}

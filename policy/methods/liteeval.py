@@ -94,11 +94,11 @@ class LiteEvalMethod(Method):
             return self.cfg.lam * (usage.mean() - self.cfg.gamma) ** 2 * torch.ones_like(usage)
         return self.cfg.lam * (usage - self.cfg.gamma) ** 2
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self._run(model, batch, mode="gumbel", tau=self.tau(epoch))
         ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
         usage = self.usage(out["gate"], batch.length)
-        return (ce + self.budget(usage)).mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
+        return (ce + self.budget(usage)).mean(), {"ce": ce.mean().detach(), "usage": usage.mean().detach()}
 
     @cached_property
     def policy_costs(self) -> tuple[float, float, float]:
@@ -133,11 +133,11 @@ class LiteEvalMethod(Method):
         The same network steps as :meth:`infer` (``LiteEval._steps``, one step at a time, the gate
         given), so the decisions are those the cache's features give."""
         c, length = self.cfg, frames.length
-        n, hidden = len(length), (model.hidden_coarse, model.hidden_fine)
-        hc, cc = (torch.zeros(n, hidden[0]) for _ in range(2))
-        hf, cf = (torch.zeros(n, hidden[1]) for _ in range(2))
+        n, hidden, device = len(length), (model.hidden_coarse, model.hidden_fine), length.device
+        hc, cc = (torch.zeros(n, hidden[0], device=device) for _ in range(2))
+        hf, cf = (torch.zeros(n, hidden[1], device=device) for _ in range(2))
         alive = length > 0
-        reads = torch.zeros(n, dtype=torch.long)
+        reads = torch.zeros(n, dtype=torch.long, device=device)
         logits, gates, processed = [], [], []
         upfront = None if budget else frames.all_features(c.coarse)  # every frame's, in one batched pass
         for t in range(frames.steps):
@@ -174,7 +174,7 @@ class LiteEvalRL(LiteEvalMethod):
     reports = ("usage",)
     ablations = ()
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self._run(model, batch, mode="bernoulli")
         ce = soft_cross_entropy(last_step(out["logits"], batch.length), batch.labels)
         usage = self.usage(out["gate"], batch.length)
@@ -183,4 +183,4 @@ class LiteEvalRL(LiteEvalMethod):
         advantage = (reward - baseline).detach()
         policy = -(advantage * out["log_prob"].sum(1))
         loss = ce + policy + F.mse_loss(baseline, reward, reduction="none")
-        return loss.mean(), {"ce": ce.mean().item(), "usage": usage.mean().item()}
+        return loss.mean(), {"ce": ce.mean().detach(), "usage": usage.mean().detach()}

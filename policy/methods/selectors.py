@@ -121,11 +121,11 @@ class ListenToLook(Method):
         """The preview of every frame (one batched pass), then each pick's expensive features only."""
         return self.infer(model, self.lazy_batch(frames, {self.cfg.coarse: frames, self.cfg.fine: frames}))
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, False)
         taken = out["frames"] >= 0
         ce = soft_cross_entropy(running_mean(out["logits"], taken)[:, -1], batch.labels).mean()
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
 
     def infer(self, model: nn.Module, batch: Batch) -> Inference:
         out = model(self.rollout, batch, True)
@@ -226,14 +226,14 @@ class OCSampler(Method):
     def frame_logits(self, model: nn.Module, batch: Batch, frames: torch.Tensor) -> torch.Tensor:
         return model.classifier(read_many(batch.features[self.cfg.fine], self.cfg.fine, frames.clamp(min=0)))
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if epoch < self.cfg.warmup_epochs:
             fine = batch.features[self.cfg.fine]
             taken = real_mask(batch.length, fine.shape[1])
             ce = step_loss(model(lambda net: net.classifier(fine)), batch.labels, taken.to(fine))
-            return ce, {"ce": ce.item()}
+            return ce, {"ce": ce.detach()}
         loss, rewards = model(self.policy_loss, batch)
-        return loss, {"reward": rewards[0].mean().item(), "greedy_reward": rewards[1].mean().item()}
+        return loss, {"reward": rewards[0].mean(), "greedy_reward": rewards[1].mean()}
 
     def policy_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Self-critical REINFORCE: ``(loss, [reward of the drawn K, reward of the greedy K])``."""
@@ -291,6 +291,14 @@ def coarse_to_fine(n: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+@lru_cache(maxsize=None)
+def reading_orders(steps: int, frames: int) -> torch.Tensor:
+    """(steps + 1, frames) row ``n``: the first ``frames`` of :func:`coarse_to_fine` (``n``), -1 past
+    its end; a batch's orders are rows of it, found on the device without reading lengths back."""
+    rows = [list(coarse_to_fine(n)[:frames]) for n in range(steps + 1)]
+    return torch.tensor([r + [-1] * (frames - len(r)) for r in rows])
+
+
 @dataclass
 class FrameExitConfig(TrainConfig):
     hidden: int = 512
@@ -340,15 +348,15 @@ class FrameExit(Method):
         return (self.flops[self.cfg.fine] + price(m.embed, 1, self.dims[self.cfg.fine])
                 + price(m.classifier, 1, hidden) + price(m.gates[0], 1, hidden))
 
-    def order(self, length: torch.Tensor) -> torch.Tensor:
-        """(N, S) the frames of each video in reading order, -1 past its length (S = ``max_frames``)."""
-        rows = [list(coarse_to_fine(int(n))[: self.cfg.max_frames]) for n in length.tolist()]
-        return torch.tensor([r + [-1] * (self.cfg.max_frames - len(r)) for r in rows], device=length.device)
+    def order(self, length: torch.Tensor, steps: int) -> torch.Tensor:
+        """(N, S) the frames of each video (at most ``steps``) in reading order, -1 past its length
+        (S = ``max_frames``)."""
+        return reading_orders(steps, self.cfg.max_frames).to(length.device)[length]
 
     def forward_all(self, model: nn.Module, batch: Batch) -> dict:
         """Every step's ``logits`` (N, S, C) and gate logits (N, S) on the pooled features, ``frames`` (N, S)."""
         fine = batch.features[self.cfg.fine]
-        frames = self.order(batch.length)
+        frames = self.order(batch.length, steps_of(batch))
         valid = (frames >= 0).unsqueeze(2)
         feats = model.embed(read_many(fine, self.cfg.fine, frames.clamp(min=0)))
         if self.cfg.pooling == "max":
@@ -359,25 +367,25 @@ class FrameExit(Method):
         gates = torch.stack([gate(pooled[:, s]).squeeze(1) for s, gate in enumerate(model.gates)], 1)
         return {"logits": model.classifier(pooled), "gates": gates, "frames": frames}
 
-    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.forward_all, batch)
         taken = (out["frames"] >= 0).to(out["logits"])
         ce = step_ce(out["logits"], batch.labels)
         target = (ce.detach() < self.cfg.epsilon).to(ce)
         gate = F.binary_cross_entropy_with_logits(out["gates"], target, reduction="none")
         per_video = per_video_mean(ce + self.cfg.gate_weight * gate, taken)
-        return per_video.mean(), {"ce": per_video_mean(ce, taken).mean().item(),
-                                  "exit_target": (target * taken).sum().item() / taken.sum().clamp(min=1).item()}
+        return per_video.mean(), {"ce": per_video_mean(ce, taken).mean().detach(),
+                                  "exit_target": (target * taken).sum() / taken.sum().clamp(min=1)}
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """Frames in its order, one step at a time for the videos still going: a step's expensive
         features, then its gate (which reads only the frames so far); ``budget`` K caps the reads at K."""
         c = self.cfg
-        order = self.order(frames.length)
+        order = self.order(frames.length, frames.steps)
         batch = self.lazy_batch(frames, {c.fine: None})  # filled in step by step
         fine = batch.features[c.fine]
         alive = frames.length > 0
-        exit_at = torch.zeros(len(alive), dtype=torch.long)
+        exit_at = torch.zeros(len(alive), dtype=torch.long, device=alive.device)
         for s in range(order.shape[1]):
             rows = alive & (order[:, s] >= 0)
             if not rows.any():
