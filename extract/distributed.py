@@ -8,6 +8,7 @@ sees a GPU. Results are reproducible (same seed, same numbers) on the CPU; on CU
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # ranks on this node
+    owner: bool = False  # this process joined the process group in setup(), and teardown() leaves it
 
     @property
     def main(self) -> bool:
@@ -54,11 +56,12 @@ def setup(choice: str = "auto") -> tuple[Dist, torch.device]:
     device = device_for(choice, info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if info.world > 1 and not dist.is_initialized():
+    if info.world > 1 and not dist.is_initialized():  # a group the caller made is used, and left to the caller
         if device.type == "cuda":
             dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
+        info = dataclasses.replace(info, owner=True)
     return info, device
 
 
@@ -74,9 +77,10 @@ def deterministic(enabled: bool) -> None:
 
 
 def allow_tf32(enabled: bool) -> None:
-    """TF32 for CUDA matmuls and convolutions (faster on Ampere and later, ~1e-3 relative error); off by default."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 for CUDA matmuls when ``enabled`` (faster on Ampere and later, ~1e-3 relative error);
+    otherwise torch's defaults stay: float32 matmuls, TF32 in cuDNN's convolutions and RNNs."""
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def smallest(value: int, device: torch.device) -> int:
@@ -94,8 +98,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(info: Dist) -> None:
+    """Leave the process group if :func:`setup` joined it."""
+    if info.owner and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -202,6 +202,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
                    "stay untrained; the backbone is trained on the others", err=True)
     segments = cfg.resolved_segments()
     per_pass = max(1, cfg.batch_size // info.world // cfg.accumulate)  # videos per rank and forward pass
+    if per_pass * info.world * cfg.accumulate != cfg.batch_size and info.main:
+        click.echo(f"warning: --batch-size {cfg.batch_size} does not split into {info.world} rank(s) x "
+                   f"accumulate={cfg.accumulate}: each step takes {per_pass * info.world * cfg.accumulate} videos",
+                   err=True)
     backbone = create_backbone(cfg.backbone, weights=cfg.init)
     torch.manual_seed(cfg.seed)
     raw_model = TSN(backbone.module, backbone.dim, len(ann.classes), cfg.dropout).to(device)
@@ -226,7 +230,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     train_loader = DataLoader(train_set, batch_size=per_pass, sampler=sampler, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=per_pass, **loader_kw)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    loop = Loop(epochs=cfg.epochs, best=cfg.out, last=cfg.out + ".last.pt", log=cfg.out + ".log.csv",
+    loop = Loop(epochs=cfg.epochs, seed=cfg.seed, best=cfg.out, last=cfg.out + ".last.pt", log=cfg.out + ".log.csv",
                 desc=f"finetune {cfg.backbone}", clip_grad=cfg.clip_grad, amp=cfg.amp, accumulate=cfg.accumulate,
                 agree_each_step=True,
                 meta={"backbone": cfg.backbone, "classes": len(ann.classes), "segments": segments},
@@ -264,13 +268,13 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
                      on_epoch=on_epoch, resume=resume)
     except ResumeError as err:
         raise WeightsUnavailable(str(err)) from None
-    distributed.teardown()
+    distributed.teardown(info)
     if info.main:
         for vid, reason in sorted(failed.items())[:20]:
             click.echo(f"failed (skipped): {vid}: {reason}", err=True)
         if len(failed) > 20:
             click.echo(f"... and {len(failed) - 20} more skipped videos", err=True)
-    return {"best_val_mAP": fitted.best, "epochs": fitted.log, "failed": failed}
+    return {"best_val_mAP": fitted.best_mAP, "epochs": fitted.log, "failed": failed}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b

@@ -287,6 +287,6 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
             attrs=attrs, flops={n: flops[n] for n in names}, weights=weights, max_length=cfg.sampling.max_length)
         journal.remove()
     distributed.barrier()
-    distributed.teardown()
+    distributed.teardown(info_dist)
     summary.seconds = time.monotonic() - started
     return summary

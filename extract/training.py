@@ -86,6 +86,7 @@ class Loop:
     best validation mAP), ``last`` (the resume point), ``log`` (one CSV row per epoch)."""
 
     epochs: int
+    seed: int
     best: str
     last: str
     log: str
@@ -101,14 +102,31 @@ class Loop:
 
 @dataclass
 class Fitted:
-    best_epoch: int
-    best: float  # the kept epoch's validation mAP (-1: no epoch was kept)
+    best_epoch: int  # -1: no epoch was kept
+    best_mAP: float  # the kept epoch's validation mAP (NaN when nothing validated)
     log: list[dict]
 
 
 def _rank_score(value: float) -> float:
     """A validation mAP as ranked for the kept checkpoint: NaN (nothing validated) below any real score."""
     return -0.5 if math.isnan(value) else value
+
+
+def resume_point(loop: Loop) -> dict | None:
+    """The resume point ``loop.last`` (``None`` if there is none), checked against ``loop.meta``:
+    :class:`ResumeError` says in one line what differs. Call it before writing anything of a resumed run."""
+    if not os.path.exists(loop.last):
+        return None
+    state = torch.load(loop.last, map_location="cpu", weights_only=True)
+    saved = state.get("meta", state)  # resume points before the meta field kept some of it at the top
+    differs = {k: (saved[k], v) for k, v in loop.meta.items() if k in saved and saved[k] != v}
+    if differs:
+        said = "; ".join(f"{k}: {old} there, {new} here" for k, (old, new) in differs.items())
+        raise ResumeError(f"{loop.last} belongs to another run ({said}): pass another --out")
+    missing = {"model", "optimizer", "epoch", "best", "log"} - set(state)
+    if missing:
+        raise ResumeError(f"{loop.last} lacks {', '.join(sorted(missing))}: it is no resume point; pass another --out")
+    return state
 
 
 def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, info: Dist, device: torch.device,
@@ -123,7 +141,8 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
     ``step(model, batch, epoch)`` returns the mean loss and per-batch statistics (0-d tensors,
     averaged per epoch); ``validate(epoch, row)`` (rank 0 only; ``row``: the epoch's
     log so far) returns more log columns, ``val_mAP`` among them; ``keep(epoch, val_mAP)`` is what
-    ``loop.best`` holds. The caller seeds the generators before building the model (every rank alike).
+    ``loop.best`` holds. The caller seeds the generators before building the model (every rank alike);
+    with more than one rank each then draws its own stream, seeded by ``(loop.seed, rank)``.
     """
     model = raw_model
     if info.world > 1:
@@ -131,18 +150,23 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
                                         find_unused_parameters=loop.find_unused_parameters)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    start, best, best_epoch, log = 0, -1.0, -1, []
-    if resume and os.path.exists(loop.last):
-        state = torch.load(loop.last, map_location="cpu", weights_only=True)
-        differs = {k: (v, loop.meta.get(k)) for k, v in state.get("meta", {}).items() if loop.meta.get(k) != v}
-        if differs:
-            said = "; ".join(f"{k}: {old} there, {new} here" for k, (old, new) in differs.items())
-            raise ResumeError(f"{loop.last} belongs to another run ({said}): pass another --out")
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
-        start, best, best_epoch, log = state["epoch"] + 1, state["best"], state["best_epoch"], state["log"]
+    start, best, best_mAP, best_epoch, log = 0, -1.0, math.nan, -1, []
+    state = resume_point(loop) if resume else None
+    if state is None and info.world > 1:
+        torch.manual_seed(loop.seed * 100003 + info.rank)  # ranks draw different noise and dropout
+    if state is not None:
+        try:
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:
+            raise ResumeError(f"{loop.last} does not fit this model ({str(err).splitlines()[0]}): "
+                              "pass another --out") from None
+        if state.get("scaler"):  # a run with fp16's gradient scaler resumed as such
+            scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
+        start, best, log = state["epoch"] + 1, state["best"], state["log"]
+        best_mAP, best_epoch = state.get("best_mAP", best), state.get("best_epoch", -1)
     shown = loop.progress and info.main
     bar = tqdm(total=loop.epochs, initial=start, desc=loop.desc, unit="epoch", disable=not shown)
     for epoch in range(start, loop.epochs):
@@ -172,9 +196,9 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
                 v = torch.as_tensor(v).detach().float()
                 sums[k] = sums[k] + v if k in sums else v
             if taken % loop.accumulate == 0:
-                _optimizer_step(loop, raw_model, optimizer, scaler)
-        if taken % loop.accumulate:
-            _optimizer_step(loop, raw_model, optimizer, scaler)  # the epoch's last, shorter accumulation
+                _optimizer_step(loop, raw_model, optimizer, scaler, loop.accumulate)
+        if taken % loop.accumulate:  # the epoch's last, shorter accumulation
+            _optimizer_step(loop, raw_model, optimizer, scaler, taken % loop.accumulate)
         seconds = time.monotonic() - started
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                **{k: (v / max(taken, 1)).item() for k, v in sums.items()}}
@@ -187,23 +211,30 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
         if info.main:
             score = _rank_score(row["val_mAP"])
             if score >= best and selectable(epoch):  # a tie goes to the later, longer-trained epoch
-                best, best_epoch = score, epoch
+                best, best_mAP, best_epoch = score, row["val_mAP"], epoch
                 save_atomic(keep(epoch, row["val_mAP"]), loop.best)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng, "epoch": epoch, "best": best,
-                         "best_epoch": best_epoch, "log": log, "meta": loop.meta}, loop.last)
+                         "best_mAP": best_mAP, "best_epoch": best_epoch, "log": log, "meta": loop.meta}, loop.last)
             write_log(loop.log, log)
             bar.set_postfix(loss=f"{row.get('loss', math.nan):.3f}", val_mAP=f"{row['val_mAP']:.3f}")
         bar.update(1)
     bar.close()
     distributed.barrier()
-    return Fitted(best_epoch, best, log)
+    return Fitted(best_epoch, best_mAP, log)
 
 
 def _optimizer_step(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler) -> None:
-    if loop.clip_grad:
+                    scaler: torch.amp.GradScaler, passes: int) -> None:
+    """One step on the gradients of ``passes`` accumulated passes (each loss divided by
+    ``loop.accumulate``: a shorter last group is scaled up to the mean of its passes)."""
+    if loop.clip_grad or passes < loop.accumulate:
         scaler.unscale_(optimizer)
+    if passes < loop.accumulate:
+        for p in raw_model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(loop.accumulate / passes)
+    if loop.clip_grad:
         nn.utils.clip_grad_norm_(raw_model.parameters(), loop.clip_grad)
     scaler.step(optimizer)
     scaler.update()

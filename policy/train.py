@@ -18,7 +18,7 @@ import torch
 
 from extract import distributed
 from extract.distributed import Dist
-from extract.training import Loop, ResumeError, fit
+from extract.training import Loop, ResumeError, fit, resume_point
 
 from .data import CachedFeatures, CacheError, default_memory_budget
 from .methods import METHODS, Inference, Method, check_config
@@ -63,10 +63,11 @@ def run_inference(method: Method, model: torch.nn.Module, store: CachedFeatures,
 
 def memory_budget(gb: float, info: Dist, device: torch.device) -> int:
     """This rank's share of the node's feature budget, in bytes: ``gb`` GiB per node, or half the
-    memory available (the least any rank of the job measured, before any of them loads), divided
-    among the node's ranks (each holds its own copy when the features fit its share)."""
-    node = int(gb * (1 << 30)) if gb else distributed.smallest(default_memory_budget(), device)
-    return node // info.local_world
+    memory available, divided among the node's ranks (each holds its own copy when the features fit
+    its share). Every rank gets the job's smallest share, measured before any rank loads: ranks that
+    held the features differently would draw different batch orders."""
+    node = int(gb * (1 << 30)) if gb else default_memory_budget()
+    return distributed.smallest(node // info.local_world, device)
 
 
 def evaluate_split(method: Method, inf: Inference, labels: np.ndarray) -> dict:
@@ -107,18 +108,23 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                 "cache_sampling": store.sampling, "features_in_memory": store.in_memory,
                 "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
     best_path = os.path.join(cfg.out, "model.pt")
-    if resume and os.path.exists(os.path.join(cfg.out, CONFIG)):
+    loop = Loop(epochs=cfg.epochs, seed=cfg.seed, best=best_path, last=os.path.join(cfg.out, "last.pt"),
+                log=os.path.join(cfg.out, "train_log.csv"), desc=f"train {cfg.method}", find_unused_parameters=True,
+                meta={"features": {n: int(d) for n, d in store.dims.items()}, "classes": len(store.classes)},
+                progress=progress)
+    if resume and os.path.exists(os.path.join(cfg.out, CONFIG)):  # checked before anything of the run is written
         with open(os.path.join(cfg.out, CONFIG)) as f:
             before = json.load(f)
         if (before["cache_dataset"], before["cache_sampling"]) != (store.dataset, store.sampling):
             raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
                              f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
+    try:
+        if resume:
+            resume_point(loop)
+    except ResumeError as err:
+        raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
     if info.main:
         RunFolder.save_config(cfg.out, resolved)
-    loop = Loop(epochs=cfg.epochs, best=best_path, last=os.path.join(cfg.out, "last.pt"),
-                log=os.path.join(cfg.out, "train_log.csv"), desc=f"train {cfg.method}", find_unused_parameters=True,
-                meta={"features": {n: int(d) for n, d in store.dims.items()}, "classes": len(store.classes)},
-                progress=progress)
 
     def batches(epoch: int):
         order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -129,13 +135,9 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
                              store.labels[val_rows])
         return {"val_mAP": val["mAP"], "val_top1": val["top1"], "val_gflops_per_video": val["gflops_per_video"]}
 
-    try:
-        fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=method.loss,
-            validate=validate, keep=lambda epoch, score: {"model": raw_model.state_dict(), "epoch": epoch,
-                                                          "val_mAP": score},
-            on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, resume=resume)
-    except ResumeError as err:
-        raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
+    fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=method.loss, validate=validate,
+        keep=lambda epoch, score: {"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": score},
+        on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, resume=resume)
     if info.main:
         kept = torch.load(best_path, map_location="cpu", weights_only=True)
         raw_model.load_state_dict(kept["model"])
@@ -146,5 +148,5 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     distributed.barrier()
     if not info.main:
         metrics = RunFolder.load(cfg.out).metrics
-    distributed.teardown()
+    distributed.teardown(info)
     return metrics

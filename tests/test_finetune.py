@@ -1,4 +1,5 @@
-"""finetune-backbone: a tiny real run, resume after SIGKILL, torchrun, the weights in extract-features, bad input."""
+"""finetune-backbone: a tiny real run, resume after SIGKILL, the weights in extract-features, bad input (torchrun:
+tests/test_devices.py)."""
 import os
 import shutil
 import signal
@@ -98,14 +99,6 @@ def test_resume_after_sigkill_ends_with_the_same_weights(two_classes, tmp_path):
     a = torch.load(f"{plain}.last.pt", weights_only=True)["model"]
     b = torch.load(f"{killed}.last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_two_processes_under_torchrun(two_classes, tmp_path):
-    out = tmp_path / "ddp.pt"
-    proc = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "extract.finetune",
-                   "--dataset", "list", "--video-root", str(two_classes), "--backbone", BACKBONE, "--out", str(out),
-                   "--epochs", "1", *FAST)
-    assert out.is_file() and proc.stdout.count("best validation mAP") == 1  # rank 0 alone reports and saves
 
 
 def test_bad_input_gets_one_line_and_the_run_goes_on(two_classes, tmp_path):
