@@ -166,7 +166,8 @@ def main() -> None:
         epoch = stage_epoch(cfg)
         method.on_epoch(epoch, optimizer)
         per_block = math.ceil(store.block_rows / cfg.batch_size)
-        steps = per_block + 1  # the first step warms up and is priced; the rest cross into a second block
+        # the first step warms up and is priced; the rest cross into a second block (a small cache: all its batches)
+        steps = min(per_block + 1, math.ceil(len(train_rows) / cfg.batch_size) - 1)
         batches = store.batches(train_rows, cfg.batch_size, generator=torch.Generator().manual_seed(0))
         wait = compute = 0.0
         model.train()

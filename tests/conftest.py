@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from extract.demo import generate_demo
 
@@ -64,3 +65,29 @@ def demo_cache(demo_root, tmp_path_factory):
             "--backbone", "efficientnet_lite0@112", "--backbone", "efficientnet_lite0@224", "--workers", "1",
             "--no-progress")
     return str(out)
+
+
+TOY_FLOPS, TOY_DIMS = {"resnet50@224": 4.0, "mobilenetv2@84": 0.3}, {"resnet50@224": 6, "mobilenetv2@84": 5}
+
+
+def toy_method(name: str, sampling: dict):
+    """Method ``name`` built on two made-up features (``TOY_DIMS``: 6-d expensive, 5-d cheap), 3 classes,
+    hidden 8 where it has that option; seeded."""
+    from policy.methods import METHODS
+
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    small = {"hidden": 8} if "hidden" in cls.Config.__dataclass_fields__ else {}
+    return cls(cls.resolve(cls.Config(method=name, **small), TOY_FLOPS, sampling), TOY_DIMS, 3, TOY_FLOPS)
+
+
+@pytest.fixture
+def two_classes(demo_root, tmp_path):
+    """A folder per class (the `list` format): 2 classes x 2 training videos, 1 validation video each."""
+    root = tmp_path / "videos"
+    for name in ("red_disc", "blue_disc"):
+        for split, numbers in (("train", ("000", "001")), ("val", ("001",))):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for number in numbers:
+                shutil.copy(os.path.join(demo_root, "videos", f"{name}_{number}.mp4"), root / split / name)
+    return root

@@ -1,7 +1,6 @@
 """The CUDA and multi-GPU paths, checked on a CPU: 2 gloo ranks under torchrun, a monkeypatched
 CUDA, stand-ins that count. What only a GPU can show is in bench/gpu_checks.py."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,14 +32,9 @@ def torchrun(*args, timeout=240):
     return proc.returncode, out, err
 
 
-def test_finetune_under_torchrun_goes_on_when_a_ranks_share_does_not_decode(demo_root, tmp_path):
+def test_finetune_under_torchrun_goes_on_when_a_ranks_share_does_not_decode(two_classes, tmp_path):
     """One rank's whole share of a step is a zero-byte video: both ranks skip that step together."""
-    root = tmp_path / "videos"
-    for name in ("red_disc", "blue_disc"):
-        for split, numbers in (("train", ("000", "001")), ("val", ("001",))):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for number in numbers:
-                shutil.copy(os.path.join(demo_root, "videos", f"{name}_{number}.mp4"), root / split / name)
+    root = two_classes
     (root / "train" / "red_disc" / "empty.mp4").write_bytes(b"")
     out = tmp_path / "ft.pt"
     code, stdout, stderr = torchrun("extract.finetune", "--dataset", "list", "--video-root", str(root), "--backbone",

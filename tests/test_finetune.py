@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 from conftest import ROOT, run_cli
 
@@ -17,18 +16,6 @@ from extract.finetune import segment_indices
 
 BACKBONE = "efficientnet_lite0@84"  # the one ImageNet backbone available offline, at its cheapest
 FAST = ("--set", "segments=4", "--batch-size", "4", "--workers", "0", "--no-progress")
-
-
-@pytest.fixture
-def two_classes(demo_root, tmp_path):
-    """A folder per class (the `list` format): 2 classes x 2 training videos, 1 validation video each."""
-    root = tmp_path / "videos"
-    for name in ("red_disc", "blue_disc"):
-        for split, numbers in (("train", ("000", "001")), ("val", ("001",))):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for number in numbers:
-                shutil.copy(os.path.join(demo_root, "videos", f"{name}_{number}.mp4"), root / split / name)
-    return root
 
 
 def finetune(root, out, *extra, check=True, env=None):

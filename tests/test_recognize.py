@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import run_cli
+from conftest import TOY_DIMS, run_cli, toy_method
 from extract.cache import Cache, write_cache
 from policy.data import Batch
 from policy.methods import METHODS, Method
@@ -175,15 +175,10 @@ def test_every_lazy_path_makes_its_tensors_on_the_models_device(name):
     """The default device is set elsewhere (meta), as the CPU is when the model is on CUDA: a tensor
     a lazy path makes without naming the model's device lands off it and fails here. The lazy path
     takes the offline path's decisions."""
-    flops, dims = {"resnet50@224": 4.0, "mobilenetv2@84": 0.3}, {"resnet50@224": 6, "mobilenetv2@84": 5}
-    torch.manual_seed(0)
-    cls = METHODS[name]
-    cfg = cls.resolve(cls.Config(method=name, **{"hidden": 8} if "hidden" in cls.Config.__dataclass_fields__ else {}),
-                      flops, {"num_frames": 16})
-    method = cls(cfg, dims, 3, flops)
+    cls, method = METHODS[name], toy_method(name, {"num_frames": 16})
     method.model.eval()
     length = torch.tensor([16, 10, 1])
-    features = {n: torch.randn(len(length), 16, d) * real_mask(length, 16).unsqueeze(2) for n, d in dims.items()}
+    features = {n: torch.randn(len(length), 16, d) * real_mask(length, 16).unsqueeze(2) for n, d in TOY_DIMS.items()}
     with torch.no_grad():
         # offline first: it also prices the modules (cached), which is no part of a lazy path
         offline = method.infer(method.model, Batch(np.arange(len(length)), features, torch.zeros(3, 3), length))

@@ -5,6 +5,7 @@ import collections
 import numpy as np
 import pytest
 import torch
+from conftest import TOY_DIMS, toy_method
 from torch.overrides import TorchFunctionMode
 
 from policy.data import Batch
@@ -28,15 +29,10 @@ class HostReads(TorchFunctionMode):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_training_loss_never_reads_back_from_the_device(name):
-    flops, dims = {"resnet50@224": 4.0, "mobilenetv2@84": 0.3}, {"resnet50@224": 6, "mobilenetv2@84": 5}
-    torch.manual_seed(0)
-    cls = METHODS[name]
-    cfg = cls.resolve(cls.Config(method=name, **{"hidden": 8} if "hidden" in cls.Config.__dataclass_fields__ else {}),
-                      flops, {"fps": 1.0})
-    method = cls(cfg, dims, 3, flops)
+    method = toy_method(name, {"fps": 1.0})
     length = torch.tensor([16, 10])
-    batch = Batch(np.arange(2), {n: torch.randn(2, 16, d) for n, d in dims.items()}, torch.eye(3)[:2], length)
-    for epoch in sorted({0, cfg.epochs - 1}):  # the first stage and the last (warm-ups, REINFORCE)
+    batch = Batch(np.arange(2), {n: torch.randn(2, 16, d) for n, d in TOY_DIMS.items()}, torch.eye(3)[:2], length)
+    for epoch in sorted({0, method.cfg.epochs - 1}):  # the first stage and the last (warm-ups, REINFORCE)
         with HostReads() as reads:
             loss, stats = method.loss(method.model, batch, epoch)
         assert not reads.calls, f"epoch {epoch}: {dict(reads.calls)}"
