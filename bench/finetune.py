@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from extract.backbones import create_backbone
 from extract.datasets import VideoRecord
+from extract.decode import normalisation
 from extract.distributed import synchronize
 from extract.finetune import TSN, Clips, collate, prepare
 from extract.training import soft_cross_entropy
@@ -102,8 +103,7 @@ def main() -> None:
         paths = sorted(glob.glob(os.path.join(args.videos, "*.mp4")))
     videos = [VideoRecord(os.path.basename(p), p, (i % CLASSES,), "train") for i, p in enumerate(paths)]
     dataset = Clips(videos, CLASSES, args.backbone, args.segments, train=True)
-    mean = torch.tensor(backbone.arch.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.arch.std, device=device).view(1, 3, 1, 1)
+    mean, std = normalisation(backbone.arch.mean, backbone.arch.std, device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=args.workers, prefetch_factor=4 if args.workers else None,
                         pin_memory=device.type == "cuda")

@@ -7,6 +7,8 @@ AR-Net's code); normalisation is per backbone.
 """
 from __future__ import annotations
 
+import functools
+
 import os
 from bisect import bisect_right
 from typing import Callable
@@ -156,6 +158,13 @@ def read_resized(path: str, choose: Callable[[int], np.ndarray]) -> torch.Tensor
 
 DOWNSAMPLE = {"antialias": "antialiased bilinear resize of the 224 crop",
               "nearest": "nearest-neighbour resize of the 224 crop (AR-Net's code)"}
+
+
+@functools.cache
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A backbone's ``(mean, std)`` as float32 ``(1, 3, 1, 1)`` tensors on ``device``, built once per
+    distinct triple: ``(x - mean) / std`` of frames in [0, 1]."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
 def resize_crop(crops: torch.Tensor, resolution: int, downsample: str = "antialias") -> torch.Tensor:

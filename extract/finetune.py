@@ -34,11 +34,11 @@ from . import distributed
 from .backbones import WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
-from .decode import VideoError, default_workers, read_frames, read_resized, resize_crop
+from .decode import VideoError, default_workers, normalisation, read_frames, read_resized, resize_crop
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
-from .training import Loop, ResumeError, fit, soft_cross_entropy
+from .training import Loop, ResumeError, fit, resume_point, soft_cross_entropy
 
 LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
 
@@ -214,8 +214,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    mean = torch.tensor(backbone.arch.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.arch.std, device=device).view(1, 3, 1, 1)
+    mean, std = normalisation(backbone.arch.mean, backbone.arch.std, device)
 
     def prep(clips: torch.Tensor) -> torch.Tensor:
         return prepare(clips, backbone.resolution, mean, std)
@@ -265,7 +264,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     try:
         fitted = fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=step,
                      validate=validate, keep=lambda epoch, score: raw_model.features.state_dict(),
-                     on_epoch=on_epoch, resume=resume)
+                     on_epoch=on_epoch, state=resume_point(loop) if resume else None)
     except ResumeError as err:
         raise WeightsUnavailable(str(err)) from None
     distributed.teardown(info)

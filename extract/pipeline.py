@@ -2,7 +2,6 @@
 frames of several videos batched together, journal the results, assemble the cache at the end."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -17,7 +16,8 @@ from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
 from .datasets import load_annotations
-from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, read_frames, resize_crop
+from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
+                     resize_crop)
 from .flops import FlopsEntry, backbone_flops
 from .sampling import Sampling
 
@@ -87,12 +87,6 @@ def place_backbone(backbone: Backbone, device: torch.device) -> None:
     backbone.module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
-@functools.cache
-def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Float32 ``(1, 3, 1, 1)`` normalisation tensors on ``device``, built once per distinct pair."""
-    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-
 def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device,
                      downsample: str = "antialias") -> dict[str, np.ndarray]:
     """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution,
@@ -104,7 +98,7 @@ def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: tor
         for res in sorted({b.resolution for b in backbones}, reverse=True):
             scaled = resize_crop(x, res, downsample)
             for b in (b for b in backbones if b.resolution == res):
-                mean, std = _mean_std(b.arch.mean, b.arch.std, device)
+                mean, std = normalisation(b.arch.mean, b.arch.std, device)
                 dtype = next(b.module.parameters()).dtype
                 inp = ((scaled - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
                 outputs[b.name] = b.module(inp).half()

@@ -133,16 +133,17 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
         batches: Callable[[int], Iterable[Any]], step: Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict]],
         validate: Callable[[int, dict], dict[str, float]], keep: Callable[[int, float], Any],
         on_epoch: Callable[[int], None] = lambda epoch: None, selectable: Callable[[int], bool] = lambda epoch: True,
-        resume: bool = False) -> Fitted:
+        state: dict | None = None) -> Fitted:
     """Train ``raw_model`` for ``loop.epochs`` epochs; returns the kept epoch and the log.
 
     ``batches(epoch)`` yields this rank's batches (``None``: nothing this time; every rank skips the
     step, also when only one rank's share failed to decode, with ``loop.agree_each_step``);
     ``step(model, batch, epoch)`` returns the mean loss and per-batch statistics (0-d tensors,
-    averaged per epoch); ``validate(epoch, row)`` (rank 0 only; ``row``: the epoch's
-    log so far) returns more log columns, ``val_mAP`` among them; ``keep(epoch, val_mAP)`` is what
-    ``loop.best`` holds. The caller seeds the generators before building the model (every rank alike);
-    with more than one rank each then draws its own stream, seeded by ``(loop.seed, rank)``.
+    averaged per epoch); ``validate(epoch, row)`` (rank 0 only; ``row``: the epoch's log so far)
+    returns more log columns, ``val_mAP`` among them; ``keep(epoch, val_mAP)`` is what ``loop.best``
+    holds; ``state`` is the :func:`resume_point` to continue from. The caller seeds the generators
+    before building the model (every rank alike); with more than one rank each then draws its own
+    stream, seeded by ``(loop.seed, rank)``.
     """
     model = raw_model
     if info.world > 1:
@@ -151,7 +152,6 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     start, best, best_mAP, best_epoch, log = 0, -1.0, math.nan, -1, []
-    state = resume_point(loop) if resume else None
     if state is None and info.world > 1:
         torch.manual_seed(loop.seed * 100003 + info.rank)  # ranks draw different noise and dropout
     if state is not None:

@@ -119,8 +119,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
             raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
                              f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
     try:
-        if resume:
-            resume_point(loop)
+        state = resume_point(loop) if resume else None
     except ResumeError as err:
         raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
     if info.main:
@@ -137,7 +136,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
 
     fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=method.loss, validate=validate,
         keep=lambda epoch, score: {"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": score},
-        on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, resume=resume)
+        on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, state=state)
     if info.main:
         kept = torch.load(best_path, map_location="cpu", weights_only=True)
         raw_model.load_state_dict(kept["model"])
