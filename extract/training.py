@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -53,6 +54,34 @@ def write_log(path: str, rows: list[dict]) -> None:
 
 class ResumeError(ValueError):
     """A resume point written by a run of another model or data."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, empty, truncated, foreign or unsafe."""
+
+
+def load_checkpoint(path: str, keys: tuple[str, ...] = ()) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU, as a dict holding ``keys``; anything else
+    (no file, zero bytes, truncated, not a torch file, a pickle that is more than tensors and
+    containers) is :class:`CheckpointError` in one line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted write; train again or delete it")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and containers; refused "
+                              "(it is loaded with weights_only=True: never unpickled)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        said = str(err).splitlines()[0][:120] if isinstance(err, (RuntimeError, OSError)) else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint, truncated or foreign ({said})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint")
+    if not set(keys) <= set(state):
+        lacks = ", ".join(sorted(set(keys) - set(state)))
+        raise CheckpointError(f"{path} is not a checkpoint of this kind (it lacks {lacks})")
+    return state
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -117,7 +146,10 @@ def resume_point(loop: Loop) -> dict | None:
     :class:`ResumeError` says in one line what differs. Call it before writing anything of a resumed run."""
     if not os.path.exists(loop.last):
         return None
-    state = torch.load(loop.last, map_location="cpu", weights_only=True)
+    try:
+        state = load_checkpoint(loop.last)
+    except CheckpointError as err:
+        raise ResumeError(f"{err}; start again without --resume, or pass another --out") from None
     saved = state.get("meta", state)  # resume points before the meta field kept some of it at the top
     differs = {k: (saved[k], v) for k, v in loop.meta.items() if k in saved and saved[k] != v}
     if differs:
