@@ -42,13 +42,14 @@ from extract.demo import generate_demo
 from extract.finetune import TSN
 from extract.training import soft_cross_entropy
 from policy.methods import METHODS
+from policy.methods.arnet import ARNetConfig
 from policy.run_folder import RunFolder
 from policy.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = ("efficientnet_lite0@224", "efficientnet_lite0@112", "efficientnet_lite0@84")
 SMALL = {"hidden": 64, "hidden_coarse": 64, "hidden_fine": 128, "warmup_epochs": 1, "joint_epochs": 2,
-         "finetune_epochs": 1, "epochs": 3}
+         "finetune_epochs": 1}
 results: dict[str, object] = {}
 
 
@@ -78,6 +79,8 @@ def extract(demo: str, out: str, device: str, workers: int = 2, batch: int = 32)
 def config(method: str, cache: str, out: str, device: str, **extra):
     fields = METHODS[method].Config.__dataclass_fields__
     small = {k: v for k, v in SMALL.items() if k in fields}
+    if not issubclass(METHODS[method].Config, ARNetConfig):  # AR-Net's family trains for its stages' epochs
+        small["epochs"] = 3
     return METHODS[method].Config(method=method, features=cache, out=out, device=device, batch_size=16, lr=1e-3,
                                   **{**small, **extra})
 

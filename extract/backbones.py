@@ -124,14 +124,24 @@ def finetuned_path(dataset: str, name: str, folder: str = os.path.join("data", "
     return os.path.join(folder, f"{dataset}_{name}.pt")
 
 
+# Input sizes a backbone may be run at: below 32 px the CNNs' 32x downsampling leaves less than one
+# feature cell; above 1024 px the 224 crop is only upsampled (no detail is added) at 20x the compute of 224
+# and a batch of 32 frames takes 400 MB in float32 before the first layer.
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
+
+
 def parse_name(name: str) -> tuple[str, int]:
-    """``'resnet101@224'`` -> ``('resnet101', 224)``; raises ValueError naming the known archs."""
+    """``'resnet101@224'`` -> ``('resnet101', 224)``; raises ValueError naming the known archs, or the
+    allowed resolutions (``MIN_RESOLUTION``..``MAX_RESOLUTION``)."""
     arch, sep, res = name.partition("@")
     arch = "mobilenetv2" if arch == "mobilenet_v2" else arch
-    if arch not in ARCHS or not sep or not res.isdigit() or int(res) <= 0:
+    if arch not in ARCHS or not sep or not (res.isascii() and res.isdigit()):
         raise ValueError(
             f"backbone {name!r} is not arch@resolution with arch in {sorted(ARCHS)}"
         )
+    if not MIN_RESOLUTION <= int(res) <= MAX_RESOLUTION:
+        raise ValueError(f"backbone {name!r}: resolution must be {MIN_RESOLUTION}..{MAX_RESOLUTION} px (frames are "
+                         f"224 px crops; below {MIN_RESOLUTION} the CNNs keep less than one feature cell)")
     return arch, int(res)
 
 

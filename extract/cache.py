@@ -28,7 +28,9 @@ and the weights of each backbone, so that a run never merges work that is not it
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -226,10 +228,13 @@ class CacheInfo:
     """What an existing cache already holds (empty when there is no cache yet)."""
 
     ids: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # relative to the cache's video_root, as /videos/path
     backbones: list[str] = field(default_factory=list)
     flops: dict[str, FlopsEntry] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # ids in /failed
+    annotations: str = ""  # annotation_digest of the listing the cache was assembled from
+    labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (split, class names joined by |)
 
 
 @dataclass
@@ -242,41 +247,131 @@ class JournalState:
 
 
 def run_identity(attrs: dict[str, str], videos: list[VideoRecord]) -> str:
-    """What journal chunks are valid for: dataset, sampling, preprocessing and the video list (chunks
-    address videos by position)."""
-    digest = hashlib.sha256("\n".join(v.id for v in videos).encode()).hexdigest()
+    """What journal chunks are valid for: dataset, sampling, preprocessing and the video list, ids and
+    files (chunks address videos by position)."""
+    digest = hashlib.sha256("\n".join(f"{v.id}\t{v.path}" for v in videos).encode()).hexdigest()
     return json.dumps({"dataset": attrs["dataset"], "sampling": attrs["sampling"],
                        "preprocessing": attrs["preprocessing"], "videos": digest}, sort_keys=True)
 
 
-def write_atomic(path: str, fill) -> None:
-    """Create HDF5 ``path`` by calling ``fill(h5file)`` on a temporary file, then rename it in place."""
+def annotation_digest(videos: list[VideoRecord], classes: list[str], problems: list[tuple[str, str]],
+                      video_root: str) -> str:
+    """sha256 of everything a cache takes from the annotations: the class list, each video's id, file
+    (relative to ``video_root``), split and labels, and the annotation problems. A cache whose
+    ``annotations`` attribute differs is rewritten to follow them."""
+    h = hashlib.sha256("\n".join(classes).encode())
+    for v, path in zip(videos, relative_paths([v.path for v in videos], video_root)):
+        h.update(f"\n{v.id}\t{path}\t{v.split}\t{sorted(v.labels)}".encode())
+    for where, reason in problems:
+        h.update(f"\n!{where}\t{reason}".encode())
+    return h.hexdigest()
+
+
+def sweep_temporary(path: str) -> None:
+    """Remove what interrupted writers of cache ``path`` left: ``<path>.<pid>.tmp`` and temporary
+    chunks in ``<path>.parts/``. Call it only while holding the cache's lock."""
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.basename(path) + "."
+    for name in os.listdir(folder):
+        if name.startswith(stem) and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+    parts = path + ".parts"
+    for name in os.listdir(parts) if os.path.isdir(parts) else []:
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(parts, name))
+
+
+class DiskFull(OSError):
+    """Not enough free space to write a file; nothing was replaced."""
+
+
+def check_space(path: str, needed: int) -> None:
+    """Raise :class:`DiskFull` when the filesystem of ``path`` has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < needed:
+        raise DiskFull(f"writing {path} needs about {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free there: "
+                       "free some space and run the same command again (finished work is kept)")
+
+
+def write_atomic(path: str, fill, *, in_memory: bool = False) -> None:
+    """Create HDF5 ``path`` by calling ``fill(h5file)`` on a temporary file, fsync it, rename it in
+    place and fsync the folder. A failed write (a full disk, a file-size limit) leaves ``path`` as it
+    was and no temporary file, and is :class:`DiskFull`. ``in_memory``: build the file in memory and
+    write its bytes in one go (small files: journal chunks), so that no failed write can go unseen;
+    HDF5 reports write errors at close only as printed warnings, so a file written in place is
+    flushed explicitly first."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if in_memory:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                fill(f)
+            with open(tmp, "wb") as out:
+                out.write(buffer.getbuffer())
+                out.flush()
+                os.fsync(out.fileno())
+        else:
+            with h5py.File(tmp, "w") as f:
+                fill(f)
+                f.flush()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, DiskFull) or not _write_failed(err):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise DiskFull(f"writing {path} failed ({_reason(err)}; {free / 2**30:.2f} GiB free there): free some space "
+                       "and run the same command again (finished work is kept)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str, classes: list[str]) -> CacheInfo:
-    """Read what ``path`` holds, refusing a cache made for another dataset, sampling, preprocessing
-    or class list."""
+def fsync_folder(path: str) -> None:
+    """fsync the folder holding ``path``, so that a rename into it survives a power cut."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+
+
+def _write_failed(err: BaseException) -> bool:
+    """Whether ``err`` says a write ran out of room (HDF5 puts the errno in its message only)."""
+    return getattr(err, "errno", None) in WRITE_ERRORS or any(f"errno = {n}," in str(err) for n in WRITE_ERRORS)
+
+
+def _reason(err: BaseException) -> str:
+    code = getattr(err, "errno", None)
+    code = code if code in WRITE_ERRORS else next(n for n in WRITE_ERRORS if f"errno = {n}," in str(err))
+    return WRITE_ERRORS[code]
+
+
+def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str) -> CacheInfo:
+    """Read what ``path`` holds, refusing a cache made for another dataset, sampling or preprocessing
+    (the features would differ); its videos, labels and splits are the annotations' business."""
     if not os.path.exists(path):
         return CacheInfo()
-    with Cache(path) as cache:
-        for key, want in (("dataset", dataset), ("sampling", sampling), ("preprocessing", preprocessing)):
-            have = cache.attr(key, None)
-            if have != want:
-                raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
-        if cache.classes != classes:
-            raise CacheMismatch(f"{path} has another class list than these annotations: pass another --out")
-        return CacheInfo(ids=cache.ids, backbones=cache.backbones, flops=cache.flops, weights=cache.weights,
-                         failed=list(cache.failed))
+    try:
+        with Cache(path) as cache:
+            for key, want in (("dataset", dataset), ("sampling", sampling), ("preprocessing", preprocessing)):
+                have = cache.attr(key, None)
+                if have != want:
+                    raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
+            classes = np.array(cache.classes + [""])
+            named = ["|".join(classes[np.flatnonzero(row)]) for row in cache.labels]
+            return CacheInfo(ids=cache.ids, paths=[p.decode() for p in cache.file["videos/path"][:]],
+                             backbones=cache.backbones, flops=cache.flops, weights=cache.weights,
+                             failed=list(cache.failed), annotations=cache.attr("annotations"),
+                             labels=dict(zip(cache.ids, zip(cache.split.tolist(), named))))
+    except (OSError, KeyError) as err:
+        raise CacheMismatch(f"{path} is not a readable cache ({str(err).splitlines()[0][:120]}): "
+                            "delete it (its finished chunks in .parts/ are kept) or pass another --out") from None
 
 
 class Journal:
@@ -316,7 +411,7 @@ class Journal:
             f["failed_reason"] = np.array([r for _, r in failed], dtype=STR)
 
         self._seq += 1
-        write_atomic(os.path.join(self.folder, f"{time.time_ns()}-r{self.rank}-{self._seq}.h5"), fill)
+        write_atomic(os.path.join(self.folder, f"{time.time_ns()}-r{self.rank}-{self._seq}.h5"), fill, in_memory=True)
 
     def chunks(self) -> list[str]:
         if not os.path.isdir(self.folder):
@@ -370,7 +465,7 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray, head: tuple[slice, ...] =
     return result
 
 
-def _relative(paths: list[str], root: str) -> list[str]:
+def relative_paths(paths: list[str], root: str) -> list[str]:
     """``os.path.relpath(path, root)`` of each path (unchanged without a root), cheaply for paths under the root."""
     if not root:
         return paths
@@ -406,9 +501,11 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
                 source[name], row[name] = np.full(len(videos), -1), np.zeros(len(videos), dtype=np.int64)
             source[name][indices], row[name][indices] = s, rows
 
-        if old is not None:
-            at = {i.decode(): r for r, i in enumerate(old["videos/id"][:])}
-            old_rows = np.array([at.get(v.id, -1) for v in videos], dtype=np.int64)
+        if old is not None:  # a video's features are reused when its id and file are the same
+            held = zip(old["videos/id"][:], old["videos/path"][:])
+            at = {(i.decode(), p.decode()): r for r, (i, p) in enumerate(held)}
+            here = relative_paths([v.path for v in videos], attrs.get("video_root", ""))
+            old_rows = np.array([at.get((v.id, p), -1) for v, p in zip(videos, here)], dtype=np.int64)
             cached = np.flatnonzero(old_rows >= 0)
             for name in old["features"]:
                 locate(name, 0, cached, old_rows[cached])
@@ -462,7 +559,7 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
 
         def fill(f: h5py.File) -> None:
             outs = _write_layout(f, attrs=attrs, weights={k: weights[k] for k in backbones}, classes=classes,
-                                 ids=[v.id for v in kept], paths=_relative([v.path for v in kept],
+                                 ids=[v.id for v in kept], paths=relative_paths([v.path for v in kept],
                                                                            attrs.get("video_root", "")),
                                  splits=[v.split for v in kept], labels=labels, length=lengths,
                                  frame_index=frame_index, flops={n: flops[n] for n in backbones}, failed=failures)
@@ -480,6 +577,7 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
                 for s in np.flatnonzero((last >= lo) & (last < hi)).tolist():
                     tables[s] = {k: v for k, v in tables[s].items() if not k.startswith("features/")}
 
+        check_space(path, int(lengths.sum()) * 2 * sum(flops[n].dim for n in backbones) + (64 << 20))
         write_atomic(path, fill)
     finally:
         if old is not None:

@@ -7,9 +7,11 @@ import sys
 import click
 
 from .backbones import WeightsUnavailable
-from .cache import CacheMismatch
+from .cache import CacheMismatch, DiskFull
 from .datasets import DATASETS, AnnotationError
 from .decode import SEEK_MODES, default_workers
+from .distributed import DeviceError
+from .locks import Busy
 from .pipeline import ExtractConfig, canonical, run_extraction
 from .sampling import Sampling
 
@@ -129,6 +131,8 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
         names = expand_backbones(backbones, preset)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if out and os.path.isdir(out):
+        raise click.UsageError(f"--out {out} is a folder: give the cache file, e.g. {os.path.join(out, 'cache.h5')}")
     annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
                         backbones=names, sampling=sampling, seek=seek, downsample=downsample, weights=weights,
@@ -137,7 +141,7 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
                         progress=not no_progress)
     try:
         summary = run_extraction(cfg)
-    except (AnnotationError, CacheMismatch, WeightsUnavailable) as err:
+    except (AnnotationError, CacheMismatch, WeightsUnavailable, Busy, DiskFull, DeviceError) as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished chunks are kept in {cfg.out}.parts; run the same command to resume",
@@ -145,6 +149,9 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
         sys.exit(130)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if summary.changes:
+        click.echo(f"{cfg.out}: the annotations changed since it was written ({summary.changes}); "
+                   "labels, splits and videos now follow them", err=True)
     problems = summary.problems + summary.new_failures
     for vid, reason in problems[:20]:
         click.echo(f"failed: {vid}: {reason}", err=True)

@@ -1,7 +1,7 @@
 """Dataset registry: annotation parsers that turn official files into a list of labelled videos.
 
 Every parser returns :class:`Annotations`: the class names (their order is the label index), the
-videos in file order, and the problems (missing file, unknown label, malformed line) as
+videos in file order, and the problems (missing file, unknown label, malformed line, a file listed again) as
 ``(video id or file:line, reason)`` pairs. A problem never stops the parse: that video is recorded
 as failed and the rest go on. Splits are normalised to ``train`` / ``val`` / ``test``.
 """
@@ -67,25 +67,61 @@ def register_dataset(name: str, *, needs_annotations: bool = True, video_root: s
 
 
 def load_annotations(name: str, annotations: list[str], video_root: str, classes: str | None = None) -> Annotations:
-    """Parse ``annotations`` of dataset ``name``; video paths are resolved under ``video_root``."""
+    """Parse ``annotations`` of dataset ``name``; video paths are resolved under ``video_root``.
+
+    One file is one video: a second entry of the same file (the same id again, or another path to it:
+    ``./a.mp4``, ``sub/../a.mp4``, a symlink; compared by ``os.path.realpath``) is an annotation problem,
+    the first entry is kept. Raises :class:`AnnotationError` for an empty annotation file and for
+    annotations that list no usable video, before anything is written.
+    """
     if name not in DATASETS:
         raise AnnotationError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     for path in annotations + ([classes] if classes else []):
         if not os.path.isfile(path):
             raise AnnotationError(f"annotation file {path} does not exist")
+        if _blank(path):
+            raise AnnotationError(f"annotation file {path} is empty")
     if not os.path.isdir(video_root):
         raise AnnotationError(f"video root {video_root} is not a folder")
     result = DATASETS[name].parse(annotations, video_root, classes)
-    seen: set[str] = set()
+    by_file: dict[str, VideoRecord] = {}  # real path -> first entry
+    by_id: dict[str, VideoRecord] = {}
     unique = []
     for video in result.videos:
-        if video.id in seen:
-            result.problems.append((video.id, "listed twice; the first entry is kept"))
+        real = os.path.realpath(video.path)
+        kept = by_file.get(real) or by_id.get(video.id)
+        if kept is not None:
+            result.problems.append((video.id, _duplicate(video, kept)))
         else:
-            seen.add(video.id)
+            by_file[real] = by_id[video.id] = video
             unique.append(video)
     result.videos = unique
+    if not unique:
+        where = ", ".join(annotations) or video_root
+        detail = f": all {len(result.problems)} entries have problems, e.g. {result.problems[0][1]}" \
+            if result.problems else ""
+        raise AnnotationError(f"no usable video in {where}{detail}")
     return result
+
+
+def _duplicate(video: VideoRecord, kept: VideoRecord) -> str:
+    """Why ``video`` is dropped: it is the file of the entry ``kept`` (listed earlier)."""
+    same = "listed twice" if video.id == kept.id else f"same file as {kept.id}"
+    if video.split != kept.split:
+        return f"{same}, already in {kept.split}: one file cannot be in {kept.split} and {video.split}, " \
+               f"the {kept.split} entry is kept"
+    if video.labels != kept.labels:
+        return f"{same} with other labels {list(video.labels)}; the first entry ({list(kept.labels)}) is kept"
+    return f"{same}; the first entry is kept"
+
+
+def _blank(path: str) -> bool:
+    """Whether the file holds nothing but white space."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            if block.strip():
+                return False
+    return True
 
 
 # ---------------------------------------------------------------- helpers shared by the parsers
@@ -97,25 +133,58 @@ def split_from_filename(path: str) -> str:
 
 
 def read_class_list(path: str) -> list[str]:
-    """One class per line: ``name``, ``index name`` or ``name index`` (index ordering wins if given)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            head, _, tail = line.partition(" ")
-            if head.isdigit() and tail:
-                rows.append((int(head), tail.strip()))
-            elif line.rsplit(" ", 1)[-1].isdigit() and " " in line:
-                name, index = line.rsplit(" ", 1)
-                rows.append((int(index), name.strip()))
-            else:
-                rows.append((len(rows), line))
-    if sorted(i for i, _ in rows) != list(range(len(rows))):
-        base = min(i for i, _ in rows)
-        rows = [(i - base, n) for i, n in rows]  # 1-based class lists (UCF101's classInd.txt)
-    return [name for _, name in sorted(rows)]
+    """Class names in label order, one class per line: ``name`` (line order; kept verbatim, a name
+    ending in a number too), or ``index name`` on every line (indices 0..n-1 or 1..n, each once, in any
+    order: UCF101's classInd.txt). Refuses in one line (:class:`AnnotationError` naming file and line)
+    what could be read two ways or is incomplete: a name or index listed twice, a missing index, lines
+    with and without an index, and lines that all end in an index-like number out of line order
+    (``name index``: then the line order would not be the label order)."""
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise AnnotationError(f"class list {path} is empty")
+    heads = [line.split(None, 1) for _, line in lines]
+    indexed = [len(parts) == 2 and _is_index(parts[0]) for parts in heads]
+    if all(indexed):
+        rows = [(int(parts[0]), parts[1], n) for parts, (n, _) in zip(heads, lines)]
+        _check_indices(path, [(index, n) for index, _, n in rows])
+    elif any(indexed):
+        raise AnnotationError(f"{path}:{lines[indexed.index(True)][0]} starts with an index and line "
+                              f"{lines[indexed.index(False)][0]} does not: write every line as 'index name' "
+                              "or as a name alone")
+    else:
+        rows = [(k, line, n) for k, (n, line) in enumerate(lines)]
+        tails = [line.rsplit(None, 1) for _, line in lines]
+        if all(len(t) == 2 and _is_index(t[1]) for t in tails):
+            numbers = [int(t[1]) for t in tails]
+            if sorted(numbers) in (list(range(len(lines))), list(range(1, len(lines) + 1))) \
+                    and numbers != sorted(numbers):
+                raise AnnotationError(f"{path}: every line ends in a number, and read as 'name index' the labels "
+                                      "would not follow the lines: write 'index name' lines or names alone")
+    seen: dict[str, int] = {}
+    for _, name, n in rows:
+        if name in seen:
+            raise AnnotationError(f"{path}:{n}: class {name!r} is listed twice (first at line {seen[name]})")
+        seen[name] = n
+    return [name for _, name, _ in sorted(rows)]
+
+
+def _is_index(token: str) -> bool:
+    return token.isascii() and token.isdigit()
+
+
+def _check_indices(path: str, indices: list[tuple[int, int]]) -> None:
+    """``(index, line number)`` pairs: the indices must be 0..n-1 or 1..n, each once."""
+    seen: dict[int, int] = {}
+    for index, n in indices:
+        if index in seen:
+            raise AnnotationError(f"{path}:{n}: class index {index} is listed twice (first at line {seen[index]})")
+        seen[index] = n
+    base = min(seen)
+    missing = sorted(set(range(base, base + len(seen))) - set(seen))
+    if base not in (0, 1) or missing:
+        what = f"index {missing[0]} is missing" if base in (0, 1) else f"the first index is {base}"
+        raise AnnotationError(f"{path}: class indices must run 0..{len(seen) - 1} or 1..{len(seen)}; {what}")
 
 
 class _Resolver:

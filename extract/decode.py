@@ -42,7 +42,8 @@ class VideoError(RuntimeError):
 
 
 def open_reader(path: str):
-    """A decord ``VideoReader`` on one thread, or :class:`VideoError` saying what is wrong."""
+    """A decord ``VideoReader`` on one thread, or :class:`VideoError` saying what is wrong. Frame
+    timestamps must increase: decord finds frames by time, and returns repeated frames otherwise."""
     import decord
 
     if not os.path.isfile(path):
@@ -56,7 +57,23 @@ def open_reader(path: str):
         raise VideoError(f"cannot open video stream ({reason})") from None
     if len(reader) == 0:
         raise VideoError("no video frames")
+    try:
+        starts = frame_times(reader)[:-1]
+    except Exception as err:  # decord's words
+        raise decoding_failed(err) from None
+    stuck = np.flatnonzero(np.diff(starts) <= 0)
+    if len(stuck):
+        raise VideoError(f"frame timestamps do not increase ({len(stuck)} of {len(starts) - 1} steps stand still or go "
+                         f"back, the first after frame {stuck[0]}): frames cannot be found by time, the decoder "
+                         "would return repeated ones; re-encode the file")
     return reader
+
+
+def frame_times(reader) -> np.ndarray:
+    """``(n + 1,)`` float64 seconds from the container's timestamps: frame ``i`` is shown from
+    ``times[i]`` to ``times[i + 1]`` (the last bound is the last frame's end)."""
+    spans = reader.get_frame_timestamp(np.arange(len(reader))).astype(np.float64)
+    return np.append(spans[:, 0], spans[-1, 1])
 
 
 def seek_cost(targets: np.ndarray, keyframes: list[int]) -> int:
@@ -95,16 +112,38 @@ def _nearest(keyframes: list[int], t: int) -> int:
     return min(candidates, key=lambda k: (abs(k - t), k))
 
 
+def sample_indices(reader, sampling: Sampling) -> np.ndarray:
+    """``sampling``'s frame indices in the video of ``reader`` (see :meth:`Sampling.indices`: by the
+    container's timestamps where the frame rate varies), or :class:`VideoError` saying why not."""
+    try:
+        return sampling.indices(len(reader), reader.get_avg_fps(), frame_times(reader))
+    except ValueError as err:
+        raise VideoError(f"cannot sample it: {err}") from None
+
+
 def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torch.Tensor, np.ndarray, str]:
     """Decode and preprocess the sampled frames of ``path``.
 
-    Returns ``(frames (T, 3, 224, 224) uint8, source indices (T,), strategy used)``. ``seek`` is
-    ``auto`` (cheaper of ``exact`` and ``pass``), ``exact``, ``pass`` or ``keyframe`` (each sample
-    moved to its nearest keyframe: faster, inexact; the indices returned are the frames read).
+    Returns ``(frames (T, 3, 224, 224) uint8, source indices (T,), strategy used)``; a repeated frame
+    is decoded once (:func:`read_distinct`) and copied here.
+    """
+    crops, indices, rows, strategy = read_distinct(path, sampling, seek)
+    return crops[rows], indices, strategy
+
+
+def read_distinct(path: str, sampling: Sampling, seek: str = "auto"
+                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, str]:
+    """Decode and preprocess each distinct sampled frame of ``path`` once.
+
+    Returns ``(crops (U, 3, 224, 224) uint8 of the distinct frames in frame order, source indices (T,)
+    as :func:`sample_indices` gives them, rows (T,): the crop of each sample, strategy used)``. ``seek``
+    is ``auto`` (cheaper of ``exact`` and ``pass``), ``exact``, ``pass`` or ``keyframe`` (each sample
+    moved to its nearest keyframe: faster, inexact; the indices returned are the frames read). Raises
+    :class:`VideoError` for a video that cannot be sampled or decoded.
     """
     reader = open_reader(path)
     try:
-        indices = sampling.indices(len(reader), reader.get_avg_fps())
+        indices = sample_indices(reader, sampling)
         keyframes = sorted(int(k) for k in reader.get_key_indices())
         if seek == "keyframe" and keyframes:
             indices = np.array([_nearest(keyframes, int(t)) for t in indices], dtype=np.int64)
@@ -131,8 +170,7 @@ def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torc
         raise
     except Exception as err:
         raise decoding_failed(err) from None
-    frames = torch.cat(decoded)
-    return frames[np.searchsorted(targets, indices)], indices, strategy
+    return torch.cat(decoded), indices, np.searchsorted(targets, indices), strategy
 
 
 def decoding_failed(err: Exception) -> VideoError:

@@ -8,7 +8,6 @@ in pairs that share the coloured shape and differ only in a 1-pixel luminance te
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 from typing import Iterable
@@ -16,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from .datasets import AnnotationError, Annotations, parse_label_lists, read_class_list, register_dataset
+from .locks import exclusive
 
 # name -> (shape, RGB colour, 1-px texture or None)
 CLASSES: dict[str, tuple[str, tuple[int, int, int], str | None]] = {
@@ -132,8 +132,7 @@ def ensure_demo(root: str, seed: int, progress: bool = True) -> None:
     (torchrun's ranks, two runs) take turns on an exclusive lock (``root/.lock``): the first generates,
     the others wait for it and then find the demo made."""
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with exclusive(os.path.join(root, ".lock"), root, wait=True):
         check_seed(root, seed)
         if not os.path.isfile(os.path.join(root, "classes.txt")):
             print(f"generating the demo dataset (seed {seed}) in {root}", file=sys.stderr)

@@ -40,11 +40,16 @@ def ranks() -> Dist:
                 int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
+class DeviceError(ValueError):
+    """A device asked for that this machine does not have."""
+
+
 def device_for(choice: str, info: Dist) -> torch.device:
     """``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+            raise DeviceError("--device cuda: torch sees no CUDA device here (no GPU, no driver, CUDA_VISIBLE_DEVICES "
+                              "empty, or a CPU-only torch build); use --device cpu")
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -2,10 +2,14 @@
 frames of several videos batched together, journal the results, assemble the cache at the end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -14,14 +18,18 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
-from .cache import CacheMismatch, Journal, VideoFeatures, assemble, read_info, run_identity
-from .datasets import load_annotations
+from .cache import (CacheInfo, CacheMismatch, Journal, VideoFeatures, annotation_digest, assemble,
+                    read_info, relative_paths, run_identity, sweep_temporary)
+from .datasets import VideoRecord, load_annotations
 from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
                      resize_crop)
 from .flops import FlopsEntry, backbone_flops
+from .locks import Busy, exclusive
 from .sampling import Sampling
 
 CHUNK_SECONDS = 30.0  # journal a chunk at least this often
+PREFETCH = 4  # videos each decoding process works ahead
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Summary:
     processed: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # annotation problems (where, reason)
     new_failures: list[tuple[str, str]] = field(default_factory=list)  # (video id, reason)
+    changes: str = ""  # how the annotations differ from the cache's before this run (annotation_changes)
     frames: int = 0
     seconds: float = 0.0
 
@@ -72,12 +81,84 @@ class _DecodedVideos(Dataset):
             return index, None, None, str(err)
 
 
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced ``depth`` ahead by a background thread (in order; its errors re-raised here)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry: tuple) -> bool:
+        """Hand ``entry`` over unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((end, err))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 def _single(batch: list):
     return batch[0]
 
 
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+def _loader(items: list[tuple[int, str]], cfg: ExtractConfig, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(_DecodedVideos(items, cfg.sampling, cfg.seek), batch_size=1, collate_fn=_single,
+                      num_workers=workers, worker_init_fn=_one_thread if workers else None,
+                      prefetch_factor=PREFETCH if workers else None, pin_memory=pin)
+
+
+def decode_videos(items: list[tuple[int, str]], cfg: ExtractConfig, pin: bool = False) -> Iterator[tuple]:
+    """``(index, uint8 crops | None, frame indices | None, error | None)`` of each ``(index, path)`` in
+    order, decoded by ``cfg.workers`` processes. A process that dies (an OOM kill, a decoder's
+    segfault) loses only its video: the videos in flight then are decoded again one process each,
+    and one whose process dies again is reported as failed. Iterate it off the main thread (as
+    :func:`prefetch` does): there DataLoader reports a dead worker to this loop (after at most
+    5 s) instead of raising from a signal handler wherever the main thread happens to be."""
+    done = 0
+    while done < len(items):
+        try:
+            for out in _loader(items[done:], cfg, cfg.workers, pin):
+                done += 1
+                yield out
+        except RuntimeError as err:
+            if not cfg.workers or "DataLoader worker" not in str(err):
+                raise
+            for index, path in items[done:done + cfg.workers * PREFETCH]:
+                try:
+                    yield from _loader([(index, path)], cfg, 1, pin)
+                except RuntimeError as again:
+                    if "DataLoader worker" not in str(again):
+                        raise
+                    yield index, None, None, "the decoding process died on this video (killed: out of memory, " \
+                                             "or crashed)"
+                done += 1
 
 
 def place_backbone(backbone: Backbone, device: torch.device) -> None:
@@ -146,11 +227,6 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
                    journal: Journal, device: torch.device, bar: tqdm, summary: Summary) -> None:
     """Decode ``items`` once, run ``backbones`` on every frame in batches of ``cfg.batch_size`` (the frames
     of several videos together; one partial batch, at the end of the group), journal results every chunk."""
-    loader = DataLoader(
-        _DecodedVideos(items, cfg.sampling, cfg.seek), batch_size=1, collate_fn=_single, num_workers=cfg.workers,
-        worker_init_fn=_one_thread if cfg.workers else None, prefetch_factor=4 if cfg.workers else None,
-        pin_memory=device.type == "cuda",
-    )
     names = [b.name for b in backbones]
     waiting: list[tuple[int, np.ndarray]] = []  # (index, frame indices) of videos not all computed, in order
     queued: list[torch.Tensor] = []  # their frames not run yet, on the device
@@ -174,7 +250,14 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
         start = 0
         while waiting and start + len(waiting[0][1]) <= len(feats[names[0]]):
             index, indices = waiting.pop(0)
-            done.append(VideoFeatures(index, indices, {n: feats[n][start:start + len(indices)] for n in names}))
+            video = {n: feats[n][start:start + len(indices)] for n in names}
+            bad = [n for n in names if not np.isfinite(video[n]).all()]
+            if bad:  # float16 overflow or a broken model: never cached
+                reason = f"non-finite features from {', '.join(bad)} (float16 overflow or broken weights)"
+                failed.append((index, reason))
+                summary.new_failures.append((ids[index], reason))
+            else:
+                done.append(VideoFeatures(index, indices, video))
             start += len(indices)
         for n in names:
             ready[n] = [feats[n][start:]]
@@ -186,7 +269,7 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
         failed.clear()
         last_write = time.monotonic()
 
-    for index, frames, indices, error in loader:
+    for index, frames, indices, error in prefetch(decode_videos(items, cfg, pin=device.type == "cuda")):
         if error is not None:
             failed.append((index, error))
             summary.new_failures.append((ids[index], error))
@@ -210,20 +293,57 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
 def run_extraction(cfg: ExtractConfig) -> Summary:
     """Extract ``cfg.backbones`` for every video not yet cached, then assemble ``cfg.out``.
 
+    One run writes a cache at a time: rank 0 holds ``<cache>.lock`` (:mod:`extract.locks`) from start
+    to finish, and a second run on the same ``--out`` is refused (every rank agrees before going on).
     Under ``torchrun`` rank r takes the videos with ``index % world == r``; rank 0 assembles.
     """
     started = time.monotonic()
     info_dist, device = distributed.setup(cfg.device)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with contextlib.ExitStack() as held:
+        refused: Busy | None = None
+        if info_dist.main:
+            try:
+                held.enter_context(exclusive(cfg.out + ".lock", cfg.out, advice="wait for that run to finish, "
+                                             "or pass another --out"))
+                sweep_temporary(cfg.out)  # no other writer lives: what a killed one left can go
+            except Busy as err:
+                refused = err
+        if distributed.smallest(int(refused is None), device) == 0:
+            raise refused or Busy(f"{cfg.out} is being written by another run (rank 0 names it)")
+        summary = _extract(cfg, info_dist, device)
+    distributed.teardown(info_dist)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def annotation_changes(info: CacheInfo, videos: list[VideoRecord], classes: list[str], root: str) -> str:
+    """One line saying how ``videos`` (the annotations now) differ from what cache ``info`` was
+    assembled from; empty when nothing countable differs."""
+    now = {v.id: v for v in videos}
+    dropped = sum(i not in now for i in info.ids)
+    here = dict(zip((v.id for v in videos), relative_paths([v.path for v in videos], root)))
+    moved = sum(i in now and here[i] != p for i, p in zip(info.ids, info.paths))
+    relabelled = resplit = 0
+    for i, (split, named) in info.labels.items():
+        if i in now:
+            resplit += split != now[i].split
+            relabelled += named != "|".join(classes[c] for c in sorted(now[i].labels))
+    counts = [f"{n} {what}" for n, what in ((dropped, "dropped"), (moved, "with another file (re-extracted)"),
+                                             (relabelled, "relabelled"), (resplit, "moved to another split")) if n]
+    return ", ".join(counts)
+
+
+def _extract(cfg: ExtractConfig, info_dist: distributed.Dist, device: torch.device) -> Summary:
     ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)
     attrs = cache_attrs(cfg)
+    attrs["annotations"] = annotation_digest(ann.videos, ann.classes, ann.problems, attrs["video_root"])
     requested = canonical(cfg.backbones)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens; the journal waits
         assemble(cfg.out, chunks=[], videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
                  flops={}, weights={}, max_length=cfg.sampling.max_length)
     distributed.barrier()
-    info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], preprocessing=attrs["preprocessing"],
-                     classes=ann.classes)
+    info = read_info(cfg.out, dataset=cfg.dataset, sampling=attrs["sampling"], preprocessing=attrs["preprocessing"])
     journal = Journal(cfg.out, info_dist.rank, run_identity(attrs, ann.videos))
     state = journal.load()
     journalled = set().union(*state.done.values())
@@ -252,12 +372,13 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     for name in requested + sorted(journalled - set(requested)):  # checks their weights; prices them
         model(name)
     done, failed = state.done, state.failed
-    existing = set(info.ids)
+    existing = set(zip(info.ids, info.paths))  # (id, file): a video whose file changed is extracted again
+    here = relative_paths([v.path for v in ann.videos], attrs["video_root"])
     groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
     for index, video in enumerate(ann.videos):
         if index % info_dist.world != info_dist.rank or index in failed:
             continue
-        needed = [n for n in requested if n not in info.backbones] if video.id in existing else \
+        needed = [n for n in requested if n not in info.backbones] if (video.id, here[index]) in existing else \
             sorted(set(requested) | set(info.backbones))
         if needed and not set(needed) <= done.get(index, set()):
             groups.setdefault(tuple(needed), []).append((index, video.path))
@@ -269,10 +390,12 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
             _extract_group(cfg, [model(n) for n in needed], items, [v.id for v in ann.videos], journal, device,
                            bar, summary)
     distributed.barrier()
-    unchanged = not journal.chunks() and {where for where, _ in ann.problems} <= set(info.failed)
-    if info_dist.main and unchanged:  # nothing new: leave the cache as it is rather than rewrite it
-        summary.cached, summary.failed = len(info.ids), len(info.failed)
+    if info_dist.main and not journal.chunks() and info.annotations == attrs["annotations"]:
+        summary.cached, summary.failed = len(info.ids), len(info.failed)  # nothing new: the cache stays as it is
     elif info_dist.main:
+        if info.ids:
+            summary.changes = annotation_changes(info, ann.videos, ann.classes, attrs["video_root"])
+        journal.load()  # every chunk is still this run's (the lock keeps other runs out)
         names = sorted(set(info.backbones) | set(models))
         flops = {**info.flops, **prices}
         weights = {**info.weights, **{n: m.weights for n, m in models.items()}}
@@ -281,6 +404,4 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
             attrs=attrs, flops={n: flops[n] for n in names}, weights=weights, max_length=cfg.sampling.max_length)
         journal.remove()
     distributed.barrier()
-    distributed.teardown(info_dist)
-    summary.seconds = time.monotonic() - started
     return summary

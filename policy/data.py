@@ -12,18 +12,14 @@ the cast to float32 and the L2 normalisation run on the device.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from extract.cache import Cache, read_rows
-
-
-T = TypeVar("T")
+from extract.pipeline import prefetch
 
 
 class CacheError(ValueError):
@@ -48,45 +44,6 @@ class Batch:
     def pin_memory(self) -> "Batch":
         return Batch(self.index, {k: v.pin_memory() for k, v in self.features.items()}, self.labels.pin_memory(),
                      self.length.pin_memory())
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """``items``, produced ``depth`` ahead by a background thread (in order; its errors re-raised here)."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop, end = threading.Event(), object()
-
-    def put(entry: tuple) -> bool:
-        """Hand ``entry`` over unless the consumer has stopped; False when it has."""
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            put((end, err))
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, err = ready.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        worker.join()
 
 
 def default_memory_budget() -> int:

@@ -28,9 +28,10 @@ from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader,
 from extract.distributed import synchronize
 from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
+from extract.training import CheckpointError, load_checkpoint
 
-from .methods import METHODS, Method
-from .run_folder import RunError, RunFolder
+from .methods import METHODS, Method, check_config
+from .run_folder import CONFIG, RunError, RunFolder
 
 LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
 
@@ -174,36 +175,67 @@ def calibrate(backbones: dict[str, Backbone], device: torch.device, downsample: 
     return chosen
 
 
-def load(run_dir: str, device: torch.device, frames_per_pass: int = 0) -> Loaded:
+def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: str = "") -> Loaded:
     """The run in ``run_dir`` and the backbones of its cache, the policy and the backbones on ``device``;
-    :class:`RunError` says what is missing. ``frames_per_pass`` 0: each backbone's batch size as
-    :func:`calibrate` times it on ``device``."""
+    :class:`RunError` says in one line what is missing or damaged. ``frames_per_pass`` 0: each
+    backbone's batch size as :func:`calibrate` times it on ``device``. ``cache``: the run's cache
+    where it moved ("": the one the run folder records); its dataset and sampling must be the run's."""
     run = RunFolder.load(run_dir)
     cls = METHODS.get(run.method)
     if cls is None:
         raise RunError(f"{run_dir} is a {run.method} run, a method this version does not have")
-    if not os.path.isfile(os.path.join(run_dir, "model.pt")):
+    model_path = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(model_path):
         raise RunError(f"{run_dir} has no model.pt (a run folder of train-policy is needed)")
-    if not os.path.isfile(run.cache):
+    try:  # before anything is built from it
+        cfg = run.typed_config(cls.Config)
+        check_config(cfg)
+    except (TypeError, ValueError) as err:
+        raise RunError(f"{os.path.join(run_dir, CONFIG)}: {err}") from None
+    if cache and not os.path.isfile(cache):
+        raise RunError(f"--cache {cache}: no such file")
+    if not cache and not os.path.isfile(run.cache):
         raise RunError(f"{run_dir}: its cache {run.cache} is gone; recognize reads the class names, sampling, "
-                       "FLOPs table and backbone weights from it")
-    cfg = run.typed_config(cls.Config)
-    with Cache(run.cache) as cache:
-        classes, flops, weights = cache.classes, cache.flops, cache.weights
-        saved = cache.sampling
-        preprocessing = cache.preprocessing
-        steps = cache.features(cache.backbones[0]).shape[1] if cache.backbones else 0
+                       "FLOPs table and backbone weights from it: pass --cache PATH if it moved")
+    cache = cache or run.cache
+    try:
+        with Cache(cache) as held:
+            classes, flops, weights, saved = held.classes, held.flops, held.weights, held.sampling
+            preprocessing, facts = held.preprocessing, {"dataset": held.dataset, "sampling": saved}
+            steps = held.features(held.backbones[0]).shape[1] if held.backbones else 0
+    except (OSError, KeyError) as err:
+        raise RunError(f"{cache} is not a readable cache ({str(err).splitlines()[0][:120]})") from None
+    for key, have in facts.items():  # as train-policy saved them (older runs: not saved)
+        if run.config.get(f"cache_{key}", have) != have:
+            raise RunError(f"{cache} holds {key} {have}, the run was trained on {run.config[f'cache_{key}']}: "
+                           "recognize needs the cache the run was trained on")
+    missing = sorted(set(cls.needs(cfg) + cls.lazy_needs(cfg)) - set(flops))
+    if missing:
+        raise RunError(f"{cache} lacks the features {', '.join(missing)} the run was trained on")
     sampling = Sampling(num_frames=saved.get("num_frames"), fps=saved.get("fps"), max_frames=saved.get("max_frames"))
     if saved.get("seek") == "keyframe":
-        raise RunError(f"{run.cache} was sampled at keyframes; recognize decodes the exact sampled frames only")
+        raise RunError(f"{cache} was sampled at keyframes; recognize decodes the exact sampled frames only")
     if cls.lazy is Method.lazy:
         lazy = ", ".join(name for name, c in METHODS.items() if c.lazy is not Method.lazy)
         raise RunError(f"{run_dir}: recognize has no lazy path for {run.method} yet (it has for {lazy})")
     if getattr(cfg, "stochastic_eval", False):
         raise RunError(f"{run_dir} evaluates with sampled decisions (--stochastic-eval); recognize replays argmax ones")
-    method = cls(cfg, {n: e.dim for n, e in flops.items()}, len(classes), {n: e.gflops for n, e in flops.items()})
-    state = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
-    method.model.load_state_dict(state["model"])
+    try:
+        state = load_checkpoint(model_path, ("model",))
+    except CheckpointError as err:
+        raise RunError(str(err)) from None
+    try:
+        with torch.device("meta"):  # shapes only: the weights are model.pt's (assigned below), nothing is allocated
+            method = cls(cfg, {n: e.dim for n, e in flops.items()}, len(classes),
+                         {n: e.gflops for n, e in flops.items()})
+    except ValueError as err:  # settings that do not go together (AR-Net's policy_head and policy)
+        raise RunError(f"{os.path.join(run_dir, CONFIG)}: {err}") from None
+    try:
+        method.model.load_state_dict(state["model"], assign=True)
+    except (RuntimeError, TypeError) as err:  # other keys or shapes; not a state dict
+        said = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise RunError(f"{model_path} does not fit the {run.method} model its {CONFIG} describes "
+                       f"({said[:200]})") from None
     method.model.to(device).eval()
     backbones = {}
     for name in cls.lazy_needs(cfg):
@@ -254,7 +286,9 @@ def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
 
 def video_list(inputs: tuple[str, ...]) -> list[str]:
     """Video files from ``inputs``: list files (``.txt``, ``.csv``, ``.lst``, ``.list``: one video
-    per line, its first field; relative paths from the list's folder), and every other input as a video."""
+    per line, the whole line its path, spaces included, surrounding whitespace not; blank lines and
+    lines starting with ``#`` skipped; relative paths from the list's folder), and every other input
+    as a video."""
     videos = []
     for item in inputs:
         if not item.lower().endswith(LIST_EXTENSIONS) or not os.path.isfile(item):
@@ -263,9 +297,9 @@ def video_list(inputs: tuple[str, ...]) -> list[str]:
         folder = os.path.dirname(os.path.abspath(item))
         with open(item) as f:
             for line in f:
-                if line.strip():
-                    first = line.split()[0]
-                    videos.append(first if os.path.isabs(first) else os.path.join(folder, first))
+                path = line.strip()
+                if path and not path.startswith("#"):
+                    videos.append(path if os.path.isabs(path) else os.path.join(folder, path))
     return videos
 
 
@@ -277,6 +311,8 @@ Examples:
 """)
 @click.argument("inputs", nargs=-1, required=True, metavar="VIDEO_OR_LIST...")
 @click.option("--run", "run_dir", required=True, metavar="RUN_DIR", help="A run folder of train-policy.")
+@click.option("--cache", default="", metavar="CACHE.h5",
+              help="The run's feature cache, where it moved (default: the cache its run folder records).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per video and line.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--budget", type=click.IntRange(0), default=0,
@@ -289,7 +325,7 @@ Examples:
               help="torch's CPU threads for the backbones; 0: torch's default (one per core). On a small CPU, "
                    "one fewer than the cores leaves decord's decoder thread a core (see the README).")
 @click.option("--no-progress", is_flag=True)
-def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass, threads, no_progress) -> None:
+def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, frames_per_pass, threads, no_progress) -> None:
     """Run a trained policy on raw videos, computing only the features its decisions use; print the
     top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video."""
     if threads:
@@ -298,7 +334,7 @@ def main(inputs, run_dir, as_json, device, budget, batch_videos, frames_per_pass
                           ("cpu" if device == "auto" else device))
     batch_videos = batch_videos or BATCH_VIDEOS[chosen.type]
     try:
-        loaded = load(run_dir, chosen, frames_per_pass)
+        loaded = load(run_dir, chosen, frames_per_pass, cache)
     except RunError as err:
         raise click.ClickException(str(err)) from None
     if budget and not loaded.method.stops_at_budget:

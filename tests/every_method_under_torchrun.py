@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from policy.data import CachedFeatures
 from policy.methods import METHODS
+from policy.methods.arnet import ARNetConfig
 from policy.train import train
 
 SMALL = {"hidden": 16, "hidden_coarse": 16, "hidden_fine": 32, "warmup_epochs": 1, "joint_epochs": 1,
@@ -18,8 +19,9 @@ probe = CachedFeatures(cache, [], memory_budget=0)
 for name in sorted(METHODS):
     cls = METHODS[name]
     fields = cls.Config.__dataclass_fields__
-    cfg = cls.Config(method=name, features=cache, out=f"{out}/{name}", epochs=1, batch_size=3,
-                     **{k: v for k, v in SMALL.items() if k in fields})
+    staged = issubclass(cls.Config, ARNetConfig)  # AR-Net's family trains for its stages' epochs
+    cfg = cls.Config(method=name, features=cache, out=f"{out}/{name}", batch_size=3,
+                     **({} if staged else {"epochs": 1}), **{k: v for k, v in SMALL.items() if k in fields})
     size = sum(probe.cache.features(n).size * 2 for n in cls.needs(cls.resolve(cfg, probe.flops, probe.sampling)))
     cfg.memory_budget_gb = 1.5 * size / 2**30
     train(cfg, progress=False)

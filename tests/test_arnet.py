@@ -5,10 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from conftest import TOY_FLOPS
 from extract.backbones import create_backbone
 from extract.cache import write_cache
-from extract.flops import backbone_flops
+from extract.flops import FlopsEntry, backbone_flops
+from policy.cli import main as train_policy
 from policy.data import Batch
 from policy.methods import METHODS
 from policy.methods.arnet import SKIPPED_OVER, ARNet, flops_per_frame, uniform_usage
@@ -207,3 +210,38 @@ def test_policy_logits_have_no_nan_when_actions_are_restricted(allowed):
     assert not logits.isnan().any()
     assert (logits[~visited] == 0).all()  # frames the policy did not read
     assert logits[visited][:, allowed].isfinite().all() and (logits[visited][:, ~allowed] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("method,stages,total,fields", [
+    ("arnet", {}, 110, "(warmup_epochs 10 + joint_epochs 50 + finetune_epochs 50 = 110): set warmup_epochs, "
+                       "joint_epochs, finetune_epochs"),
+    ("arnet", {"stages": ("joint",), "joint_epochs": 4}, 4, "(joint_epochs 4 = 4): set joint_epochs"),
+    ("random", {}, 10, "(warmup_epochs 10 = 10): set warmup_epochs"),
+    ("scsampler", {"warmup_epochs": 3}, 3, "(warmup_epochs 3 = 3): set warmup_epochs"),
+])
+def test_epochs_other_than_the_stages_total_are_refused(method, stages, total, fields):
+    """Today ``--method arnet --epochs 6`` trained 110 epochs (the stages' epochs silently won).
+    Unset (0) or set to the stages' total, ``epochs`` is that total."""
+    cls = METHODS[method]
+
+    def resolve(**kw):
+        return cls.resolve(cls.Config(method=method, **stages, **kw), TOY_FLOPS, {"num_frames": 8})
+
+    with pytest.raises(ValueError) as err:
+        resolve(epochs=6)
+    assert str(err.value) == (f"epochs=6: {method} trains for its stages' epochs {fields} "
+                              "(epochs is their total, at least 1)")
+    assert resolve().epochs == resolve(epochs=total).epochs == total
+
+
+def test_train_policy_epochs_for_arnet_is_refused_in_one_line(tmp_path):
+    cache, n = str(tmp_path / "toy.h5"), 6
+    write_cache(cache, dataset="toy", sampling={"num_frames": 4}, classes=["a", "b"], ids=[str(i) for i in range(n)],
+                splits=["train"] * 4 + ["test"] * 2, labels=np.eye(2, dtype=np.uint8)[np.arange(n) % 2],
+                length=np.full(n, 4), frame_index=np.tile(np.arange(4), (n, 1)),
+                flops=[FlopsEntry(name, 8, gflops, 1, 5) for name, gflops in TOY_FLOPS.items()],
+                features={name: np.ones((n, 4, 5), np.float16) for name in TOY_FLOPS})
+    result = CliRunner().invoke(train_policy, ["--method", "arnet", "--features", cache, "--out",
+                                               str(tmp_path / "run"), "--epochs", "6", "--no-progress"])
+    assert result.exit_code == 1 and result.output.startswith("Error: epochs=6: arnet trains for its stages' epochs")
+    assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()

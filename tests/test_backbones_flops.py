@@ -92,3 +92,11 @@ def test_efficientnet_lite0_ships_real_imagenet_weights():
     with torch.no_grad():
         untrained = create_backbone("efficientnet_lite0@224", weights="none")
         assert not torch.allclose(backbone.module(x), untrained.module(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18@20000", "resnet18@16", "resnet18@0", "resnet18@1025"])
+def test_resolutions_out_of_range_are_refused_in_one_line(name):
+    with pytest.raises(ValueError, match=r"resolution must be 32\.\.1024 px") as err:
+        parse_name(name)
+    assert "\n" not in str(err.value)
+    assert parse_name("resnet18@32") == ("resnet18", 32) and parse_name("resnet18@1024") == ("resnet18", 1024)

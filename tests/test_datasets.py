@@ -125,3 +125,69 @@ def test_registry_says_which_formats_read_without_annotation_files():
     from extract.datasets import DATASETS
 
     assert sorted(name for name, fmt in DATASETS.items() if not fmt.needs_annotations) == ["demo", "list"]
+
+
+def test_one_file_under_several_ids_is_kept_once(tmp_path):
+    """``a.mp4``, ``./a.mp4``, ``sub/../a.mp4`` and a symlink are one video: the first entry is kept, the
+    others are annotation problems saying which entry they repeat (and that two splits would leak)."""
+    touch(tmp_path, "a.mp4", "b.mp4", "sub/c.mp4")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a.mp4")
+    (tmp_path / "trainlist.txt").write_text("a.mp4 0\n./a.mp4 0\nb.mp4 1\n")
+    (tmp_path / "testlist.txt").write_text("sub/../a.mp4 0\nlink.mp4 0\nsub/c.mp4 1\nb.mp4 0\n")
+    ann = load_annotations("list", [str(tmp_path / "trainlist.txt"), str(tmp_path / "testlist.txt")], str(tmp_path))
+    assert [(v.id, v.split) for v in ann.videos] == [("a.mp4", "train"), ("b.mp4", "train"), ("sub/c.mp4", "test")]
+    reasons = dict(ann.problems)
+    assert reasons["./a.mp4"] == "same file as a.mp4; the first entry is kept"
+    for vid in ("sub/../a.mp4", "link.mp4"):
+        assert reasons[vid].startswith("same file as a.mp4, already in train: one file cannot be in train and test")
+    assert reasons["b.mp4"].startswith("listed twice, already in train")
+
+
+@pytest.mark.parametrize("text, names", [
+    ("1 ApplyEyeMakeup\n2 Archery\n\n3 Biking\n", ["ApplyEyeMakeup", "Archery", "Biking"]),  # UCF101's classInd
+    ("2 c\n0 a\n1 b two\n", ["a", "b two", "c"]),
+    ("walking 2\nrunning 2\n", ["walking 2", "running 2"]),  # names ending in a number stay as they are
+    ("abseiling\nzumba 1\n", ["abseiling", "zumba 1"]),
+    ("level 1\nlevel 2\nlevel 3\n", ["level 1", "level 2", "level 3"]),
+    ("\ufeffred\nblue\n", ["red", "blue"]),  # a byte-order mark is not part of the first name
+])
+def test_class_lists_are_read_verbatim_or_by_index(tmp_path, text, names):
+    from extract.datasets import read_class_list
+
+    (tmp_path / "classes.txt").write_text(text, encoding="utf-8")
+    assert read_class_list(str(tmp_path / "classes.txt")) == names
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a\nb\na\n", r"classes.txt:3: class 'a' is listed twice \(first at line 1\)"),
+    ("0 a\n0 b\n1 c\n", r"classes.txt:2: class index 0 is listed twice \(first at line 1\)"),
+    ("0 a\n2 b\n", "classes.txt: class indices must run 0..1 or 1..2; index 1 is missing"),
+    ("3 a\n4 b\n", "the first index is 3"),
+    ("1 a\nb\n", "classes.txt:1 starts with an index and line 2 does not"),
+    ("b 1\na 0\n", "every line ends in a number"),
+    ("\n  \n", "is empty"),
+])
+def test_ambiguous_class_lists_are_refused_in_one_line(tmp_path, text, message):
+    from extract.datasets import read_class_list
+
+    (tmp_path / "classes.txt").write_text(text)
+    with pytest.raises(AnnotationError, match=message) as err:
+        read_class_list(str(tmp_path / "classes.txt"))
+    assert "\n" not in str(err.value)
+
+
+def test_annotations_without_a_video_are_refused(tmp_path):
+    touch(tmp_path, "a.mp4")
+    (tmp_path / "trainlist.txt").write_text("\n \n")
+    with pytest.raises(AnnotationError, match="trainlist.txt is empty"):
+        load_annotations("list", [str(tmp_path / "trainlist.txt")], str(tmp_path))
+    (tmp_path / "trainlist.txt").write_text("gone.mp4 0\n")
+    with pytest.raises(AnnotationError, match="no usable video in .*trainlist.txt: all 1 entries have problems, "
+                                              "e.g. .*gone.mp4 not found"):
+        load_annotations("list", [str(tmp_path / "trainlist.txt")], str(tmp_path))
+    (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\n")
+    with pytest.raises(AnnotationError, match="no usable video in .*k.csv$"):
+        load_annotations("kinetics", [str(tmp_path / "k.csv")], str(tmp_path))
+    (tmp_path / "no_classes").mkdir()
+    with pytest.raises(AnnotationError, match="no usable video in .*no_classes$"):
+        load_annotations("list", [], str(tmp_path / "no_classes"))

@@ -3,8 +3,9 @@ import os
 
 import decord
 import numpy as np
+import pytest
 
-from extract.decode import choose_strategy, read_frames
+from extract.decode import VideoError, choose_strategy, read_distinct, read_frames
 from extract.sampling import Sampling
 
 
@@ -27,3 +28,72 @@ def test_cost_model_prefers_one_pass_for_dense_sampling():
     dense = Sampling(fps=1.0).indices(3000, 25.0)
     assert choose_strategy(np.unique(sparse), keyframes) == "exact"
     assert choose_strategy(np.unique(dense), keyframes) == "pass"
+
+
+def write_timed(path, pts_ms, codec="libx264", options=None):
+    """A 64x48 video whose frame ``i`` is grey level ``10 * i``, shown at ``pts_ms[i]`` milliseconds."""
+    import fractions
+
+    import av
+
+    tb = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = tb
+        stream.options = options or {"preset": "ultrafast", "g": "4", "crf": "0"}
+        for i, pts in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, tb
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def zero_timestamps(source, path):
+    """``source`` remuxed with every packet at time 0."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.size:
+                packet.pts = packet.dts = 0
+                packet.stream = stream
+                out.mux(packet)
+
+
+def test_variable_frame_rate_is_sampled_by_timestamps(tmp_path):
+    """4 frames at 25 fps, then a 1.9 s pause, then 8 more: at 2 fps sample k is the frame shown at
+    (k + 0.5) / 2 s, not frame (k + 0.5) * average rate / 2 (1.25 s would read the frame of 2.08 s)."""
+    write_timed(tmp_path / "vfr.mp4", [0, 40, 80, 120] + [2000 + 40 * i for i in range(8)])
+    frames, indices, _ = read_frames(str(tmp_path / "vfr.mp4"), Sampling(fps=2.0))
+    assert indices.tolist() == [3, 3, 3, 3, 10]
+    assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([30, 30, 30, 30, 100], abs=2)
+
+
+def test_timestamps_that_do_not_increase_are_refused(tmp_path):
+    """All-zero timestamps (decord then returns shifted, repeated frames) and H.264 with B-frames in AVI
+    (no timestamps: random access returns other frames) go to /failed with the reason."""
+    write_timed(tmp_path / "ok.mp4", [40 * i for i in range(12)])
+    zero_timestamps(tmp_path / "ok.mp4", tmp_path / "zero.mp4")
+    write_timed(tmp_path / "bframes.avi", [40 * i for i in range(12)], options={"preset": "fast", "bf": "2"})
+    for name in ("zero.mp4", "bframes.avi"):
+        with pytest.raises(VideoError, match=r"frame timestamps do not increase \(11 of 11 steps stand still or go "
+                                             r"back, the first after frame 0\).*re-encode the file"):
+            read_frames(str(tmp_path / name), Sampling(num_frames=4))
+    frames, _, _ = read_frames(str(tmp_path / "ok.mp4"), Sampling(num_frames=4))
+    assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([10, 40, 70, 100], abs=2)
+
+
+def test_repeated_frames_are_decoded_once_and_t_is_bounded(demo_root, tmp_path):
+    path = os.path.join(demo_root, "videos", "red_disc_000.mp4")  # 24 frames
+    crops, indices, rows, _ = read_distinct(path, Sampling(num_frames=4096))
+    assert crops.shape == (24, 3, 224, 224) and len(indices) == len(rows) == 4096
+    assert np.array_equal(np.arange(24)[rows], indices)
+    with pytest.raises(ValueError, match=r"--num-frames must be 1\.\.4096"):
+        Sampling(num_frames=100000)
+    write_timed(tmp_path / "long.mp4", [0, 5_000_000])  # two frames 5000 s apart
+    with pytest.raises(VideoError, match="cannot sample it: --fps 1 takes 5001 frames .* pass --max-frames"):
+        read_frames(str(tmp_path / "long.mp4"), Sampling(fps=1.0))

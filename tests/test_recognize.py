@@ -1,22 +1,26 @@
 """recognize: a trained policy on raw videos reproduces the offline path, spends only what it chose,
 and refuses what it cannot do in one line."""
 import json
+import os
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import TOY_DIMS, run_cli, toy_method
 from extract.cache import Cache, write_cache
+from extract.flops import FlopsEntry
 from policy.data import Batch
 from policy.methods import METHODS, Method
 from policy.methods.base import at_frames
 from policy.models import real_mask
-from policy.recognize import load
-from policy.run_folder import Predictions, RunFolder
+from policy.recognize import load, main, video_list
+from policy.run_folder import Predictions, RunError, RunFolder
 from policy.train import train
 
 CONFIGS = {
@@ -188,3 +192,123 @@ def test_every_lazy_path_makes_its_tensors_on_the_models_device(name):
             if not budget:
                 np.testing.assert_array_equal(inf.actions, offline.actions)
                 np.testing.assert_allclose(inf.scores, offline.scores, rtol=1e-5, atol=1e-6)
+
+
+TOY_BACKBONES = {"efficientnet_lite0@112": 0.1, "efficientnet_lite0@224": 0.4}
+
+
+def toy_cache(path, sampling=None):
+    """12 videos x 4 frames of random 5-d features named as real backbones, recorded as made with
+    ``--weights none`` (so recognize builds its backbones in a moment, with no download)."""
+    n, steps = 12, 4
+    entries = [FlopsEntry(name, 8, gflops, 1, 5) for name, gflops in TOY_BACKBONES.items()]
+    rng = np.random.default_rng(0)
+    write_cache(str(path), dataset="toy", sampling=sampling or {"num_frames": steps}, classes=["a", "b", "c"],
+                ids=[str(i) for i in range(n)], splits=["train"] * 8 + ["test"] * 4,
+                labels=np.eye(3, dtype=np.uint8)[np.arange(n) % 3], length=np.full(n, steps),
+                frame_index=np.tile(np.arange(steps), (n, 1)), flops=entries,
+                features={e.name: rng.standard_normal((n, steps, e.dim)).astype(np.float16) for e in entries})
+    with h5py.File(path, "a") as f:
+        f.attrs["weights"] = json.dumps({name: "none (random init, torch seed 0)" for name in TOY_BACKBONES})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A LiteEval run (LSTMs 4/8, one epoch) on :func:`toy_cache`: a run folder in a second."""
+    root = tmp_path_factory.mktemp("toy")
+    cfg = METHODS["liteeval"].Config(method="liteeval", features=toy_cache(root / "toy.h5"), out=str(root / "run"),
+                                     epochs=1, batch_size=4, hidden_coarse=4, hidden_fine=8, device="cpu")
+    train(cfg, progress=False)
+    return root / "run"
+
+
+@pytest.fixture
+def damaged(toy_run, tmp_path):
+    """A copy of the toy run to damage."""
+    folder = tmp_path / "run"
+    shutil.copytree(toy_run, folder)
+    return folder
+
+
+def cli(folder, *args):
+    """``recognize`` in this process (a video that does not exist: refusals come before any video)."""
+    return CliRunner().invoke(main, ["missing.mp4", "--run", str(folder), "--frames-per-pass", "8", "--device", "cpu",
+                                     "--no-progress", *args])
+
+
+def test_load_gives_the_model_train_policy_saved(toy_run):
+    loaded = load(str(toy_run), torch.device("cpu"), frames_per_pass=8)
+    saved = torch.load(toy_run / "model.pt", weights_only=True)["model"]
+    state = loaded.method.model.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert not loaded.method.model.training and set(loaded.backbones) == set(TOY_BACKBONES)
+
+
+@pytest.mark.parametrize("key,value,line", [
+    ("hidden_fine", 1e9, "hidden_fine=1000000000.0: hidden_fine must be an int in [1, 16384]"),
+    ("hidden_fine", 10 ** 9, "hidden_fine=1000000000: hidden_fine must be an int in [1, 16384]"),
+    ("sync", "no", "sync='no': sync must be true or false"),
+    ("gamma", None, "gamma=None: gamma must be a finite number in [0, 1]"),
+])
+def test_a_damaged_config_json_is_refused_in_one_line_before_a_model_is_built(damaged, monkeypatch, key, value,
+                                                                             line):
+    """Today ``hidden_fine=1e9`` grew recognize to 16 GiB before failing and ``sync: "no"`` read as true."""
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, key: value}))
+    monkeypatch.setattr(METHODS["liteeval"], "build", lambda self: pytest.fail("a model was built"))
+    result = cli(damaged)
+    assert result.exit_code == 1 and result.output == f"Error: {damaged / 'config.json'}: {line}\n"
+
+
+def test_a_damaged_model_pt_is_refused_in_one_line(damaged, tmp_path):
+    """Today a zero-byte model.pt ended in a traceback ("Aborted!" on the command line)."""
+    model = damaged / "model.pt"
+    whole = model.read_bytes()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"optimizer": {}}, tmp_path / "other.pt")
+    for content, said in ((b"", "is empty (0 bytes)"), (whole[: len(whole) // 2], "truncated or foreign"),
+                          ((tmp_path / "tensor.pt").read_bytes(), "holds a Tensor, not a checkpoint"),
+                          ((tmp_path / "other.pt").read_bytes(), "is not a checkpoint of this kind (it lacks model)")):
+        model.write_bytes(content)
+        result = cli(damaged)
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {model} ") and said in result.output
+        assert result.output.count("\n") == 1
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, model)  # a checkpoint of another model
+    with pytest.raises(RunError, match=r"model.pt does not fit the liteeval model its config.json describes \("):
+        load(str(damaged), torch.device("cpu"), frames_per_pass=8)
+    config = json.loads((damaged / "config.json").read_text())
+    model.write_bytes(whole)
+    (damaged / "config.json").write_text(json.dumps({**config, "hidden_fine": 16}))  # it was trained with 8
+    with pytest.raises(RunError, match="does not fit .* size mismatch for") as err:
+        load(str(damaged), torch.device("cpu"), frames_per_pass=8)
+    assert "\n" not in str(err.value)
+
+
+def test_a_list_file_takes_whole_lines(tmp_path):
+    """Today each line was cut at its first space."""
+    (tmp_path / "videos.txt").write_text("# clips of the test\nmy clip 1.mp4\n\n  /abs/other clip.mp4  \n"
+                                         "   \n#/abs/not this.mp4\nsub/a.mp4\n")
+    assert video_list((str(tmp_path / "videos.txt"), "b c.mp4")) == [
+        os.path.join(tmp_path, "my clip 1.mp4"), "/abs/other clip.mp4", os.path.join(tmp_path, "sub/a.mp4"), "b c.mp4"]
+
+
+def test_a_moved_cache_is_named_and_taken_from_cache(damaged, tmp_path):
+    """Today a run whose cache moved could not be recognised at all."""
+    recorded = RunFolder.load(str(damaged)).cache
+    moved = shutil.copy(recorded, tmp_path / "moved.h5")
+    with h5py.File(damaged / "predictions.h5", "a") as f:  # as if the cache had been moved away
+        f.attrs["cache"] = str(tmp_path / "gone.h5")
+    result = cli(damaged)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {damaged}: its cache {tmp_path / 'gone.h5'} is gone; recognize reads the class names, sampling, "
+        "FLOPs table and backbone weights from it: pass --cache PATH if it moved\n")
+    assert "missing.mp4: skipped" in cli(damaged, "--cache", moved).output  # loaded: on to the videos
+    loaded = load(str(damaged), torch.device("cpu"), frames_per_pass=8, cache=moved)
+    assert loaded.classes == ["a", "b", "c"] and loaded.steps == 4
+    other = toy_cache(tmp_path / "other.h5", sampling={"num_frames": 8})
+    with pytest.raises(RunError, match=r"other.h5 holds sampling \{'num_frames': 8\}, the run was trained on "
+                                       r"\{'num_frames': 4\}: recognize needs the cache the run was trained on"):
+        load(str(damaged), torch.device("cpu"), frames_per_pass=8, cache=other)
+    assert cli(damaged, "--cache", str(tmp_path / "nowhere.h5")).output == \
+        f"Error: --cache {tmp_path / 'nowhere.h5'}: no such file\n"

@@ -4,12 +4,12 @@ import os
 import textwrap
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TOY_FLOPS, run_cli
 
 from eval.reports import register_report
 from extract.backbones import ARCHS, register_arch
 from extract.datasets import register_dataset
-from policy.methods import METHODS, Method, register_method
+from policy.methods import METHODS, Method, check_config, register_method
 
 
 def test_every_registry_refuses_a_duplicate_name():
@@ -22,6 +22,15 @@ def test_every_registry_refuses_a_duplicate_name():
     with pytest.raises(ValueError, match="registered twice"):
         register_method(type("Again", (Method,), {"name": "uniform"}))
     assert METHODS["uniform"].__name__ == "Uniform"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_s_defaults_pass_check_config(name):
+    """The ranges check_config holds every config field to (policy/methods/base.py RANGES) admit every
+    method's defaults, resolved for both kinds of cache."""
+    cls = METHODS[name]
+    for sampling in ({"num_frames": 16}, {"fps": 1.0, "max_frames": 129}):
+        check_config(cls.resolve(cls.Config(method=name), TOY_FLOPS, sampling))
 
 
 TOY = '''

@@ -41,6 +41,8 @@ class ARNetConfig(TrainConfig):
 
     CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "stochastic_eval", "policy_head")
 
+    # the stages' epochs set the length of training: 0 (unset) becomes their total; another value is refused
+    epochs: int = 0
     backbones: tuple[str, ...] = ()  # highest resolution first; (): one feature per resolution of the cache
     policy: str = ""  # the policy's feature; "": the cache's cheapest
     hidden: int = 512
@@ -244,6 +246,20 @@ class _Family(Method):
                                   **{code: f"s{f}" for code, f in skips.items()}},
                            visited=tuple(range(L + len(skips))), expensive=(0,), stopped=(AFTER_STOP,))
 
+    @classmethod
+    def staged(cls, cfg: TrainConfig, stages: list[str]) -> TrainConfig:
+        """``cfg`` with ``epochs`` the total of the ``<stage>_epochs`` of ``stages`` (the stages trained):
+        an ``epochs`` set to another number is refused, naming the fields that set it, rather than
+        trained for a length other than asked."""
+        counts = {s: getattr(cfg, f"{s}_epochs") for s in stages}
+        total = sum(counts.values())
+        if total == 0 or cfg.epochs not in (0, total):
+            asked = f"epochs={cfg.epochs}: " if cfg.epochs else ""
+            spelled = " + ".join(f"{s}_epochs {n}" for s, n in counts.items())
+            raise ValueError(f"{asked}{cls.name} trains for its stages' epochs ({spelled} = {total}): set "
+                             f"{', '.join(f'{s}_epochs' for s in counts)} (epochs is their total, at least 1)")
+        return dataclasses.replace(cfg, epochs=total)
+
     def build(self) -> nn.Module:
         if self.cfg.policy_head and self.names[-1] != self.cfg.policy:
             raise ValueError(f"policy_head needs the lowest resolution to be the policy's feature {self.cfg.policy}, "
@@ -352,9 +368,10 @@ class ARNetMethod(_Family):
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
-        """As the family's, with ``epochs`` the length of the stage schedule."""
+        """As the family's, with ``epochs`` the length of the stage schedule (:meth:`staged`)."""
         cfg = super().resolve(cfg, flops, sampling)
-        return dataclasses.replace(cfg, epochs=len(cls.schedule_of(cfg)))
+        cls.schedule_of(cfg)  # refuses stages other than warmup, joint, finetune
+        return cls.staged(cfg, [s for s in ("warmup", "joint", "finetune") if s in cfg.stages])
 
     def __init__(self, cfg: ARNetConfig, dims: dict[str, int], num_classes: int, flops: dict[str, float]):
         super().__init__(cfg, dims, num_classes, flops)
@@ -443,9 +460,8 @@ class _WarmupOnly(_Family):
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, flops: dict[str, float], sampling: dict) -> TrainConfig:
-        """As the family's, with ``epochs`` the warm-up's."""
-        cfg = super().resolve(cfg, flops, sampling)
-        return dataclasses.replace(cfg, epochs=cfg.warmup_epochs)
+        """As the family's, with ``epochs`` the warm-up's (:meth:`staged`)."""
+        return cls.staged(super().resolve(cfg, flops, sampling), ["warmup"])
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.warmup_loss(model, batch), {}

@@ -18,6 +18,8 @@ whose run departs from the default).
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -243,15 +245,69 @@ class Method:
 
 METHODS: dict[str, type[Method]] = {}
 CHOICES = {"normalise": ("l2", "none"), "select_on": ("val", "eval"), "budget": ("video", "batch"),
-           "consensus": ("softmax", "logits"), "readout": ("last", "mean"), "rank": ("softmax", "logit")}
+           "consensus": ("softmax", "logits"), "readout": ("last", "mean"), "rank": ("softmax", "logit"),
+           "actions": ("both", "resolution", "skip"), "optim": ("sgd", "adam"), "pooling": ("max", "mean")}
+# The range of each numeric config field (of each item, for a tuple), written as in mathematics. Sizes are
+# bounded so that a typo fails in one line rather than allocating: an LSTM of h units holds 16 h^2 bytes of
+# recurrent weights (4 GiB at the bound 16384, 8x the papers' largest); counts of frames at 65536.
+RANGES = {"seed": "[0, 4294967295]", "epochs": "[1, 100000]", "batch_size": "[1, 1048576]",
+          **dict.fromkeys(("warmup_epochs", "joint_epochs", "finetune_epochs"), "[0, 100000]"),
+          **dict.fromkeys(("hidden", "hidden_coarse", "hidden_fine"), "[1, 16384]"),
+          **dict.fromkeys(("steps", "memory", "agents", "glimpses", "max_frames", "topk", "jumps", "skips"),
+                          "[1, 65536]"),
+          "frames": "[0, 65536]", "checkpoint_steps": "[0, 65536]",  # 0: every frame / no checkpointing
+          **dict.fromkeys(("lr", "warmup_lr", "joint_lr", "finetune_lr", "weight_decay", "memory_budget_gb", "lam",
+                           "beta", "tau_decay", "entropy", "read_penalty", "epsilon", "gate_weight"), "[0, inf)"),
+          **dict.fromkeys(("tau", "tau_start", "tau_end", "sigma"), "(0, inf)"),
+          **dict.fromkeys(("gamma", "alpha", "momentum", "discount", "move"), "[0, 1]"),  # fractions
+          "val_fraction": "[0, 0.9]"}  # at least a tenth of train is trained on
+RANGE_OF = {int: "[0, 65536]", float: "(-inf, inf)"}  # a numeric field not in RANGES (any float: finite)
+
+
+def within(interval: str, value: float) -> bool:
+    """Whether ``value`` lies in ``interval`` (``[0, 1]``, ``(0, inf)``: brackets include the bound)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    return (low < value if interval[0] == "(" else low <= value) and \
+        (value < high if interval[-1] == ")" else value <= high)
+
+
+def fits(key: str, kind: type, value: object) -> bool:
+    """Whether ``value`` is what config field ``key`` of type ``kind`` holds: a bool a real bool, an
+    int a real int (not a bool), a float an int or a finite float, a tuple one of such items, a str
+    one of its ``CHOICES`` where it has some; numbers within their ``RANGES``."""
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, tuple) and all(fits(key, typing.get_args(kind)[0], v) for v in value)
+    if kind in (int, float):
+        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        return number and not (isinstance(value, float) and not math.isfinite(value)) and \
+            within(RANGES.get(key, RANGE_OF[kind]), value)
+    return isinstance(value, typing.get_origin(kind) or kind) and (key not in CHOICES or value in CHOICES[key])
+
+
+def wanted(key: str, kind: type) -> str:
+    """What config field ``key`` of type ``kind`` allows, in words (the end of :func:`check_config`'s line)."""
+    if typing.get_origin(kind) is tuple:
+        return f"a tuple, each item {wanted(key, typing.get_args(kind)[0])}"
+    if kind is bool:
+        return "true or false"
+    if kind is int:
+        return f"an int in {RANGES.get(key, RANGE_OF[int])}"
+    if kind is float:
+        interval = RANGES.get(key, RANGE_OF[float])
+        return "a finite number" + ("" if interval == RANGE_OF[float] else f" in {interval}")
+    return f"one of {', '.join(CHOICES[key])}" if key in CHOICES else f"a {getattr(kind, '__name__', kind)}"
 
 
 def check_config(cfg) -> None:
-    """Refuse a value of a string option that is not one of its ``CHOICES`` (after ``resolve``)."""
-    for key, allowed in CHOICES.items():
-        value = getattr(cfg, key, allowed[0])
-        if value not in allowed:
-            raise ValueError(f"--set {key}={value}: {key} must be one of {', '.join(allowed)}")
+    """Refuse, in one line naming the key, the value and what is allowed (:func:`wanted`), a field of
+    the config dataclass ``cfg`` that does not :func:`fit <fits>` its type hint, ``RANGES`` and
+    ``CHOICES``. Called after ``resolve`` (train-policy) and on a run folder's ``config.json``
+    (recognize), so nothing is built from a value of the wrong type or size."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not fits(f.name, hints[f.name], value):
+            raise ValueError(f"{f.name}={value!r}: {f.name} must be {wanted(f.name, hints[f.name])}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

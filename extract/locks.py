@@ -1,0 +1,36 @@
+"""One writer at a time: an exclusive ``flock`` on a lock file that names its holder.
+
+The kernel releases the lock when the holder exits, however it exits (a kill included), so a lock
+is never stale; the file itself stays, holding the last holder's pid. Used for the feature cache
+(``<cache>.lock``), run folders (``<run>/.lock``) and the demo folder (``<root>/.lock``).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from typing import Iterator
+
+
+class Busy(RuntimeError):
+    """What a lock guards is being written by another live process."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str, what: str, *, wait: bool = False, advice: str = "wait for it or pass another --out"
+              ) -> Iterator[None]:
+    """Hold the lock ``path`` for the ``with`` block. Held by another process: wait for it
+    (``wait``), or raise :class:`Busy` naming ``what``, the holder's pid and host, and ``advice``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise Busy(f"{what} is being written by {holder}: {advice}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
