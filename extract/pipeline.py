@@ -20,7 +20,7 @@ from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
 from .cache import (CacheInfo, CacheMismatch, Journal, VideoFeatures, annotation_digest, assemble,
                     read_info, relative_paths, run_identity, sweep_temporary)
-from .datasets import VideoRecord, load_annotations
+from .datasets import Annotations, VideoRecord, load_annotations
 from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
                      resize_crop)
 from .flops import FlopsEntry, backbone_flops
@@ -299,6 +299,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     """
     started = time.monotonic()
     info_dist, device = distributed.setup(cfg.device)
+    ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)  # refused: nothing written
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with contextlib.ExitStack() as held:
         refused: Busy | None = None
@@ -311,7 +312,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
                 refused = err
         if distributed.smallest(int(refused is None), device) == 0:
             raise refused or Busy(f"{cfg.out} is being written by another run (rank 0 names it)")
-        summary = _extract(cfg, info_dist, device)
+        summary = _extract(cfg, ann, info_dist, device)
     distributed.teardown(info_dist)
     summary.seconds = time.monotonic() - started
     return summary
@@ -334,8 +335,7 @@ def annotation_changes(info: CacheInfo, videos: list[VideoRecord], classes: list
     return ", ".join(counts)
 
 
-def _extract(cfg: ExtractConfig, info_dist: distributed.Dist, device: torch.device) -> Summary:
-    ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)
+def _extract(cfg: ExtractConfig, ann: Annotations, info_dist: distributed.Dist, device: torch.device) -> Summary:
     attrs = cache_attrs(cfg)
     attrs["annotations"] = annotation_digest(ann.videos, ann.classes, ann.problems, attrs["video_root"])
     requested = canonical(cfg.backbones)

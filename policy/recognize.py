@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
-from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess
+from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess, sample_indices
 from extract.distributed import synchronize
 from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
@@ -50,7 +50,9 @@ class FrameSource:
             start = time.perf_counter()
             reader = open_reader(path)
             try:
-                self.indices.append(sampling.indices(len(reader), reader.get_avg_fps()))
+                self.indices.append(sample_indices(reader, sampling))  # as phase 1 sampled it
+            except VideoError:
+                raise
             except Exception as err:  # no frame rate, broken metadata: one line, as phase 1 says it
                 raise decoding_failed(err) from None
             self.readers.append(reader)
