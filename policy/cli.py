@@ -8,6 +8,7 @@ import re
 
 import click
 
+from extract.cache import Cache
 from extract.options import apply_overrides
 
 from .methods import METHODS
@@ -16,11 +17,24 @@ from .train import train
 DATA = "data"
 
 
+def _holds_videos(path: str) -> bool:
+    """Whether ``path`` is a readable cache with at least one video (a run where every video failed
+    leaves an empty one)."""
+    try:
+        with Cache(path) as cache:
+            return len(cache.ids) > 0
+    except (OSError, KeyError):
+        return False
+
+
 def default_cache() -> str:
-    """The newest ``data/features/*.h5`` (the folder ``extract-features`` writes to by default), named in one line."""
+    """The newest ``data/features/*.h5`` holding videos (the folder ``extract-features`` writes to by
+    default), named in one line."""
     caches = sorted(glob.glob(os.path.join(DATA, "features", "*.h5")), key=os.path.getmtime)
+    caches = [c for c in caches if _holds_videos(c)]
     if not caches:
-        raise click.UsageError("no --features given and no cache in data/features/: run extract-features first")
+        raise click.UsageError("no --features given and no cache with videos in data/features/: "
+                               "run extract-features first")
     others = f"; {len(caches) - 1} other(s) there, pick one with --features" if len(caches) > 1 else ""
     click.echo(f"using {caches[-1]}, the newest cache in {os.path.join(DATA, 'features')}{others}", err=True)
     return caches[-1]

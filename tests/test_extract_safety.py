@@ -128,3 +128,20 @@ def test_option_gaps_get_one_line(demo_root, tmp_path):
     cuda = run_cli(*base, "--out", str(tmp_path / "c.h5"), "--device", "cuda", check=False)
     assert cuda.returncode == 1 and "Traceback" not in cuda.stderr
     assert cuda.stderr.strip().splitlines()[-1].startswith("Error: --device cuda: torch sees no CUDA device")
+
+
+def test_train_policy_never_picks_an_empty_cache_as_the_newest(tmp_path, monkeypatch):
+    from extract.cache import write_cache
+    from extract.flops import FlopsEntry
+    from policy.cli import default_cache
+
+    folder = tmp_path / "data" / "features"
+    folder.mkdir(parents=True)
+    entry = FlopsEntry("m@84", 84, 0.1, 10, 3)
+    for age, (name, n) in enumerate((("full.h5", 1), ("empty.h5", 0))):  # the empty one (all failed) is newer
+        write_cache(str(folder / name), dataset="demo", sampling={}, classes=["a"], ids=[f"v{i}" for i in range(n)],
+                    splits=["train"] * n, labels=np.ones((n, 1)), length=np.full(n, 2),
+                    frame_index=np.zeros((n, 2)), flops=[entry], features={"m@84": np.zeros((n, 2, 3))})
+        os.utime(folder / name, (1e9 + age, 1e9 + age))
+    monkeypatch.chdir(tmp_path)
+    assert default_cache() == os.path.join("data", "features", "full.h5")
