@@ -234,7 +234,6 @@ class CacheInfo:
     weights: dict[str, str] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # ids in /failed
     annotations: str = ""  # annotation_digest of the listing the cache was assembled from
-    labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (split, class names joined by |)
 
 
 @dataclass
@@ -254,13 +253,13 @@ def run_identity(attrs: dict[str, str], videos: list[VideoRecord]) -> str:
                        "preprocessing": attrs["preprocessing"], "videos": digest}, sort_keys=True)
 
 
-def annotation_digest(videos: list[VideoRecord], classes: list[str], problems: list[tuple[str, str]],
-                      video_root: str) -> str:
+def annotation_digest(videos: list[VideoRecord], paths: list[str], classes: list[str],
+                      problems: list[tuple[str, str]]) -> str:
     """sha256 of everything a cache takes from the annotations: the class list, each video's id, file
-    (relative to ``video_root``), split and labels, and the annotation problems. A cache whose
-    ``annotations`` attribute differs is rewritten to follow them."""
+    (``paths``: relative to the video root, as :func:`relative_paths`), split and labels, and the
+    annotation problems. A cache whose ``annotations`` attribute differs is rewritten to follow them."""
     h = hashlib.sha256("\n".join(classes).encode())
-    for v, path in zip(videos, relative_paths([v.path for v in videos], video_root)):
+    for v, path in zip(videos, paths):
         h.update(f"\n{v.id}\t{path}\t{v.split}\t{sorted(v.labels)}".encode())
     for where, reason in problems:
         h.update(f"\n!{where}\t{reason}".encode())
@@ -363,12 +362,9 @@ def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str) -> 
                 have = cache.attr(key, None)
                 if have != want:
                     raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
-            classes = np.array(cache.classes + [""])
-            named = ["|".join(classes[np.flatnonzero(row)]) for row in cache.labels]
             return CacheInfo(ids=cache.ids, paths=[p.decode() for p in cache.file["videos/path"][:]],
                              backbones=cache.backbones, flops=cache.flops, weights=cache.weights,
-                             failed=list(cache.failed), annotations=cache.attr("annotations"),
-                             labels=dict(zip(cache.ids, zip(cache.split.tolist(), named))))
+                             failed=list(cache.failed), annotations=cache.attr("annotations"))
     except (OSError, KeyError) as err:
         raise CacheMismatch(f"{path} is not a readable cache ({str(err).splitlines()[0][:120]}): "
                             "delete it (its finished chunks in .parts/ are kept) or pass another --out") from None
@@ -501,10 +497,10 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
                 source[name], row[name] = np.full(len(videos), -1), np.zeros(len(videos), dtype=np.int64)
             source[name][indices], row[name][indices] = s, rows
 
+        here = relative_paths([v.path for v in videos], attrs.get("video_root", ""))
         if old is not None:  # a video's features are reused when its id and file are the same
             held = zip(old["videos/id"][:], old["videos/path"][:])
             at = {(i.decode(), p.decode()): r for r, (i, p) in enumerate(held)}
-            here = relative_paths([v.path for v in videos], attrs.get("video_root", ""))
             old_rows = np.array([at.get((v.id, p), -1) for v, p in zip(videos, here)], dtype=np.int64)
             cached = np.flatnonzero(old_rows >= 0)
             for name in old["features"]:
@@ -559,8 +555,7 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
 
         def fill(f: h5py.File) -> None:
             outs = _write_layout(f, attrs=attrs, weights={k: weights[k] for k in backbones}, classes=classes,
-                                 ids=[v.id for v in kept], paths=relative_paths([v.path for v in kept],
-                                                                           attrs.get("video_root", "")),
+                                 ids=[v.id for v in kept], paths=[here[i] for i in keep.tolist()],
                                  splits=[v.split for v in kept], labels=labels, length=lengths,
                                  frame_index=frame_index, flops={n: flops[n] for n in backbones}, failed=failures)
             step = max(1, BLOCK_BYTES // max(1, 2 * T * max((flops[n].dim for n in backbones), default=1)))

@@ -8,7 +8,6 @@ AR-Net's code); normalisation is per backbone.
 from __future__ import annotations
 
 import functools
-
 import os
 from bisect import bisect_right
 from typing import Callable

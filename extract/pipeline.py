@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
-from .cache import (CacheInfo, CacheMismatch, Journal, VideoFeatures, annotation_digest, assemble,
+from .cache import (Cache, CacheInfo, CacheMismatch, Journal, VideoFeatures, annotation_digest, assemble,
                     read_info, relative_paths, run_identity, sweep_temporary)
 from .datasets import Annotations, VideoRecord, load_annotations
 from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
@@ -318,18 +318,22 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     return summary
 
 
-def annotation_changes(info: CacheInfo, videos: list[VideoRecord], classes: list[str], root: str) -> str:
-    """One line saying how ``videos`` (the annotations now) differ from what cache ``info`` was
-    assembled from; empty when nothing countable differs."""
+def annotation_changes(info: CacheInfo, path: str, videos: list[VideoRecord], paths: list[str],
+                       classes: list[str]) -> str:
+    """One line saying how ``videos`` (the annotations now; ``paths`` their files relative to the
+    video root) differ from what cache ``path`` (read as ``info``) was assembled from; empty when
+    nothing countable differs. Labels and splits are read only here, when the annotations changed."""
     now = {v.id: v for v in videos}
     dropped = sum(i not in now for i in info.ids)
-    here = dict(zip((v.id for v in videos), relative_paths([v.path for v in videos], root)))
+    here = dict(zip((v.id for v in videos), paths))
     moved = sum(i in now and here[i] != p for i, p in zip(info.ids, info.paths))
     relabelled = resplit = 0
-    for i, (split, named) in info.labels.items():
-        if i in now:
-            resplit += split != now[i].split
-            relabelled += named != "|".join(classes[c] for c in sorted(now[i].labels))
+    with Cache(path) as cache:
+        held = np.array(cache.classes + [""])
+        for i, split, row in zip(cache.ids, cache.split.tolist(), cache.labels):
+            if i in now:
+                resplit += split != now[i].split
+                relabelled += set(held[np.flatnonzero(row)]) != {classes[c] for c in now[i].labels}
     counts = [f"{n} {what}" for n, what in ((dropped, "dropped"), (moved, "with another file (re-extracted)"),
                                              (relabelled, "relabelled"), (resplit, "moved to another split")) if n]
     return ", ".join(counts)
@@ -337,7 +341,8 @@ def annotation_changes(info: CacheInfo, videos: list[VideoRecord], classes: list
 
 def _extract(cfg: ExtractConfig, ann: Annotations, info_dist: distributed.Dist, device: torch.device) -> Summary:
     attrs = cache_attrs(cfg)
-    attrs["annotations"] = annotation_digest(ann.videos, ann.classes, ann.problems, attrs["video_root"])
+    here = relative_paths([v.path for v in ann.videos], attrs["video_root"])  # each video's file, as the cache names it
+    attrs["annotations"] = annotation_digest(ann.videos, here, ann.classes, ann.problems)
     requested = canonical(cfg.backbones)
     if info_dist.main and not os.path.exists(cfg.out):  # from now on the cache always opens; the journal waits
         assemble(cfg.out, chunks=[], videos=ann.videos, classes=ann.classes, problems=ann.problems, attrs=attrs,
@@ -373,7 +378,6 @@ def _extract(cfg: ExtractConfig, ann: Annotations, info_dist: distributed.Dist, 
         model(name)
     done, failed = state.done, state.failed
     existing = set(zip(info.ids, info.paths))  # (id, file): a video whose file changed is extracted again
-    here = relative_paths([v.path for v in ann.videos], attrs["video_root"])
     groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
     for index, video in enumerate(ann.videos):
         if index % info_dist.world != info_dist.rank or index in failed:
@@ -394,7 +398,7 @@ def _extract(cfg: ExtractConfig, ann: Annotations, info_dist: distributed.Dist, 
         summary.cached, summary.failed = len(info.ids), len(info.failed)  # nothing new: the cache stays as it is
     elif info_dist.main:
         if info.ids:
-            summary.changes = annotation_changes(info, ann.videos, ann.classes, attrs["video_root"])
+            summary.changes = annotation_changes(info, cfg.out, ann.videos, here, ann.classes)
         journal.load()  # every chunk is still this run's (the lock keeps other runs out)
         names = sorted(set(info.backbones) | set(models))
         flops = {**info.flops, **prices}
