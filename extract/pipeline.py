@@ -147,18 +147,25 @@ def decode_videos(items: list[tuple[int, str]], cfg: ExtractConfig, pin: bool = 
             for out in _loader(items[done:], cfg, cfg.workers, pin):
                 done += 1
                 yield out
-        except RuntimeError as err:
-            if not cfg.workers or "DataLoader worker" not in str(err):
+        except (RuntimeError, EOFError, ConnectionError) as err:
+            if not cfg.workers or not _worker_died(err):
                 raise
             for index, path in items[done:done + cfg.workers * PREFETCH]:
                 try:
                     yield from _loader([(index, path)], cfg, 1, pin)
-                except RuntimeError as again:
-                    if "DataLoader worker" not in str(again):
+                except (RuntimeError, EOFError, ConnectionError) as again:
+                    if not _worker_died(again):
                         raise
                     yield index, None, None, "the decoding process died on this video (killed: out of memory, " \
                                              "or crashed)"
                 done += 1
+
+
+def _worker_died(err: BaseException) -> bool:
+    """Whether ``err`` from a DataLoader means one of its processes died: DataLoader says so, or a batch
+    it had already queued could not be fetched from the dead process (shared tensors are handed over
+    through a connection to the process that made them)."""
+    return isinstance(err, (EOFError, ConnectionError)) or "DataLoader worker" in str(err)
 
 
 def place_backbone(backbone: Backbone, device: torch.device) -> None:
