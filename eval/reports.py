@@ -16,6 +16,7 @@ from extract.cache import Cache
 from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
 from policy.methods.base import Ablation
+from policy.run_folder import RUN_ID
 
 from .published import published_rows
 from .runs import Run, RunError
@@ -394,12 +395,12 @@ def random_frames_map(reference: Run, reads: np.ndarray, ap: str) -> float:
 
 def _sweeps(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     """Runs of each method with a ``budget_knob``, grouped by everything else in their config:
-    ``(method, config) -> runs`` that differ only in the knob (and their folder)."""
+    ``(method, config) -> runs`` that differ only in the knob (and their folder and run id)."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         cls = METHODS.get(r.method)
         if cls is not None and cls.budget_knob:
-            rest = {k: v for k, v in r.config.items() if k not in (cls.budget_knob, "out")}
+            rest = {k: v for k, v in r.config.items() if k not in (cls.budget_knob, "out", RUN_ID)}
             groups.setdefault((r.method, repr(sorted(rest.items()))), []).append(r)
     return groups
 

@@ -3,10 +3,12 @@ run is named in a table."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
-from policy.methods import METHODS
-from policy.run_folder import RunError, RunFolder
+from policy.methods import METHODS, check_config
+from policy.run_folder import CONFIG, RunError, RunFolder
 
 __all__ = ["Run", "RunError", "find_runs", "load_run"]
 
@@ -45,13 +47,25 @@ def load_run(path: str) -> Run:
     return Run.load(path)
 
 
-def find_runs(paths: list[str]) -> list[Run]:
-    """Every finished run folder at or below ``paths``, in path order."""
+def find_runs(paths: list[str], skipped: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+              ) -> list[Run]:
+    """Every finished run folder at or below ``paths``, in path order. A folder holding a
+    ``config.json`` that is not a finished, consistent run (still training, killed, mixed, damaged,
+    non-finite, a config out of range) is left out with one line to ``skipped``."""
     found = []
     for top in paths:
         if not os.path.exists(top):
             raise RunError(f"{top} does not exist")
-        for folder, _, _ in sorted(os.walk(top)):
-            if RunFolder.is_finished(folder):
-                found.append(load_run(folder))
+        for folder, _, files in sorted(os.walk(top)):
+            if CONFIG not in files:
+                continue
+            try:
+                run = load_run(folder)
+                cls = METHODS.get(run.method)
+                if cls is not None:
+                    check_config(run.typed_config(cls.Config))
+            except (RunError, ValueError) as err:  # check_config: ValueError naming the field
+                skipped(f"skipped {folder}: {err}")
+                continue
+            found.append(run)
     return found

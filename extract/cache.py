@@ -28,7 +28,6 @@ and the weights of each backbone, so that a run never merges work that is not it
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import check_space, replacing, sweep
 from .datasets import VideoRecord
 from .flops import FlopsEntry
 
@@ -269,27 +269,8 @@ def annotation_digest(videos: list[VideoRecord], paths: list[str], classes: list
 def sweep_temporary(path: str) -> None:
     """Remove what interrupted writers of cache ``path`` left: ``<path>.<pid>.tmp`` and temporary
     chunks in ``<path>.parts/``. Call it only while holding the cache's lock."""
-    folder = os.path.dirname(os.path.abspath(path))
-    stem = os.path.basename(path) + "."
-    for name in os.listdir(folder):
-        if name.startswith(stem) and name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
-    parts = path + ".parts"
-    for name in os.listdir(parts) if os.path.isdir(parts) else []:
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(parts, name))
-
-
-class DiskFull(OSError):
-    """Not enough free space to write a file; nothing was replaced."""
-
-
-def check_space(path: str, needed: int) -> None:
-    """Raise :class:`DiskFull` when the filesystem of ``path`` has less than ``needed`` bytes free."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    if free < needed:
-        raise DiskFull(f"writing {path} needs about {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free there: "
-                       "free some space and run the same command again (finished work is kept)")
+    sweep(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".")
+    sweep(path + ".parts")
 
 
 def write_atomic(path: str, fill, *, in_memory: bool = False) -> None:
@@ -299,56 +280,17 @@ def write_atomic(path: str, fill, *, in_memory: bool = False) -> None:
     write its bytes in one go (small files: journal chunks), so that no failed write can go unseen;
     HDF5 reports write errors at close only as printed warnings, so a file written in place is
     flushed explicitly first."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with replacing(path) as tmp:
         if in_memory:
             buffer = io.BytesIO()
             with h5py.File(buffer, "w") as f:
                 fill(f)
             with open(tmp, "wb") as out:
                 out.write(buffer.getbuffer())
-                out.flush()
-                os.fsync(out.fileno())
         else:
             with h5py.File(tmp, "w") as f:
                 fill(f)
                 f.flush()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_folder(path)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, DiskFull) or not _write_failed(err):
-            raise
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise DiskFull(f"writing {path} failed ({_reason(err)}; {free / 2**30:.2f} GiB free there): free some space "
-                       "and run the same command again (finished work is kept)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fsync_folder(path: str) -> None:
-    """fsync the folder holding ``path``, so that a rename into it survives a power cut."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
-
-
-def _write_failed(err: BaseException) -> bool:
-    """Whether ``err`` says a write ran out of room (HDF5 puts the errno in its message only)."""
-    return getattr(err, "errno", None) in WRITE_ERRORS or any(f"errno = {n}," in str(err) for n in WRITE_ERRORS)
-
-
-def _reason(err: BaseException) -> str:
-    code = getattr(err, "errno", None)
-    code = code if code in WRITE_ERRORS else next(n for n in WRITE_ERRORS if f"errno = {n}," in str(err))
-    return WRITE_ERRORS[code]
 
 
 def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str) -> CacheInfo:

@@ -7,7 +7,8 @@ import sys
 import click
 
 from .backbones import WeightsUnavailable
-from .cache import CacheMismatch, DiskFull
+from .atomic import DiskFull
+from .cache import CacheMismatch
 from .datasets import DATASETS, AnnotationError
 from .decode import SEEK_MODES, default_workers
 from .distributed import DeviceError

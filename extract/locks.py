@@ -12,6 +12,10 @@ import os
 import socket
 from typing import Iterator
 
+import torch
+
+from . import distributed
+
 
 class Busy(RuntimeError):
     """What a lock guards is being written by another live process."""
@@ -34,3 +38,22 @@ def exclusive(path: str, what: str, *, wait: bool = False, advice: str = "wait f
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def exclusive_job(path: str, what: str, *, main: bool, device: torch.device, advice: str,
+                  then=lambda: None) -> Iterator[None]:
+    """:func:`exclusive` held by rank 0 (``main``) for a whole ``torchrun`` job, ``then()`` run by it
+    once the lock is held (sweeping what killed writers left). Every rank takes part in one agreement,
+    so that a refused job raises :class:`Busy` on every rank together."""
+    with contextlib.ExitStack() as held:
+        refused: Busy | None = None
+        if main:
+            try:
+                held.enter_context(exclusive(path, what, advice=advice))
+                then()
+            except Busy as err:
+                refused = err
+        if distributed.smallest(int(refused is None), device) == 0:
+            raise refused or Busy(f"{what} is being written by another run (rank 0 names it): {advice}")
+        yield

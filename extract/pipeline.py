@@ -2,7 +2,6 @@
 frames of several videos batched together, journal the results, assemble the cache at the end."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -24,7 +23,7 @@ from .datasets import Annotations, VideoRecord, load_annotations
 from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
                      resize_crop)
 from .flops import FlopsEntry, backbone_flops
-from .locks import Busy, exclusive
+from .locks import exclusive_job
 from .sampling import Sampling
 
 CHUNK_SECONDS = 30.0  # journal a chunk at least this often
@@ -308,17 +307,9 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     info_dist, device = distributed.setup(cfg.device)
     ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)  # refused: nothing written
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with contextlib.ExitStack() as held:
-        refused: Busy | None = None
-        if info_dist.main:
-            try:
-                held.enter_context(exclusive(cfg.out + ".lock", cfg.out, advice="wait for that run to finish, "
-                                             "or pass another --out"))
-                sweep_temporary(cfg.out)  # no other writer lives: what a killed one left can go
-            except Busy as err:
-                refused = err
-        if distributed.smallest(int(refused is None), device) == 0:
-            raise refused or Busy(f"{cfg.out} is being written by another run (rank 0 names it)")
+    with exclusive_job(cfg.out + ".lock", cfg.out, main=info_dist.main, device=device,
+                       advice="wait for that run to finish, or pass another --out",
+                       then=lambda: sweep_temporary(cfg.out)):  # no other writer lives: what a killed one left can go
         summary = _extract(cfg, ann, info_dist, device)
     distributed.teardown(info_dist)
     summary.seconds = time.monotonic() - started

@@ -12,6 +12,7 @@ rank's generator states, so a resumed run draws what the uninterrupted run would
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import pickle
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from .atomic import replacing, write_text
 from .distributed import Dist
 
 
@@ -36,24 +38,30 @@ def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file, then rename it over ``path``: a kill leaves the old file or the new."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` crash-safe (:func:`extract.atomic.replacing`): a kill leaves the old file or the new.
+    Serialised in memory first and written with plain file I/O: torch's writer reports a full disk
+    as an unrelated RuntimeError ("unexpected pos"), a plain write as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def write_log(path: str, rows: list[dict]) -> None:
-    """The per-epoch ``rows`` as a CSV file (columns: every key, in first-seen order), written atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """The per-epoch ``rows`` as a CSV file (columns: every key, in first-seen order), crash-safe."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 class ResumeError(ValueError):
     """A resume point written by a run of another model or data."""
+
+
+class Diverged(ValueError):
+    """The training loss turned NaN or infinite."""
 
 
 class CheckpointError(ValueError):
@@ -231,6 +239,11 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
                 _optimizer_step(loop, raw_model, optimizer, scaler, loop.accumulate)
         if taken % loop.accumulate:  # the epoch's last, shorter accumulation
             _optimizer_step(loop, raw_model, optimizer, scaler, taken % loop.accumulate)
+        finite = all(bool(torch.isfinite(v)) for v in sums.values())  # one read-back per statistic per epoch
+        if distributed.smallest(int(finite), device) == 0:  # every rank stops together
+            raise Diverged(f"{loop.desc}: the loss turned non-finite (NaN or inf) in epoch {epoch}; nothing of that "
+                           f"epoch was kept ({loop.last} holds the last finite one): lower the learning rate, or "
+                           "check the features and labels")
         seconds = time.monotonic() - started
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                **{k: (v / max(taken, 1)).item() for k, v in sums.items()}}

@@ -8,7 +8,9 @@ import re
 
 import click
 
+from extract.atomic import DiskFull
 from extract.cache import Cache
+from extract.locks import Busy
 from extract.options import apply_overrides
 
 from .methods import METHODS
@@ -63,7 +65,8 @@ Examples:
 """)
 @click.option("--method", type=click.Choice(sorted(METHODS)), required=True)
 @click.option("--features", metavar="CACHE.h5", help="Feature cache. Default: the newest data/features/*.h5.")
-@click.option("--out", metavar="RUN_DIR", help="Run folder. Default: data/runs/<cache name>/<method>[_<options>].")
+@click.option("--out", metavar="RUN_DIR", help="Run folder. Default: data/runs/<cache name>/<method>[_<option>=<value>"
+              "...], naming every option given (and --seed unless 0).")
 @click.option("--gamma", type=float, help="LiteEval: target fine-feature usage (default 0.05).")
 @click.option("--no-sync", is_flag=True, help="LiteEval: no cLSTM -> fLSTM synchronisation (Table 2).")
 @click.option("--stochastic-eval", is_flag=True,
@@ -75,10 +78,12 @@ Examples:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config field (see config.json of a run), e.g. --set hidden_fine=512.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch (same settings; "
+              "--epochs may grow).")
+@click.option("--force", is_flag=True, help="Replace the run already in --out (refused without it).")
 @click.option("--no-progress", is_flag=True)
 def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_size, lr, seed, device, sets, resume,
-         no_progress) -> None:
+         force, no_progress) -> None:
     """Train a gating policy or baseline on cached per-frame features and write a run folder
     (config.json, model.pt, train_log.csv, metrics.json, predictions.h5)."""
     cfg = METHODS[method].Config(method=method, seed=seed, device=device)
@@ -88,13 +93,14 @@ def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_s
     pairs += ("stochastic_eval=true",) if stochastic_eval else ()
     keys = apply_overrides(cfg, pairs)
     cfg.features = features or default_cache()
-    suffix = "".join(f"_{k}={folder_name(as_text(getattr(cfg, k)))}" for k in keys
-                     if k not in ("epochs", "batch_size", "lr", "device"))
+    named_keys = [k for k in keys if k not in ("device", "memory_budget_gb")] + (["seed"] if seed else [])
+    suffix = "".join(f"_{k}={folder_name(as_text(getattr(cfg, k)))}" for k in dict.fromkeys(named_keys))
     stem = os.path.splitext(os.path.basename(cfg.features))[0]
     cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)
     try:
-        metrics = train(cfg, resume=resume, progress=not no_progress)
-    except ValueError as err:  # a cache that cannot serve the method (CacheError) or an option out of range
+        metrics = train(cfg, resume=resume, force=force, progress=not no_progress)
+    except (ValueError, Busy, DiskFull) as err:  # a cache that cannot serve the method (CacheError), an option
+        # out of range, a run folder that would be lost or mixed (RunError), a second writer, a full disk
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{cfg.out}: mAP {metrics['mAP']:.4f}, top-1 {metrics['top1']:.4f}, "

@@ -61,6 +61,14 @@ class CachedFeatures:
         if not os.path.isfile(path):
             raise CacheError(f"no feature cache at {path}: run extract-features first (see README)")
         self.path, self.names, self.l2_normalise = path, list(names), l2_normalise
+        try:
+            self._open(memory_budget)
+        except (OSError, KeyError) as err:  # HDF5's errors for a truncated or foreign file
+            raise CacheError(f"{path} is not a readable feature cache ({str(err).splitlines()[0][:100]}): truncated or "
+                             "damaged; run extract-features into it again") from None
+
+    def _open(self, memory_budget: int | None) -> None:
+        path, names = self.path, self.names
         self.cache = cache = Cache(path)
         self.dataset = cache.dataset
         missing = [n for n in names if n not in cache.backbones]
@@ -79,6 +87,8 @@ class CachedFeatures:
         self.in_memory = size <= budget
         self.block_rows = max(1, budget // 2 // max(1, size // max(1, len(self.ids))))  # half the budget per block
         self.arrays = {n: cache.features(n)[:] for n in names} if self.in_memory else None
+        if self.in_memory:
+            self._check_finite(self.arrays, np.arange(len(self.ids)))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -92,11 +102,15 @@ class CachedFeatures:
         rows = np.arange(len(self))
         train = rows[self.split == "train"]
         evaluation = rows[self.split == "test"] if (self.split == "test").any() else rows[self.split == "val"]
-        if (self.split == "val").any() and (self.split == "test").any():
-            return train, rows[self.split == "val"], evaluation, "the cache's val split"
         if len(train) < 2 or len(evaluation) == 0:
             raise CacheError(f"{self.path} needs train and test (or val) videos; "
                              f"it has splits {sorted(set(self.split))}")
+        for name, picked in (("train", train), ("evaluation", evaluation)):
+            if not self.labels[picked].any():
+                raise CacheError(f"{self.path}: no {name} video has a label (all-zero labels): no loss or mAP can be "
+                                 "computed; check the annotations' labels and run extract-features again")
+        if (self.split == "val").any() and (self.split == "test").any():
+            return train, rows[self.split == "val"], evaluation, "the cache's val split"
         perm = np.random.default_rng(seed).permutation(train)
         n_val = max(1, int(round(val_fraction * len(train))))
         return np.sort(perm[n_val:]), np.sort(perm[:n_val]), evaluation, \
@@ -106,7 +120,26 @@ class CachedFeatures:
         """Features of sorted ``rows``; when streaming, only those rows are read from disk."""
         if self.in_memory:
             return {n: self.arrays[n][rows] for n in self.names}
-        return {n: read_rows(self.cache.features(n), rows) for n in self.names}
+        try:
+            data = {n: read_rows(self.cache.features(n), rows) for n in self.names}
+        except OSError as err:
+            raise CacheError(f"{self.path} could not be read ({str(err).splitlines()[0][:100]}): damaged; run "
+                             "extract-features into it again") from None
+        return self._check_finite(data, rows)
+
+    def _check_finite(self, data: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """``data`` (features of cache ``rows``), or :class:`CacheError` naming a video whose features
+        hold NaN or inf (checked in blocks of about 64 MiB, so the check needs no copy of the cache)."""
+        for name, x in data.items():
+            step = max(1, (64 << 20) // max(1, x[:1].size))
+            for start in range(0, len(x), step):
+                bad = ~np.isfinite(x[start:start + step]).reshape(min(step, len(x) - start), -1).all(axis=1)
+                if bad.any():
+                    first = self.ids[rows[start + int(np.argmax(bad))]]
+                    raise CacheError(f"{self.path}: the {name} features of video {first} hold NaN or inf (a damaged "
+                                     "cache, or one written before extract-features refused them): extract into "
+                                     "a new --out")
+        return data
 
     def _batch(self, picked: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> Batch:
         where = np.searchsorted(rows, picked)  # rows is sorted and holds every picked row

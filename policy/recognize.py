@@ -31,7 +31,7 @@ from extract.sampling import Sampling
 from extract.training import CheckpointError, load_checkpoint
 
 from .methods import METHODS, Method, check_config
-from .run_folder import CONFIG, RunError, RunFolder
+from .run_folder import CONFIG, MODEL, RunError, RunFolder
 
 LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
 
@@ -186,7 +186,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
     cls = METHODS.get(run.method)
     if cls is None:
         raise RunError(f"{run_dir} is a {run.method} run, a method this version does not have")
-    model_path = os.path.join(run_dir, "model.pt")
+    model_path = os.path.join(run_dir, MODEL)
     if not os.path.isfile(model_path):
         raise RunError(f"{run_dir} has no model.pt (a run folder of train-policy is needed)")
     try:  # before anything is built from it

@@ -17,14 +17,18 @@ import numpy as np
 import torch
 
 from extract import distributed
+from extract.atomic import sweep
 from extract.distributed import Dist
-from extract.training import Loop, ResumeError, fit, resume_point
+from extract.locks import exclusive_job
+from extract.training import Loop, ResumeError, fit, load_checkpoint, resume_point
 
 from .data import CachedFeatures, CacheError, default_memory_budget
 from .methods import METHODS, Inference, Method, check_config
-from .run_folder import CONFIG, Predictions, RunFolder, summarise
+from .run_folder import CONFIG, LAST, LOCK, LOG, MODEL, PREDICTIONS, Predictions, RunError, RunFolder, read_config, \
+    summarise
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+RESUMABLE = ("epochs", "device", "features", "out", "memory_budget_gb")  # may change on --resume
 
 
 def return_freed_memory() -> None:
@@ -82,8 +86,10 @@ def predictions(method: Method, store: CachedFeatures, rows: np.ndarray, inf: In
                                  **({"step_frame": inf.step_frame} if inf.step_frame is not None else {})})
 
 
-def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, float]:
-    """Train ``cfg.method`` on ``cfg.features``, write the run folder ``cfg.out``, return its metrics."""
+def train(cfg, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, float]:
+    """Train ``cfg.method`` on ``cfg.features``, write the run folder ``cfg.out``, return its metrics.
+    One run writes a folder at a time (rank 0 holds ``<out>/.lock``); see :func:`check_start` for
+    what ``resume`` and ``force`` allow."""
     return_freed_memory()
     distributed.deterministic(cfg.deterministic)
     distributed.allow_tf32(cfg.tf32)
@@ -107,23 +113,61 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
     resolved = {**dataclasses.asdict(cfg), "validation": val_note, "cache_dataset": store.dataset,
                 "cache_sampling": store.sampling, "features_in_memory": store.in_memory,
                 "train_videos": len(train_rows), "val_videos": len(val_rows), "eval_videos": len(eval_rows)}
-    best_path = os.path.join(cfg.out, "model.pt")
-    loop = Loop(epochs=cfg.epochs, seed=cfg.seed, best=best_path, last=os.path.join(cfg.out, "last.pt"),
-                log=os.path.join(cfg.out, "train_log.csv"), desc=f"train {cfg.method}", find_unused_parameters=True,
+    best_path = os.path.join(cfg.out, MODEL)
+    loop = Loop(epochs=cfg.epochs, seed=cfg.seed, best=best_path, last=os.path.join(cfg.out, LAST),
+                log=os.path.join(cfg.out, LOG), desc=f"train {cfg.method}", find_unused_parameters=True,
                 meta={"features": {n: int(d) for n, d in store.dims.items()}, "classes": len(store.classes)},
                 progress=progress)
-    if resume and os.path.exists(os.path.join(cfg.out, CONFIG)):  # checked before anything of the run is written
-        with open(os.path.join(cfg.out, CONFIG)) as f:
-            before = json.load(f)
-        if (before["cache_dataset"], before["cache_sampling"]) != (store.dataset, store.sampling):
-            raise CacheError(f"{cfg.out} was trained on a {before['cache_dataset']} cache ({before['features']}); "
-                             f"{cfg.features} is {store.dataset}: resume with that cache or start another --out")
-    try:
-        state = resume_point(loop) if resume else None
-    except ResumeError as err:
-        raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
-    if info.main:
-        RunFolder.save_config(cfg.out, resolved)
+    with exclusive_job(os.path.join(cfg.out, LOCK), cfg.out, main=info.main, device=device,
+                       advice="wait for it to finish, or pass another --out", then=lambda: sweep(cfg.out)):
+        check_start(cfg, resolved, resume=resume, force=force)  # before anything of the run is written
+        try:
+            state = resume_point(loop) if resume else None
+        except ResumeError as err:
+            raise CacheError(f"{err} (or resume with the cache it was trained on)") from None
+        distributed.barrier()  # every rank has read the folder before rank 0 starts rewriting it
+        if info.main:
+            RunFolder.start(cfg.out, resolved, fresh=state is None)
+        metrics = _fit_and_evaluate(cfg, method, raw_model, optimizer, store, loop, state, info, device,
+                                    (train_rows, val_rows, eval_rows))
+    distributed.teardown(info)
+    return metrics
+
+
+def check_start(cfg, resolved: dict, *, resume: bool, force: bool) -> None:
+    """Refuse, in one line, to start the run ``resolved`` in ``cfg.out`` when that would lose or mix
+    work: replacing a finished run or its checkpoints without ``force``; resuming a run trained with
+    other settings (listed) or on a cache of another dataset or sampling."""
+    if not resume:
+        held = [name for name in (PREDICTIONS, MODEL, LAST) if os.path.exists(os.path.join(cfg.out, name))]
+        if held and not force:
+            what = "a finished run" if PREDICTIONS in held else f"an unfinished run's {' and '.join(held)}"
+            raise RunError(f"{cfg.out} holds {what}: --force replaces it, --out writes another folder"
+                           + ("" if PREDICTIONS in held else ", --resume continues it"))
+        return
+    if not os.path.isfile(os.path.join(cfg.out, CONFIG)):
+        return
+    saved = read_config(cfg.out)
+    if (saved.get("cache_dataset"), saved.get("cache_sampling")) != (resolved["cache_dataset"],
+                                                                    resolved["cache_sampling"]):
+        raise CacheError(f"{cfg.out} was trained on a {saved.get('cache_dataset')} cache ({saved.get('features')}); "
+                         f"{cfg.features} is {resolved['cache_dataset']}: resume with that cache or start another "
+                         "--out")
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as the lists config.json holds
+    differs = [f"{k}={saved[k]} there, {v} here" for k, v in now.items()
+               if k in saved and k not in RESUMABLE and saved[k] != v]
+    if differs:
+        raise RunError(f"{cfg.out} was trained with other settings ({'; '.join(differs)}): resume with the same "
+                       "settings (only --epochs, --device, --features and memory_budget_gb may change), or pass "
+                       "another --out")
+
+
+def _fit_and_evaluate(cfg, method: Method, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      store: CachedFeatures, loop: Loop, state: dict | None, info: Dist, device: torch.device,
+                      rows: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+    """Train (resuming from ``state``), then evaluate the kept checkpoint on rank 0 and write the
+    run's results; every rank returns its metrics."""
+    train_rows, val_rows, eval_rows = rows
 
     def batches(epoch: int):
         order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -138,14 +182,11 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, floa
         keep=lambda epoch, score: {"model": raw_model.state_dict(), "epoch": epoch, "val_mAP": score},
         on_epoch=lambda epoch: method.on_epoch(epoch, optimizer), selectable=method.selectable, state=state)
     if info.main:
-        kept = torch.load(best_path, map_location="cpu", weights_only=True)
+        kept = load_checkpoint(loop.best, ("model", "epoch"))
         raw_model.load_state_dict(kept["model"])
         inf = run_inference(method, raw_model, store, eval_rows, cfg.batch_size)
         metrics = {**evaluate_split(method, inf, store.labels[eval_rows]), "best_epoch": int(kept["epoch"])}
         RunFolder.save_results(cfg.out, metrics, predictions(method, store, eval_rows, inf), cache=store.path,
                                dataset=store.dataset)
     distributed.barrier()
-    if not info.main:
-        metrics = RunFolder.load(cfg.out).metrics
-    distributed.teardown(info)
-    return metrics
+    return metrics if info.main else RunFolder.load(cfg.out).metrics

@@ -9,7 +9,8 @@ from conftest import run_cli
 
 from extract import cache as cache_module
 from extract import pipeline
-from extract.cache import Cache, DiskFull
+from extract.atomic import DiskFull
+from extract.cache import Cache
 from extract.locks import Busy, exclusive
 from extract.pipeline import ExtractConfig, run_extraction
 from extract.sampling import Sampling

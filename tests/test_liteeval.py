@@ -125,7 +125,7 @@ def test_fine_usage_follows_gamma(demo_cache, tmp_path):
 def test_run_folder_and_gflops_accounting(demo_cache, tmp_path):
     run = tmp_path / "le"
     metrics = train(config("liteeval", demo_cache, run, gamma=0.5), progress=False)
-    assert sorted(os.listdir(run)) == ["config.json", "last.pt", "metrics.json", "model.pt", "predictions.h5",
+    assert sorted(os.listdir(run)) == [".lock", "config.json", "last.pt", "metrics.json", "model.pt", "predictions.h5",
                                        "train_log.csv"]
     cfg = json.load(open(run / "config.json"))
     assert cfg["coarse"] == "efficientnet_lite0@112" and cfg["fine"] == "efficientnet_lite0@224"
@@ -178,7 +178,8 @@ def test_resume_after_kill_mid_run_equals_uninterrupted(demo_cache, tmp_path):
     run = tmp_path / "killed"
     killed_after_first_epoch(["policy.cli", *args], run)
     run_cli("policy.cli", *args, "--out", str(run), "--resume")
-    assert json.load(open(run / "metrics.json")) == json.load(open(tmp_path / "full" / "metrics.json"))
+    resumed, full = (json.load(open(r / "metrics.json")) for r in (run, tmp_path / "full"))
+    assert resumed.pop("run_id") != full.pop("run_id") and resumed == full
     assert open(run / "train_log.csv").read().count("\n") == 9
 
 
