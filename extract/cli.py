@@ -125,7 +125,7 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
     per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
     resumes: cached videos are skipped, new backbones are added without recomputing the others."""
     try:
-        if num_frames is None and fps is None:
+        if num_frames is None and fps is None and max_frames is None:
             sampling = DEFAULT_SAMPLING.get(dataset, Sampling(num_frames=16))
         else:
             sampling = Sampling(num_frames=num_frames, fps=fps, max_frames=max_frames)

@@ -24,6 +24,9 @@ class Sampling:
     max_frames: int | None = None
 
     def __post_init__(self):
+        if self.max_frames is not None and self.fps is None:
+            raise ValueError("--max-frames caps what --fps samples: give it with --fps (--num-frames sets the "
+                             "frame count itself)")
         if (self.num_frames is None) == (self.fps is None):
             raise ValueError("give exactly one of --num-frames and --fps")
         if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:  # NaN too

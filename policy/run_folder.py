@@ -178,6 +178,9 @@ class RunFolder:
             check_finite(run.scores, run.gflops)
         except NonFinite as err:
             raise RunError(f"{path}: {err}") from None
+        except OSError as err:
+            raise RunError(f"{os.path.join(path, PREDICTIONS)} is damaged ({str(err).splitlines()[0][:100]}): "
+                           "train the run again") from None
         return run
 
     @staticmethod

@@ -39,6 +39,8 @@ def test_invalid_sampling():
     (dict(fps=float("inf")), "not inf"),
     (dict(fps=0.0), "not 0"),
     (dict(fps=-2.0), "not -2"),
+    (dict(num_frames=16, max_frames=8), "--max-frames caps what --fps samples"),  # was silently ignored
+    (dict(max_frames=8), "--max-frames caps what --fps samples"),
 ])
 def test_absurd_options_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError, match=message) as err:
