@@ -5,11 +5,12 @@ import os
 
 import click
 
+from extract.errors import UserError
 from extract.metrics import AP_KINDS
 
 from .formats import render, save_figure
 from .reports import REPORTS, Options
-from .runs import RunError, find_runs
+from .runs import find_runs
 
 DEFAULT_RUNS = os.path.join("data", "runs")
 
@@ -42,7 +43,7 @@ def main(report, run_dirs, fmt, plot, paper, ap, videos) -> None:
         if plot:
             save_figure(result, plot)
             click.echo(f"figure written to {plot}", err=True)
-    except RunError as err:  # what evaluate refuses on purpose; anything else is a bug and keeps its traceback
+    except UserError as err:  # what evaluate refuses on purpose; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
     if result.empty:
         for note in result.notes:

@@ -14,10 +14,12 @@ import os
 import shutil
 from typing import Iterator
 
+from .errors import UserError
+
 WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
 
 
-class DiskFull(OSError):
+class DiskFull(UserError, OSError):
     """Not enough free space to write a file; nothing was replaced."""
 
 

@@ -14,11 +14,13 @@ import torch
 import torchvision
 from torch import nn
 
+from .errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights cannot be found locally nor downloaded."""
 
 

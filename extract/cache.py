@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Union
 import h5py
 import numpy as np
 
+from .errors import UserError
 from . import __version__
 from .atomic import check_space, replacing, sweep
 from .datasets import VideoRecord
@@ -52,7 +53,7 @@ FAILED_DTYPE = np.dtype([("id", STR), ("reason", STR)])
 BLOCK_BYTES = 256 << 20  # assembly writes each backbone's features in blocks of rows of about this size
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(UserError, ValueError):
     """An existing cache that belongs to another dataset, sampling or weights."""
 
 

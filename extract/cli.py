@@ -6,13 +6,9 @@ import sys
 
 import click
 
-from .backbones import WeightsUnavailable
-from .atomic import DiskFull
-from .cache import CacheMismatch
 from .datasets import DATASETS, AnnotationError
 from .decode import SEEK_MODES, default_workers
-from .distributed import DeviceError
-from .locks import Busy
+from .errors import UserError
 from .pipeline import ExtractConfig, canonical, run_extraction
 from .sampling import Sampling
 
@@ -142,7 +138,7 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
                         progress=not no_progress)
     try:
         summary = run_extraction(cfg)
-    except (AnnotationError, CacheMismatch, WeightsUnavailable, Busy, DiskFull, DeviceError) as err:
+    except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished chunks are kept in {cfg.out}.parts; run the same command to resume",

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import UserError
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """An annotation set that cannot be read at all (wrong file, wrong format)."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 TIMEOUT = datetime.timedelta(hours=12)  # a rank may wait this long at a collective (rank 0 validating, assembling)
 
 
@@ -40,7 +42,7 @@ def ranks() -> Dist:
                 int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device asked for that this machine does not have."""
 
 

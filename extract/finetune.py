@@ -31,14 +31,15 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import distributed
-from .backbones import WeightsUnavailable, create_backbone, finetuned_path, parse_name
+from .backbones import create_backbone, finetuned_path, parse_name
 from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
 from .decode import VideoError, default_workers, normalisation, read_frames, read_resized, resize_crop
+from .errors import UserError
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
-from .training import Loop, ResumeError, fit, resume_point, soft_cross_entropy
+from .training import Loop, fit, resume_point, soft_cross_entropy
 
 LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
 
@@ -261,12 +262,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         rate = frames[0] * info.world / max(row["train_seconds"], 1e-9)
         return {"val_mAP": val_map, "val_top1": val_top1, "train_frames_per_s": rate}
 
-    try:
-        fitted = fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=step,
-                     validate=validate, keep=lambda epoch, score: raw_model.features.state_dict(),
-                     on_epoch=on_epoch, state=resume_point(loop) if resume else None)
-    except ResumeError as err:
-        raise WeightsUnavailable(str(err)) from None
+    fitted = fit(loop, raw_model, optimizer, info=info, device=device, batches=batches, step=step,
+                 validate=validate, keep=lambda epoch, score: raw_model.features.state_dict(),
+                 on_epoch=on_epoch, state=resume_point(loop) if resume else None)
     distributed.teardown(info)
     if info.main:
         for vid, reason in sorted(failed.items())[:20]:
@@ -319,7 +317,7 @@ def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch
     apply_overrides(cfg, tuple(f"{k}={v}" for k, v in named.items() if v is not None) + tuple(sets))
     try:
         result = finetune(cfg, resume=resume, progress=not no_progress)
-    except (AnnotationError, WeightsUnavailable) as err:
+    except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{cfg.out}: {cfg.backbone} finetuned on {dataset}, "

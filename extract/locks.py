@@ -14,10 +14,11 @@ from typing import Iterator
 
 import torch
 
+from .errors import UserError
 from . import distributed
 
 
-class Busy(RuntimeError):
+class Busy(UserError, RuntimeError):
     """What a lock guards is being written by another live process."""
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConfigError
+
 # Most frames sampled per video: 4096 uint8 224x224 crops are 0.6 GB held per video in flight (per decoding
 # worker, and again when batched); 68 minutes at 1 fps. The papers sample 16 to 129.
 MAX_SAMPLES = 4096
@@ -25,15 +27,15 @@ class Sampling:
 
     def __post_init__(self):
         if self.max_frames is not None and self.fps is None:
-            raise ValueError("--max-frames caps what --fps samples: give it with --fps (--num-frames sets the "
+            raise ConfigError("--max-frames caps what --fps samples: give it with --fps (--num-frames sets the "
                              "frame count itself)")
         if (self.num_frames is None) == (self.fps is None):
-            raise ValueError("give exactly one of --num-frames and --fps")
+            raise ConfigError("give exactly one of --num-frames and --fps")
         if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:  # NaN too
-            raise ValueError(f"--fps must be {MIN_FPS:g}..{MAX_FPS:g} frames per second, not {self.fps:g}")
+            raise ConfigError(f"--fps must be {MIN_FPS:g}..{MAX_FPS:g} frames per second, not {self.fps:g}")
         for option, value in (("--num-frames", self.num_frames), ("--max-frames", self.max_frames)):
             if value is not None and not 0 < value <= MAX_SAMPLES:
-                raise ValueError(f"{option} must be 1..{MAX_SAMPLES} (the frames of one video are held in "
+                raise ConfigError(f"{option} must be 1..{MAX_SAMPLES} (the frames of one video are held in "
                                  f"memory together), not {value}")
 
     @property

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .errors import UserError
 from . import distributed
 from .atomic import replacing, write_text
 from .distributed import Dist
@@ -56,15 +57,15 @@ def write_log(path: str, rows: list[dict]) -> None:
     write_text(path, text.getvalue())
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A resume point written by a run of another model or data."""
 
 
-class Diverged(ValueError):
+class Diverged(UserError, ValueError):
     """The training loss turned NaN or infinite."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read: missing, empty, truncated, foreign or unsafe."""
 
 

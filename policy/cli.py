@@ -8,9 +8,8 @@ import re
 
 import click
 
-from extract.atomic import DiskFull
 from extract.cache import Cache
-from extract.locks import Busy
+from extract.errors import UserError
 from extract.options import apply_overrides
 
 from .methods import METHODS
@@ -99,8 +98,7 @@ def main(method, features, out, gamma, no_sync, stochastic_eval, epochs, batch_s
     cfg.out = out or os.path.join(DATA, "runs", stem, method + suffix)
     try:
         metrics = train(cfg, resume=resume, force=force, progress=not no_progress)
-    except (ValueError, Busy, DiskFull) as err:  # a cache that cannot serve the method (CacheError), an option
-        # out of range, a run folder that would be lost or mixed (RunError), a second writer, a full disk
+    except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"{cfg.out}: mAP {metrics['mAP']:.4f}, top-1 {metrics['top1']:.4f}, "

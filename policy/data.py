@@ -18,11 +18,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from extract.errors import UserError
 from extract.cache import Cache, read_rows
 from extract.pipeline import prefetch
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache that cannot serve a method: missing file, features or wrong dimensions."""
 
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from extract.errors import ConfigError
+
 
 def project_inputs(cell: nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
     """The input half of an LSTM cell's gates for every step at once: ``(N, T, 4H)``."""
@@ -57,7 +59,7 @@ class LiteEval(nn.Module):
                  project: bool = False):
         super().__init__()
         if hidden_coarse > hidden_fine:
-            raise ValueError("the coarse LSTM must not be wider than the fine LSTM (its state is copied into it)")
+            raise ConfigError("the coarse LSTM must not be wider than the fine LSTM (its state is copied into it)")
         self.hidden_coarse, self.hidden_fine, self.sync = hidden_coarse, hidden_fine, sync
         self.checkpoint_steps = checkpoint_steps
         self.project_coarse = projection(coarse_dim, hidden_coarse) if project else None

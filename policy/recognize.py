@@ -28,6 +28,7 @@ from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader,
 from extract.distributed import synchronize
 from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
+from extract.errors import ConfigError, UserError
 from extract.training import CheckpointError, load_checkpoint
 
 from .methods import METHODS, Method, check_config
@@ -192,7 +193,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
     try:  # before anything is built from it
         cfg = run.typed_config(cls.Config)
         check_config(cfg)
-    except (TypeError, ValueError) as err:
+    except ConfigError as err:
         raise RunError(f"{os.path.join(run_dir, CONFIG)}: {err}") from None
     if cache and not os.path.isfile(cache):
         raise RunError(f"--cache {cache}: no such file")
@@ -230,7 +231,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
         with torch.device("meta"):  # shapes only: the weights are model.pt's (assigned below), nothing is allocated
             method = cls(cfg, {n: e.dim for n, e in flops.items()}, len(classes),
                          {n: e.gflops for n, e in flops.items()})
-    except ValueError as err:  # settings that do not go together (AR-Net's policy_head and policy)
+    except ConfigError as err:  # settings that do not go together (AR-Net's policy_head and policy)
         raise RunError(f"{os.path.join(run_dir, CONFIG)}: {err}") from None
     try:
         method.model.load_state_dict(state["model"], assign=True)
@@ -337,7 +338,7 @@ def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, frames_p
     batch_videos = batch_videos or BATCH_VIDEOS[chosen.type]
     try:
         loaded = load(run_dir, chosen, frames_per_pass, cache)
-    except RunError as err:
+    except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
     if budget and not loaded.method.stops_at_budget:
         supported = ", ".join(name for name, c in METHODS.items() if c.stops_at_budget)

@@ -40,6 +40,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
+from extract.errors import UserError
 from extract.atomic import replacing, write_text
 from extract.metrics import hit_at_k, mean_average_precision
 
@@ -51,11 +52,11 @@ PER_VIDEO = ("video_id", "labels", "scores", "actions", "gflops")
 PER_STEP_TYPES = {"step_gflops": np.float64, "step_frame": np.int32}  # other per-step arrays: float16
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run folder that cannot be read or does not belong with the others."""
 
 
-class NonFinite(ValueError):
+class NonFinite(UserError, ValueError):
     """Scores or GFLOPs that are NaN or infinite: no metric is computed from them."""
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.errors import ConfigError
 from extract.backbones import parse_name
 from extract.training import soft_cross_entropy
 
@@ -256,13 +257,13 @@ class _Family(Method):
         if total == 0 or cfg.epochs not in (0, total):
             asked = f"epochs={cfg.epochs}: " if cfg.epochs else ""
             spelled = " + ".join(f"{s}_epochs {n}" for s, n in counts.items())
-            raise ValueError(f"{asked}{cls.name} trains for its stages' epochs ({spelled} = {total}): set "
+            raise ConfigError(f"{asked}{cls.name} trains for its stages' epochs ({spelled} = {total}): set "
                              f"{', '.join(f'{s}_epochs' for s in counts)} (epochs is their total, at least 1)")
         return dataclasses.replace(cfg, epochs=total)
 
     def build(self) -> nn.Module:
         if self.cfg.policy_head and self.names[-1] != self.cfg.policy:
-            raise ValueError(f"policy_head needs the lowest resolution to be the policy's feature {self.cfg.policy}, "
+            raise ConfigError(f"policy_head needs the lowest resolution to be the policy's feature {self.cfg.policy}, "
                              f"not {self.names[-1]}")
         return ARNet([self.dims[n] for n in self.names], self.dims[self.cfg.policy], self.num_classes,
                      hidden=self.cfg.hidden, skips=len(self.skips), policy_head=self.cfg.policy_head)
@@ -271,7 +272,7 @@ class _Family(Method):
         if self.cfg.optim == "adam":
             return torch.optim.Adam(self.model.parameters(), lr=self.cfg.warmup_lr, weight_decay=self.cfg.weight_decay)
         if self.cfg.optim != "sgd":
-            raise ValueError(f"optim must be sgd or adam, not {self.cfg.optim!r}")
+            raise ConfigError(f"optim must be sgd or adam, not {self.cfg.optim!r}")
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.warmup_lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
 
@@ -309,7 +310,7 @@ class _Family(Method):
         L, M = len(self.names), len(self.skips)
         kind = self.cfg.actions
         if kind not in ("both", "resolution", "skip"):
-            raise ValueError(f"actions must be both, resolution or skip, not {kind!r}")
+            raise ConfigError(f"actions must be both, resolution or skip, not {kind!r}")
         mask = [kind != "skip" or i == 0 for i in range(L)] + [kind != "resolution"] * M
         return torch.tensor(mask, device=device)
 
@@ -362,7 +363,7 @@ class ARNetMethod(_Family):
     def schedule_of(cfg) -> list[str]:
         """The stage of each epoch, from ``stages`` and the stages' epoch counts."""
         if not cfg.stages or set(cfg.stages) - {"warmup", "joint", "finetune"}:
-            raise ValueError(f"stages are a comma list of warmup, joint, finetune, not {','.join(cfg.stages)!r}")
+            raise ConfigError(f"stages are a comma list of warmup, joint, finetune, not {','.join(cfg.stages)!r}")
         return [s for s in ("warmup", "joint", "finetune") if s in cfg.stages
                 for _ in range(getattr(cfg, f"{s}_epochs"))]
 

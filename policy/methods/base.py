@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from extract.errors import ConfigError
 from extract.flops import count_gflops
 from extract.training import soft_cross_entropy
 
@@ -307,7 +308,7 @@ def check_config(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if not fits(f.name, hints[f.name], value):
-            raise ValueError(f"{f.name}={value!r}: {f.name} must be {wanted(f.name, hints[f.name])}")
+            raise ConfigError(f"{f.name}={value!r}: {f.name} must be {wanted(f.name, hints[f.name])}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

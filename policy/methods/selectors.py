@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
@@ -338,7 +339,7 @@ class FrameExit(Method):
 
     def build(self) -> nn.Module:
         if self.cfg.pooling not in ("max", "mean"):
-            raise ValueError(f"pooling must be max or mean, not {self.cfg.pooling!r}")
+            raise ConfigError(f"pooling must be max or mean, not {self.cfg.pooling!r}")
         return FrameExitNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden, self.cfg.max_frames)
 
     @cached_property
