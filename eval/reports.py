@@ -16,7 +16,7 @@ from extract.cache import Cache
 from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
 from policy.methods.base import Ablation
-from policy.run_folder import RUN_ID
+from policy.run_folder import FRAME_SCORES, RUN_ID, STEP_GFLOPS, STEP_SCORES
 
 from .published import published_rows
 from .runs import Run, RunError
@@ -222,7 +222,7 @@ def online(runs, opts):
                             "cache; produce them with: " + " ; ".join(command for command, have in needed if not have))
         return report
     base = max(every, key=lambda r: float(r.gflops.mean()))  # the baseline on the expensive features
-    frame_scores, base_cost = base.array("frame_scores"), base.array("step_gflops")
+    frame_scores, base_cost = base.array(FRAME_SCORES), base.array(STEP_GFLOPS)
     labels = base.labels
     curves: dict[str, list[tuple[float, float]]] = {}
 
@@ -239,7 +239,7 @@ def online(runs, opts):
     reference = next((r for r in stopping if r.reads_in_order), None)
     for run in stopping:
         _same_videos(run, base)  # same videos, so the same T
-        steps, cost, taken = run.array("step_scores"), run.array("step_gflops"), run.step_actions()
+        steps, cost, taken = run.array(STEP_SCORES), run.array(STEP_GFLOPS), run.step_actions()
         reads = np.cumsum(run.codes.is_expensive(taken), axis=1)
         last = run.codes.sampled(taken).sum(1) - 1
         n, S = reads.shape
@@ -380,7 +380,7 @@ def random_frames_map(reference: Run, reads: np.ndarray, ap: str) -> float:
     and averaging ``reference``'s per-frame scores over them (the baseline's frame classifier):
     a random policy with the same number of expensive reads per video. Mean over ``RANDOM_DRAWS``
     seeded draws."""
-    frame_scores = reference.array("frame_scores").astype(np.float32)
+    frame_scores = reference.array(FRAME_SCORES).astype(np.float32)
     sampled = reference.codes.sampled(reference.actions)
     k = np.clip(reads, 1, sampled.sum(1))[:, None]
     rng = np.random.default_rng(0)
@@ -437,7 +437,7 @@ def claims(runs, opts):
             add("random policy at the learned policy's budget scores clearly (>= 5 points) below it",
                 f"random {100 * a['mAP']:.1f} at {a['gflops_per_video']:.3f} GFLOPs/V vs {learned[0].label} "
                 f"{100 * b['mAP']:.1f} at {b['gflops_per_video']:.3f}", a["mAP"] <= b["mAP"] - 0.05)
-    every = [r for r in baselines if not r.config.get("frames", 0) and r.array("frame_scores") is not None]
+    every = [r for r in baselines if not r.config.get("frames", 0) and r.array(FRAME_SCORES) is not None]
     reference = max(every, key=lambda r: float(r.gflops.mean()), default=None)
     for run in (r for r in runs if shows(r, "claims-random")):
         if reference is None or reference.video_id != run.video_id:

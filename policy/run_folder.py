@@ -49,7 +49,8 @@ MODEL, LAST, LOG, LOCK = "model.pt", "last.pt", "train_log.csv", ".lock"
 RESULTS = (PREDICTIONS, METRICS)  # written last, removed first
 RUN_ID = "run_id"
 PER_VIDEO = ("video_id", "labels", "scores", "actions", "gflops")
-PER_STEP_TYPES = {"step_gflops": np.float64, "step_frame": np.int32}  # other per-step arrays: float16
+STEP_SCORES, STEP_GFLOPS, STEP_FRAME, FRAME_SCORES = "step_scores", "step_gflops", "step_frame", "frame_scores"
+PER_STEP_TYPES = {STEP_GFLOPS: np.float64, STEP_FRAME: np.int32}  # other per-step arrays: float16
 
 
 class RunError(UserError, ValueError):
@@ -133,6 +134,15 @@ class Predictions:
     gflops: np.ndarray
     codes: ActionCodes
     per_step: dict[str, np.ndarray] = field(default_factory=dict)  # step_scores, step_gflops, extras
+
+    @classmethod
+    def of(cls, video_id: list[str], labels: np.ndarray, inf, codes: ActionCodes) -> "Predictions":
+        """The predictions of a method's :class:`~policy.methods.Inference` ``inf`` on ``video_id``."""
+        per_step = {STEP_SCORES: inf.step_scores, STEP_GFLOPS: inf.step_gflops, **inf.extra}
+        if inf.step_frame is not None:
+            per_step[STEP_FRAME] = inf.step_frame
+        return cls(video_id=video_id, labels=labels, scores=inf.scores, actions=inf.actions, gflops=inf.gflops,
+                   codes=codes, per_step=per_step)
 
 
 @dataclass
@@ -298,12 +308,12 @@ class RunFolder:
     def reads_in_order(self) -> bool:
         """Whether step t is frame t (no ``step_frame`` saved)."""
         with h5py.File(os.path.join(self.path, PREDICTIONS), "r") as f:
-            return "step_frame" not in f
+            return STEP_FRAME not in f
 
     def step_actions(self) -> np.ndarray:
         """(N, S) the action code of the frame read at each step (``padding`` once stopped): the
         ``actions`` themselves when steps are the frames in order."""
-        order = self.array("step_frame")
+        order = self.array(STEP_FRAME)
         if order is None:
             return self.actions
         taken = np.take_along_axis(self.actions, np.maximum(order, 0), axis=1)

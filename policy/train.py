@@ -80,10 +80,7 @@ def evaluate_split(method: Method, inf: Inference, labels: np.ndarray) -> dict:
 
 
 def predictions(method: Method, store: CachedFeatures, rows: np.ndarray, inf: Inference) -> Predictions:
-    return Predictions(video_id=[store.ids[i] for i in rows], labels=store.labels[rows], scores=inf.scores,
-                       actions=inf.actions, gflops=inf.gflops, codes=method.codes,
-                       per_step={"step_scores": inf.step_scores, "step_gflops": inf.step_gflops, **inf.extra,
-                                 **({"step_frame": inf.step_frame} if inf.step_frame is not None else {})})
+    return Predictions.of([store.ids[i] for i in rows], store.labels[rows], inf, method.codes)
 
 
 def train(cfg, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, float]:

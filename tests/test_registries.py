@@ -4,7 +4,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import ROOT, TOY_FLOPS, run_cli
+from conftest import TOY_FLOPS, run_cli
 
 from eval.reports import register_report
 from extract.backbones import ARCHS, register_arch
@@ -44,8 +44,8 @@ from torch import nn
 
 from extract.training import soft_cross_entropy
 
-from ..run_folder import ActionCodes
-from .base import Ablation, Inference, Method, TrainConfig, numpy, register_method
+from policy.methods.base import Ablation, Inference, Method, TrainConfig, numpy, register_method
+from policy.run_folder import ActionCodes
 
 
 @dataclass
@@ -86,20 +86,18 @@ class FirstFrame(Method):
 
 
 def test_a_new_method_is_one_new_file(demo_cache, tmp_path):
+    """Written to a folder of its own (FRAMEGATE_METHODS), not into the package: a killed test leaves nothing there."""
     name = f"toy-first-frame-{os.getpid()}"
-    module = os.path.join(ROOT, "policy", "methods", f"toy_{os.getpid()}.py")
-    with open(module, "w") as f:
-        f.write(textwrap.dedent(TOY.format(name=name)))
-    try:
-        run = tmp_path / "runs" / "toy"
-        proc = run_cli("policy.cli", "--method", name, "--features", demo_cache, "--out", str(run), "--epochs", "2",
-                       "--no-progress")
-        assert "mAP" in proc.stdout
-        reports = {report: json.loads(run_cli("eval.cli", "--report", report, "--runs", str(tmp_path / "runs"),
-                                              "--format", "json").stdout)
-                   for report in ("table1", "usage", f"{name}-dropout")}
-    finally:
-        os.remove(module)
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "toy.py").write_text(textwrap.dedent(TOY.format(name=name)))
+    env = {"FRAMEGATE_METHODS": str(tmp_path / "methods")}
+    run = tmp_path / "runs" / "toy"
+    proc = run_cli("policy.cli", "--method", name, "--features", demo_cache, "--out", str(run), "--epochs", "2",
+                   "--no-progress", env=env)
+    assert "mAP" in proc.stdout
+    reports = {report: json.loads(run_cli("eval.cli", "--report", report, "--runs", str(tmp_path / "runs"),
+                                          "--format", "json", env=env).stdout)
+               for report in ("table1", "usage", f"{name}-dropout")}
     row = reports["table1"]["rows"][0]
     assert row["method"] == "First frame (efficientnet_lite0@224)" and row["frames/V"] == 1.0
     metrics = json.load(open(run / "metrics.json"))

@@ -13,6 +13,7 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..models import FrameClassifier, LSTMClassifier, real_mask
+from ..run_folder import FRAME_SCORES
 from .base import (Frames, Inference, Method, TrainConfig, frame_mask, last_step, numpy, price, register_method,
                    spread_frames, spread_steps, truncate)
 
@@ -98,7 +99,7 @@ class Uniform(_OnFineFeatures):
         real = numpy(mask)
         return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
                          actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * self.frame_cost, 1),
-                         extra={"frame_scores": numpy(probs)})
+                         extra={FRAME_SCORES: numpy(probs)})
 
 
 @register_method
