@@ -17,6 +17,29 @@ if os.environ.get("FRAMEGATE_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+SUBPROCESS = {"run_cli", "killed_after_first_epoch", "torchrun", "subprocess", "Popen"}
+
+
+def _starts_processes(fn, depth: int = 2) -> bool:
+    """Whether test function ``fn`` (or a helper of its module it calls, ``depth`` levels down)
+    starts a process: a CLI as a user runs it, or torchrun."""
+    names = set(fn.__code__.co_names) | {c.co_name for c in fn.__code__.co_consts if hasattr(c, "co_names")}
+    if names & SUBPROCESS:
+        return True
+    helpers = [fn.__globals__.get(n) for n in names]
+    return depth > 0 and any(callable(h) and getattr(h, "__module__", "") == fn.__module__ and hasattr(h, "__code__")
+                             and _starts_processes(h, depth - 1) for h in helpers)
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that starts processes (``pytest -m "not slow"``: the in-process tests,
+    about a third of the time); CI runs them all."""
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and _starts_processes(fn):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A tiny demo: 10 classes x 2 videos of 24 frames (real H.264 files)."""

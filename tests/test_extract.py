@@ -111,17 +111,25 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(reference, d
            "--num-frames", "4", "--out", str(out), "--no-progress", "--workers", "0", "--chunk-videos", "1",
            "--batch-size", "4", *BACKBONES]
     rng = np.random.default_rng(7)
-    for delay in rng.uniform(2.5, 6.0, size=3):  # start-up takes ~2.5 s: every kill lands mid-run or in assembly
+    parts = str(out) + ".parts"
+
+    def chunks() -> int:
+        return sum(not n.endswith(".tmp") for n in os.listdir(parts)) if os.path.isdir(parts) else 0
+
+    for delay in rng.uniform(0.0, 0.5, size=3):  # each kill lands a random moment after a new chunk: mid-run
+        before = chunks()
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while chunks() <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if os.path.exists(out):
             with Cache(str(out)) as cache:  # the cache opens after every kill
                 assert cache.dataset == "demo" and len(set(cache.ids)) == len(cache.ids)
-    parts = str(out) + ".parts"
-    journalled = len(os.listdir(parts)) if os.path.isdir(parts) else 0
+    journalled = chunks()
     resumed = extract(demo_root, out, *BACKBONES, "--workers", "0")
     processed = int(resumed.stdout.split(" processed")[0].rsplit(" ", 1)[1])
     assert journalled == 0 or processed < 20  # the journalled videos were not decoded again
