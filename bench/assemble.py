@@ -44,7 +44,7 @@ def write_journal(path: str, videos: list[VideoRecord], rng: np.random.Generator
         done = [VideoFeatures(i, np.arange(n, dtype=np.int64) * 25,
                               {name: rng.standard_normal((n, dim)).astype(np.float16)
                                for name, dim in BACKBONES.items()})
-                for i, n in zip(indices, lengths) if i % 9973 != 17]
+                for i, n in zip(indices, lengths, strict=True) if i % 9973 != 17]
         journal.write(done, [(i, "cannot open video stream") for i in indices if i % 9973 == 17], weights)
     return journal
 

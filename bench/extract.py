@@ -135,7 +135,7 @@ def main() -> None:
         keyframes = sorted(int(k) for k in reader.get_key_indices())
         for label, s in (("1 fps", Sampling(fps=1.0)), ("16 frames", Sampling(num_frames=16))):
             targets = np.unique(s.indices(len(reader), reader.get_avg_fps()))
-            rates = {mode: len(targets) / timed(lambda mode=mode: read_frames(path, s, mode), repeat=2)
+            rates = {mode: len(targets) / timed(lambda mode=mode, s=s: read_frames(path, s, mode), repeat=2)
                      for mode in ("exact", "pass", "keyframe")}
             print(f"2-minute video, {label} ({len(targets)} samples): " +
                   ", ".join(f"{m} {r:.1f} frames/s" for m, r in rates.items()) +

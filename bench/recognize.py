@@ -90,9 +90,9 @@ def main() -> None:
         recognise(loaded, videos[:1])  # warm-up: allocators and kernels, not timed
     passes = [[] for _ in methods]
     for _ in range(args.repeats):  # round robin: a slow spell of a shared machine hits every method alike
-        for loaded, done in zip(methods, passes):
+        for loaded, done in zip(methods, passes, strict=True):
             done.append(one_pass(loaded, videos, args.batch_videos))
-    rows = [summary(loaded, done) for loaded, done in zip(methods, passes)]
+    rows = [summary(loaded, done) for loaded, done in zip(methods, passes, strict=True)]
     base = rows[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(videos)} videos, {base['frames']:.1f} sampled frames each; {name}; torch {torch.__version__}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Callable
 
 import numpy as np
@@ -339,7 +340,7 @@ def frames(runs, opts):
     def mark(code: int) -> str:
         return codes.marks.get(code, str(code))
 
-    for v, acts in zip(picks, run.actions[: opts.videos]):
+    for v, acts in zip(picks, run.actions[: opts.videos], strict=True):
         report.rows.append({"source": "ours", "method": run.label, "video": v,
                             "actions": " ".join(mark(int(a)) for a in acts if a != codes.padding)})
     report.notes.append("actions per sampled frame: " + ", ".join(f"{m} {codes.legend.get(c, c)}"
@@ -351,7 +352,7 @@ def frames(runs, opts):
         T = run.actions.shape[1]
         expensive, visited = codes.is_expensive(run.actions), codes.is_visited(run.actions)
         jumped = codes.sampled(run.actions) & ~visited
-        for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions)):
+        for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions, strict=True)):
             real = idx[idx >= 0]  # the 224 x 224 crops the backbones saw
             images = preprocess(open_reader(path).get_batch(real.tolist()).asnumpy()).permute(0, 2, 3, 1).numpy()
             for t, image in enumerate(images):
@@ -459,7 +460,7 @@ def claims(runs, opts):
             points = sorted((r.config[knob], r.summary(opts.ap)["gflops_per_video"]) for r in group)
             add(f"the {symbol} sweep moves GFLOPs monotonically",
                 ", ".join(f"{symbol}={g:g}: {v:.3f}" for g, v in points),
-                all(a[1] < b[1] for a, b in zip(points, points[1:])))
+                all(a[1] < b[1] for a, b in pairwise(points)))
     curve = online(runs, opts)
     seq = sorted((r["GFLOPs/V"], r["top1"]) for r in curve.rows if r["curve"] == "SEQ-K")
     for name in dict.fromkeys(r["curve"] for r in curve.rows if r["curve"] not in ("SEQ-K", "UNIFORM-K")):

@@ -41,10 +41,10 @@ from typing import Callable, Iterator, Union
 import h5py
 import numpy as np
 
-from .errors import UserError
 from . import __version__
 from .atomic import check_space, replacing, sweep
 from .datasets import VideoRecord
+from .errors import UserError
 from .flops import FlopsEntry
 
 STR = h5py.string_dtype()
@@ -260,7 +260,7 @@ def annotation_digest(videos: list[VideoRecord], paths: list[str], classes: list
     (``paths``: relative to the video root, as :func:`relative_paths`), split and labels, and the
     annotation problems. A cache whose ``annotations`` attribute differs is rewritten to follow them."""
     h = hashlib.sha256("\n".join(classes).encode())
-    for v, path in zip(videos, paths):
+    for v, path in zip(videos, paths, strict=True):
         h.update(f"\n{v.id}\t{path}\t{v.split}\t{sorted(v.labels)}".encode())
     for where, reason in problems:
         h.update(f"\n!{where}\t{reason}".encode())
@@ -370,7 +370,7 @@ class Journal:
                     state.weights.setdefault(name, set()).add(identity)
                 for i in f["index"][:]:
                     state.done.setdefault(int(i), set()).update(weights)
-                for i, reason in zip(f["failed_index"][:], f["failed_reason"][:]):
+                for i, reason in zip(f["failed_index"][:], f["failed_reason"][:], strict=True):
                     state.failed[int(i)] = reason.decode()
         return state
 
@@ -391,7 +391,8 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray, head: tuple[slice, ...] =
     rows and no others: one read per run of consecutive rows, straight into the result."""
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
-    cut = tuple(len(range(*s.indices(n))) for s, n in zip(head, dataset.shape[1:])) + dataset.shape[1 + len(head):]
+    cut = (tuple(len(range(*s.indices(n))) for s, n in zip(head, dataset.shape[1:], strict=False))
+           + dataset.shape[1 + len(head):])
     out = np.empty((len(rows), *cut), dtype=dataset.dtype)
     at = 0
     for run in np.split(ordered, np.flatnonzero(np.diff(ordered) != 1) + 1) if len(rows) else []:
@@ -442,9 +443,9 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
 
         here = relative_paths([v.path for v in videos], attrs.get("video_root", ""))
         if old is not None:  # a video's features are reused when its id and file are the same
-            held = zip(old["videos/id"][:], old["videos/path"][:])
+            held = zip(old["videos/id"][:], old["videos/path"][:], strict=True)
             at = {(i.decode(), p.decode()): r for r, (i, p) in enumerate(held)}
-            old_rows = np.array([at.get((v.id, p), -1) for v, p in zip(videos, here)], dtype=np.int64)
+            old_rows = np.array([at.get((v.id, p), -1) for v, p in zip(videos, here, strict=True)], dtype=np.int64)
             cached = np.flatnonzero(old_rows >= 0)
             for name in old["features"]:
                 locate(name, 0, cached, old_rows[cached])
@@ -453,7 +454,8 @@ def assemble(path: str, *, chunks: list[str], videos: list[VideoRecord], classes
             with h5py.File(chunk, "r") as f:
                 index = f["index"][:]
                 tables.append({"videos/length": f["length"][:], "videos/frame_index": f["frame_index"][:]})
-                failed_now.update(zip(f["failed_index"][:].tolist(), (r.decode() for r in f["failed_reason"][:])))
+                failed_now.update(zip(f["failed_index"][:].tolist(), (r.decode() for r in f["failed_reason"][:]),
+                                      strict=True))
                 names = list(f["features"]) if len(index) else []
             for name in names:
                 locate(name, s, index, np.arange(len(index)))

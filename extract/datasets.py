@@ -148,7 +148,7 @@ def read_class_list(path: str) -> list[str]:
     heads = [line.split(None, 1) for _, line in lines]
     indexed = [len(parts) == 2 and _is_index(parts[0]) for parts in heads]
     if all(indexed):
-        rows = [(int(parts[0]), parts[1], n) for parts, (n, _) in zip(heads, lines)]
+        rows = [(int(parts[0]), parts[1], n) for parts, (n, _) in zip(heads, lines, strict=True)]
         _check_indices(path, [(index, n) for index, _, n in rows])
     elif any(indexed):
         raise AnnotationError(f"{path}:{lines[indexed.index(True)][0]} starts with an index and line "
@@ -314,7 +314,7 @@ def parse_fcvid(paths: list[str], root: str, classes: str | None) -> Annotations
         )
     result = Annotations(classes=class_names)
     resolver = _Resolver(root)
-    for (where, line), (mwhere, row) in zip(split_lines, matrix_lines):
+    for (where, line), (mwhere, row) in zip(split_lines, matrix_lines, strict=True):
         rel, _, split = line.rpartition(" ")
         rel = rel.strip()
         values = row.split()

@@ -9,10 +9,9 @@ all: :func:`count_gflops` therefore always prices a CPU copy, whatever device th
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from math import prod
-
-import copy
 
 import torch
 from torch import nn

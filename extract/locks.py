@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .errors import UserError
 from . import distributed
+from .errors import UserError
 
 
 class Busy(UserError, RuntimeError):

@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -17,11 +18,21 @@ from tqdm import tqdm
 
 from . import distributed
 from .backbones import Backbone, WeightsUnavailable, create_backbone, finetuned_path, parse_name
-from .cache import (Cache, CacheInfo, CacheMismatch, Journal, VideoFeatures, annotation_digest, assemble,
-                    read_info, relative_paths, run_identity, sweep_temporary)
+from .cache import (
+    Cache,
+    CacheInfo,
+    CacheMismatch,
+    Journal,
+    VideoFeatures,
+    annotation_digest,
+    assemble,
+    read_info,
+    relative_paths,
+    run_identity,
+    sweep_temporary,
+)
 from .datasets import Annotations, VideoRecord, load_annotations
-from .decode import (CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames,
-                     resize_crop)
+from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames, resize_crop
 from .flops import FlopsEntry, backbone_flops
 from .locks import exclusive_job
 from .sampling import Sampling
@@ -191,7 +202,7 @@ def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: tor
                 outputs[b.name] = b.module(inp).half()
     host = torch.cat(list(outputs.values()), dim=1).cpu().numpy()
     bounds = np.cumsum([0] + [out.shape[1] for out in outputs.values()])
-    return {name: host[:, lo:hi] for name, lo, hi in zip(outputs, bounds[:-1], bounds[1:])}
+    return {name: host[:, lo:hi] for name, (lo, hi) in zip(outputs, pairwise(bounds), strict=True)}
 
 
 def canonical(names: list[str]) -> list[str]:
@@ -323,12 +334,12 @@ def annotation_changes(info: CacheInfo, path: str, videos: list[VideoRecord], pa
     nothing countable differs. Labels and splits are read only here, when the annotations changed."""
     now = {v.id: v for v in videos}
     dropped = sum(i not in now for i in info.ids)
-    here = dict(zip((v.id for v in videos), paths))
-    moved = sum(i in now and here[i] != p for i, p in zip(info.ids, info.paths))
+    here = dict(zip((v.id for v in videos), paths, strict=True))
+    moved = sum(i in now and here[i] != p for i, p in zip(info.ids, info.paths, strict=True))
     relabelled = resplit = 0
     with Cache(path) as cache:
         held = np.array(cache.classes + [""])
-        for i, split, row in zip(cache.ids, cache.split.tolist(), cache.labels):
+        for i, split, row in zip(cache.ids, cache.split.tolist(), cache.labels, strict=True):
             if i in now:
                 resplit += split != now[i].split
                 relabelled += set(held[np.flatnonzero(row)]) != {classes[c] for c in now[i].labels}
@@ -375,7 +386,7 @@ def _extract(cfg: ExtractConfig, ann: Annotations, info_dist: distributed.Dist, 
     for name in requested + sorted(journalled - set(requested)):  # checks their weights; prices them
         model(name)
     done, failed = state.done, state.failed
-    existing = set(zip(info.ids, info.paths))  # (id, file): a video whose file changed is extracted again
+    existing = set(zip(info.ids, info.paths, strict=True))  # (id, file): a video whose file changed is extracted again
     groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
     for index, video in enumerate(ann.videos):
         if index % info_dist.world != info_dist.rank or index in failed:

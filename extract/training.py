@@ -25,10 +25,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .errors import UserError
 from . import distributed
 from .atomic import replacing, write_text
 from .distributed import Dist
+from .errors import UserError
 
 
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

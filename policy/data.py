@@ -18,8 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from extract.errors import UserError
 from extract.cache import Cache, read_rows
+from extract.errors import UserError
 from extract.pipeline import prefetch
 
 

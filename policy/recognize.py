@@ -26,9 +26,9 @@ from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
 from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess, sample_indices
 from extract.distributed import synchronize
+from extract.errors import ConfigError, UserError
 from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
-from extract.errors import ConfigError, UserError
 from extract.training import CheckpointError, load_checkpoint
 
 from .methods import METHODS, Method, check_config
@@ -79,7 +79,7 @@ class FrameSource:
                                for i in range(0, len(unique), 8)])
         except Exception as err:
             raise decoding_failed(err) from None
-        for s, f in zip(wanted, frames):
+        for s, f in zip(wanted, frames, strict=True):
             self.crops[video][s] = crops[int(np.searchsorted(unique, f))]
         self.decode_seconds[video] += time.perf_counter() - start
 
@@ -97,14 +97,14 @@ class FrameSource:
             out = compute_features([self.backbones[name]], crops, self.device, self.downsample)[name]  # float16
             synchronize(self.device)
             share = (time.perf_counter() - start) / len(part)
-            for (v, s), feats in zip(part, torch.from_numpy(out).float()):
+            for (v, s), feats in zip(part, torch.from_numpy(out).float(), strict=True):
                 self.known[(name, v, s)] = torch.nn.functional.normalize(feats, dim=0) if self.l2 else feats
                 self.compute_seconds[v] += share
 
     def features(self, name: str, rows: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
         steps = step if isinstance(step, torch.Tensor) else torch.full_like(self.length, step)
         videos = rows.nonzero().flatten()
-        wanted = list(zip(videos.tolist(), steps[videos].tolist()))
+        wanted = list(zip(videos.tolist(), steps[videos].tolist(), strict=True))
         self.compute(name, wanted)
         result = torch.zeros(len(self.length), self.backbones[name].dim)
         for v, s in wanted:
@@ -246,7 +246,8 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
         try:
             backbone = create_backbone(name, weights=weights_argument(recorded))
         except WeightsUnavailable as err:
-            raise RunError(f"{name}: {err}; recognize needs the weights the cache was extracted with ({recorded})")
+            raise RunError(f"{name}: {err}; recognize needs the weights the cache was extracted with ({recorded})") \
+                from None
         if backbone.weights != recorded:
             raise RunError(f"{name}: the weights found ({backbone.weights}) differ from those the cache was "
                            f"extracted with ({recorded}): the policy would read other features")

@@ -40,8 +40,8 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from extract.errors import UserError
 from extract.atomic import replacing, write_text
+from extract.errors import UserError
 from extract.metrics import hit_at_k, mean_average_precision
 
 CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.h5"

@@ -24,8 +24,19 @@ from extract.training import Loop, ResumeError, fit, load_checkpoint, resume_poi
 
 from .data import CachedFeatures, CacheError, default_memory_budget
 from .methods import METHODS, Inference, Method, check_config
-from .run_folder import CONFIG, LAST, LOCK, LOG, MODEL, PREDICTIONS, Predictions, RunError, RunFolder, read_config, \
-    summarise
+from .run_folder import (
+    CONFIG,
+    LAST,
+    LOCK,
+    LOG,
+    MODEL,
+    PREDICTIONS,
+    Predictions,
+    RunError,
+    RunFolder,
+    read_config,
+    summarise,
+)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 RESUMABLE = ("epochs", "device", "features", "out", "memory_budget_gb")  # may change on --resume

@@ -34,7 +34,7 @@ def long_cache(path, lengths, dims=(8, 6), fps=True, splits=None):
     done = []
     for i, n in enumerate(lengths):
         feats = {}
-        for name, d in zip((FINE, COARSE), dims):
+        for name, d in zip((FINE, COARSE), dims, strict=True):
             x = rng.standard_normal((n, d)).astype(np.float32)
             x[:, i % CLASSES] += 3.0
             feats[name] = x.astype(np.float16)
@@ -45,7 +45,8 @@ def long_cache(path, lengths, dims=(8, 6), fps=True, splits=None):
     assemble(str(path), chunks=journal.chunks(), videos=videos, classes=[f"c{k}" for k in range(CLASSES)], problems=[],
              attrs={"dataset": "synthetic", "video_root": "/nowhere", "sampling": json.dumps(sampling, sort_keys=True),
                     "preprocessing": "{}"},
-             flops={n: FlopsEntry(n, int(n.split("@")[1]), COSTS[n], 10, d) for n, d in zip((FINE, COARSE), dims)},
+             flops={n: FlopsEntry(n, int(n.split("@")[1]), COSTS[n], 10, d)
+                    for n, d in zip((FINE, COARSE), dims, strict=True)},
              weights={FINE: "none", COARSE: "none"}, max_length=T)
     journal.remove()
     return str(path)
@@ -83,7 +84,7 @@ def test_uniform_and_lstm_take_25_frames_of_a_129_frame_cache(cache129, tmp_path
     run = RunFolder.load(str(tmp_path / method))
     ids, actions, gflops = run.video_id, run.actions, run.gflops
     with Cache(cache129) as cache:
-        length = dict(zip(cache.ids, cache.length))
+        length = dict(zip(cache.ids, cache.length, strict=True))
     frames = np.array([min(length[v], 25) for v in ids])
     assert actions.shape[1] == 25 and ((actions != -1).sum(1) == frames).all()
     method_obj = METHODS[method](cfg, {FINE: 8}, CLASSES, COSTS)

@@ -1,7 +1,6 @@
 """The demo's claims on a demo generated from a seed of its own: the chain from videos to the
 claims report runs, every claim is measured, and gamma sets the fine usage."""
 from conftest import run_cli
-
 from eval.reports import REPORTS, Options
 from eval.runs import find_runs
 from extract.demo import generate_demo

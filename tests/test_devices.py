@@ -4,13 +4,14 @@ import os
 import signal
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from torch import nn
 
+from conftest import ROOT
 from extract import distributed
 from extract.cache import Cache
 from extract.training import Loop, fit
@@ -59,7 +60,7 @@ def test_each_rank_reads_only_its_share(demo_cache):
         store = CachedFeatures(demo_cache, names, memory_budget=budget)
         whole = list(store.batches(rows, 3, torch.Generator().manual_seed(4)))
         shares = [list(store.batches(rows, 3, torch.Generator().manual_seed(4), share=(r, 2))) for r in (0, 1)]
-        for b, s0, s1 in zip(whole, *shares):
+        for b, s0, s1 in zip(whole, *shares, strict=True):
             if len(b.index) == 1:  # fewer rows than ranks: every rank skips it
                 assert s0 is None and s1 is None
             else:
@@ -71,7 +72,7 @@ def test_each_rank_reads_only_its_share(demo_cache):
 def test_the_loader_casts_and_normalises_as_the_host_did(demo_cache):
     store = CachedFeatures(demo_cache, ["efficientnet_lite0@112"], l2_normalise=True)
     rows = np.arange(len(store))
-    for host, ready in zip(store.batches(rows, 4), store.loader(rows, 4, torch.device("cpu"))):
+    for host, ready in zip(store.batches(rows, 4), store.loader(rows, 4, torch.device("cpu")), strict=True):
         x = host.features["efficientnet_lite0@112"]
         assert x.dtype == torch.float16  # the host keeps what the cache holds; the device casts
         expected = torch.nn.functional.normalize(x.float(), dim=-1)
@@ -137,9 +138,9 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path):
         loop = Loop(epochs=1, seed=0, best=str(tmp_path / f"b{accumulate}"), last=str(tmp_path / f"l{accumulate}"),
                     log=str(tmp_path / f"log{accumulate}"), accumulate=accumulate, progress=False)
         fit(loop, model, optimizer, info=distributed.Dist(), device=torch.device("cpu"),
-            batches=lambda epoch: ((x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])),
+            batches=lambda epoch, cuts=cuts: ((x[a:b], y[a:b]) for a, b in pairwise(cuts)),
             step=lambda m, b, epoch: (((m(b[0]) - b[1]) ** 2).mean(), {}),
-            validate=lambda epoch, row: {"val_mAP": 0.5}, keep=lambda epoch, score: model.state_dict())
+            validate=lambda epoch, row: {"val_mAP": 0.5}, keep=lambda epoch, score, model=model: model.state_dict())
         weights.append(model.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 

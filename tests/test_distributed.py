@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, killed_after_first_epoch, run_cli
 
+from conftest import ROOT, killed_after_first_epoch, run_cli
 from extract.training import rng_state, set_rng_state
 from policy.methods import METHODS
 

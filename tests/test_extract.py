@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_cli
 from torchvision.transforms import v2
 
+from conftest import ROOT, run_cli
 from extract.backbones import create_backbone
 from extract.cache import Cache
 from extract.decode import read_frames

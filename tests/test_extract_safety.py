@@ -5,8 +5,8 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from extract import cache as cache_module
 from extract import pipeline
 from extract.atomic import DiskFull

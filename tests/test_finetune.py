@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import torch
-from conftest import ROOT, run_cli
 
+from conftest import ROOT, run_cli
 from extract.cache import Cache
 from extract.finetune import segment_indices
 

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import killed_after_first_epoch, run_cli
 
+from conftest import killed_after_first_epoch, run_cli
 from extract.cache import Cache, write_cache
 from policy.data import CachedFeatures, CacheError
 from policy.methods import METHODS
@@ -104,7 +104,7 @@ def test_checkpointed_steps_give_the_same_numbers_noise_and_gradients(mode):
     for logits, gate, grads in results[1:]:
         assert torch.equal(gate, results[0][1])  # the same Gumbel / Bernoulli draws
         torch.testing.assert_close(logits, results[0][0])
-        for a, b in zip(grads, results[0][2]):
+        for a, b in zip(grads, results[0][2], strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -189,7 +189,7 @@ def test_cache_larger_than_the_memory_budget_is_streamed(demo_cache, tmp_path):
     streamed = CachedFeatures(demo_cache, names, memory_budget=491_520)  # blocks of 6 videos
     assert memory.in_memory and not streamed.in_memory and streamed.block_rows < len(streamed)
     rows = np.arange(len(memory))
-    for a, b in zip(memory.batches(rows, 3), streamed.batches(rows, 3)):
+    for a, b in zip(memory.batches(rows, 3), streamed.batches(rows, 3), strict=True):
         assert np.array_equal(a.index, b.index) and torch.equal(a.features[names[1]], b.features[names[1]])
     shuffled = np.concatenate([b.index for b in streamed.batches(rows, 3, torch.Generator().manual_seed(1))])
     assert sorted(shuffled.tolist()) == rows.tolist() and shuffled.tolist() != rows.tolist()
@@ -264,7 +264,7 @@ def test_streaming_reads_only_the_rows_asked_for(demo_cache):
         counter.rows = 0
         got = list(streamed.batches(rows, 2))
         assert counter.rows == len(rows) * len(names)
-        for a, b in zip(memory.batches(rows, 2), got):
+        for a, b in zip(memory.batches(rows, 2), got, strict=True):
             assert np.array_equal(a.index, b.index) and torch.equal(a.features[names[1]], b.features[names[1]])
 
 

@@ -83,7 +83,7 @@ def test_a_budget_stops_after_the_kth_expensive_read(runs):
     one = [json.loads(line) for line in recognize(runs / "liteeval", *videos, "--json", "--budget", "1")
            .stdout.splitlines()]
     codes = run.codes
-    for a, b in zip(full, one):
+    for a, b in zip(full, one, strict=True):
         reads = np.flatnonzero(np.isin(a["actions"], codes.expensive))
         assert sum(np.isin(b["actions"], codes.expensive)) == min(1, len(reads))
         if len(reads):  # the frames up to the first read are the same; after it, nothing is processed

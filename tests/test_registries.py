@@ -4,8 +4,8 @@ import os
 import textwrap
 
 import pytest
-from conftest import TOY_FLOPS, run_cli
 
+from conftest import TOY_FLOPS, run_cli
 from eval.reports import register_report
 from extract.backbones import ARCHS, register_arch
 from extract.datasets import register_dataset

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
 
+from conftest import ROOT
 from eval.cli import main as evaluate
 from eval.runs import find_runs
 from extract.locks import Busy, exclusive

@@ -5,9 +5,9 @@ import collections
 import numpy as np
 import pytest
 import torch
-from conftest import TOY_DIMS, toy_method
 from torch.overrides import TorchFunctionMode
 
+from conftest import TOY_DIMS, toy_method
 from policy.data import Batch
 from policy.methods import METHODS
 

@@ -12,8 +12,17 @@ import os
 import pkgutil
 import sys
 
-from .base import (CHOICES, METHODS, Inference, Method, TrainConfig, check_config, register_method, resolve_auto,
-                   spread_frames)
+from .base import (
+    CHOICES,
+    METHODS,
+    Inference,
+    Method,
+    TrainConfig,
+    check_config,
+    register_method,
+    resolve_auto,
+    spread_frames,
+)
 
 __all__ = ["CHOICES", "METHODS", "Inference", "Method", "TrainConfig", "check_config", "register_method",
            "resolve_auto", "spread_frames"]

@@ -25,9 +25,26 @@ from torch.distributions import Bernoulli, Categorical, Normal
 
 from ..data import Batch
 from ..run_folder import ActionCodes
-from .base import (Frames, Inference, Method, Steps, TrainConfig, at_frames, frame_mask, label_mass, price, read,
-                   read_codes, read_many, register_method, reinforce, spread_index, step_inference, step_loss,
-                   steps_of)
+from .base import (
+    Frames,
+    Inference,
+    Method,
+    Steps,
+    TrainConfig,
+    at_frames,
+    frame_mask,
+    label_mass,
+    price,
+    read,
+    read_codes,
+    read_many,
+    register_method,
+    reinforce,
+    spread_index,
+    step_inference,
+    step_loss,
+    steps_of,
+)
 
 
 def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:

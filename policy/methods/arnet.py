@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.errors import ConfigError
 from extract.backbones import parse_name
+from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
@@ -99,7 +99,7 @@ class ARNet(nn.Module):
         """(N, T, L, C) logits of every head on every frame; with ``policy_head`` the last head reads
         ``states``, the policy LSTM's hidden state at each step (N, T, hidden)."""
         feats = [*feats[:-1], states] if self.policy_head else feats
-        return torch.stack([head(x) for head, x in zip(self.heads, feats)], dim=2)
+        return torch.stack([head(x) for head, x in zip(self.heads, feats, strict=True)], dim=2)
 
     def states(self, policy_feats: torch.Tensor) -> torch.Tensor | None:
         """The policy LSTM's hidden state after each frame when it reads every frame (N, T, hidden),
@@ -301,7 +301,8 @@ class _Family(Method):
         """GMACs of each action when taken (resolution: backbone + head, the policy's own feature
         counted once; skip: 0) and of visiting a frame (policy feature + LSTM step + fc)."""
         m = self.model
-        per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h for n, h in zip(self.names, self.head_costs)]
+        per_action = [(0.0 if n == self.cfg.policy else self.flops[n]) + h
+                      for n, h in zip(self.names, self.head_costs, strict=True)]
         visit = (self.flops[self.cfg.policy] + price(m.lstm, 1, self.dims[self.cfg.policy])
                  + price(m.fc, 1, m.fc.in_features))
         return per_action + [0.0] * len(self.skips), visit
@@ -546,7 +547,8 @@ class MultiScale(_WarmupOnly):
         real = real_mask(batch.length, logits.shape[1])
         frame_logits = logits.mean(2)
         weight = real.to(logits)
-        per_frame = sum(self.flops[n] + h for n, h in zip(self.names, self.head_costs))  # everything, every frame
+        per_frame = sum(self.flops[n] + h  # everything, every frame
+                        for n, h in zip(self.names, self.head_costs, strict=True))
         return averaged_inference(frame_logits, weight, np.where(numpy(real), 0, -1),
                                   np.cumsum(numpy(real) * float(per_frame), 1))
 

@@ -14,8 +14,20 @@ from extract.training import soft_cross_entropy
 from ..data import Batch
 from ..models import FrameClassifier, LSTMClassifier, real_mask
 from ..run_folder import FRAME_SCORES
-from .base import (Frames, Inference, Method, TrainConfig, frame_mask, last_step, numpy, price, register_method,
-                   spread_frames, spread_steps, truncate)
+from .base import (
+    Frames,
+    Inference,
+    Method,
+    TrainConfig,
+    frame_mask,
+    last_step,
+    numpy,
+    price,
+    register_method,
+    spread_frames,
+    spread_steps,
+    truncate,
+)
 
 
 @dataclass

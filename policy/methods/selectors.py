@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -23,9 +24,27 @@ from extract.training import soft_cross_entropy
 from ..data import Batch
 from ..models import real_mask
 from ..run_folder import ActionCodes
-from .base import (AFTER_STOP, NOT_READ, Frames, Inference, Method, Steps, TrainConfig, frame_mask, label_mass,
-                   per_video_mean, price, read, read_codes, read_many, register_method, step_ce, step_inference,
-                   step_loss, steps_of)
+from .base import (
+    AFTER_STOP,
+    NOT_READ,
+    Frames,
+    Inference,
+    Method,
+    Steps,
+    TrainConfig,
+    frame_mask,
+    label_mass,
+    per_video_mean,
+    price,
+    read,
+    read_codes,
+    read_many,
+    register_method,
+    step_ce,
+    step_inference,
+    step_loss,
+    steps_of,
+)
 
 
 def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
@@ -283,7 +302,7 @@ def coarse_to_fine(n: int) -> tuple[int, ...]:
     seen, parts = set(order), 2
     while len(order) < n:
         bounds = np.floor(np.linspace(1, n, parts + 1)).astype(int)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             middle = int(a + b) // 2 - 1
             if middle not in seen:
                 seen.add(middle)
