@@ -352,7 +352,7 @@ def frames(runs, opts):
         T = run.actions.shape[1]
         expensive, visited = codes.is_expensive(run.actions), codes.is_visited(run.actions)
         jumped = codes.sampled(run.actions) & ~visited
-        for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions, strict=True)):
+        for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions[:len(paths)], strict=True)):
             real = idx[idx >= 0]  # the 224 x 224 crops the backbones saw
             images = preprocess(open_reader(path).get_batch(real.tolist()).asnumpy()).permute(0, 2, 3, 1).numpy()
             for t, image in enumerate(images):

@@ -1,4 +1,4 @@
-"""Issue 11: the papers' accounting on long caches, and the official codes' conventions as named options."""
+"""The papers' accounting on long caches, and the official codes' conventions as named options."""
 import json
 import os
 

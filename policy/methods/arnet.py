@@ -3,12 +3,13 @@ Multi-Scale and SCSampler.
 
 Backbones are frozen: their features at every resolution are in the cache, so each backbone
 ``Psi_l`` becomes a linear classifier head on its features. The policy is an LSTM over the
-cheapest feature (MobileNetV2@84) with a linear layer to L + M logits: L resolutions (descending)
-then M skips. Choosing a skip F skips the current frame and the next F - 1: the policy does not
+policy's feature (``policy``: the cache's cheapest by default; MobileNetV2@84 in the paper) with a
+linear layer to L + M logits: L resolutions (descending) then M skips. Choosing a skip F skips the current frame and the next F - 1: the policy does not
 read them and they cost nothing. The video prediction averages the logits of the chosen frames.
 
 Action codes in ``predictions.h5``: 0..L-1 the resolution (backbone) chosen, L..L+M-1 the skip
-chosen at that frame, -2 skipped over by an earlier skip, -1 no frame (padding).
+chosen at that frame, -2 skipped over by an earlier skip, -3 sampled after the stop
+(``recognize --budget``), -1 no frame (padding).
 """
 from __future__ import annotations
 

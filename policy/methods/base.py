@@ -5,9 +5,10 @@ an :class:`~policy.run_folder.ActionCodes`, saved with every run), how its row i
 (``display``, ``label``), which reports it appears in beyond ``table1`` and ``tradeoff``
 (``reports``), and its paper's ablation tables (``ablations``: each becomes an ``evaluate`` report).
 
-Actions (``predictions.h5/actions``) per frame for LiteEval, UNIFORM and LSTM: -1 no frame
-(padding), 1 coarse features only, 2 fine features (for LiteEval coarse and fine; for UNIFORM/LSTM
-fine only). AR-Net's codes are in :mod:`policy.methods.arnet`.
+Actions (``predictions.h5/actions``) per frame for LiteEval, UNIFORM and LSTM (``COARSE_FINE``):
+-1 no frame (padding), 0 sampled after the stop (``recognize --budget``), 1 coarse features only,
+2 fine features (for LiteEval coarse and fine; for UNIFORM/LSTM fine only). Methods that read
+frames out of order use :func:`read_codes`; AR-Net's family its own (:mod:`policy.methods.arnet`).
 GFLOPs (GMACs) per video = backbone costs from the cache's FLOPs table for what was computed,
 plus the policy's own modules priced with :func:`extract.flops.count_gflops`.
 
@@ -160,7 +161,8 @@ def truncate(inf: Inference, codes: ActionCodes, budget: int) -> Inference:
 
 
 class Method:
-    """Base class; subclasses set ``name``, ``Config`` and implement the four hooks."""
+    """Base class; subclasses set ``name`` and ``Config`` and implement ``build``, ``loss`` and
+    ``infer`` (and ``lazy`` for ``recognize``); the other hooks have defaults."""
 
     name: ClassVar[str]
     display: ClassVar[str] = ""  # the method's name in tables ("": the registry name)

@@ -419,7 +419,8 @@ class FrameExit(Method):
         return self.infer(model, batch, exit_at=exit_at)
 
     def infer(self, model: nn.Module, batch: Batch, exit_at: torch.Tensor | None = None) -> Inference:
-        """``exit_at`` (N,) forces the step each video exits at (for tests)."""
+        """``exit_at`` (N,) forces the step each video exits at (the lazy path's, where the gates closed
+        or ``recognize --budget`` stopped it)."""
         out = model(self.forward_all, batch)
         frames = out["frames"]
         valid = frames >= 0
