@@ -15,8 +15,9 @@ from extract.decode import resize_crop
 from extract.flops import FlopsEntry
 from extract.metrics import mean_average_precision
 from policy.data import Batch
-from policy.methods import METHODS, spread_frames
+from policy.methods import METHODS
 from policy.methods.arnet import ARNet
+from policy.ops import spread_frames
 from policy.run_folder import RunFolder
 from policy.train import train
 

@@ -16,7 +16,7 @@ from extract import distributed
 from extract.cache import Cache
 from extract.training import Loop, fit
 from policy.data import CachedFeatures, prefetch
-from policy.methods.base import price
+from policy.ops import price
 
 
 def torchrun(*args, timeout=240):

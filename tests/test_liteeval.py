@@ -10,7 +10,7 @@ from conftest import killed_after_first_epoch, run_cli
 from extract.cache import Cache, write_cache
 from policy.data import CachedFeatures, CacheError
 from policy.methods import METHODS
-from policy.models import LiteEval
+from policy.methods.liteeval import LiteEval
 from policy.run_folder import RunFolder
 from policy.train import train
 

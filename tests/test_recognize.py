@@ -17,8 +17,7 @@ from extract.cache import Cache, write_cache
 from extract.flops import FlopsEntry
 from policy.data import Batch
 from policy.methods import METHODS, Method
-from policy.methods.base import at_frames
-from policy.models import real_mask
+from policy.ops import at_frames, real_mask
 from policy.recognize import load, main, video_list
 from policy.run_folder import Predictions, RunError, RunFolder
 from policy.train import train

@@ -44,7 +44,8 @@ from torch import nn
 
 from extract.training import soft_cross_entropy
 
-from policy.methods.base import Ablation, Inference, Method, TrainConfig, numpy, register_method
+from policy.methods.base import Ablation, Inference, Method, TrainConfig, register_method
+from policy.ops import numpy
 from policy.run_folder import ActionCodes
 
 

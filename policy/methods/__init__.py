@@ -21,11 +21,10 @@ from .base import (
     check_config,
     register_method,
     resolve_auto,
-    spread_frames,
 )
 
 __all__ = ["CHOICES", "METHODS", "Inference", "Method", "TrainConfig", "check_config", "register_method",
-           "resolve_auto", "spread_frames"]
+           "resolve_auto"]
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module != "base":

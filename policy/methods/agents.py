@@ -24,27 +24,21 @@ from torch import nn
 from torch.distributions import Bernoulli, Categorical, Normal
 
 from ..data import Batch
-from ..run_folder import ActionCodes
-from .base import (
-    Frames,
-    Inference,
-    Method,
-    Steps,
-    TrainConfig,
+from ..ops import (
     at_frames,
     frame_mask,
+    keep_where,
     label_mass,
     price,
     read,
-    read_codes,
     read_many,
-    register_method,
     reinforce,
     spread_index,
-    step_inference,
     step_loss,
     steps_of,
 )
+from ..run_folder import ActionCodes
+from .base import Frames, Inference, Method, Steps, TrainConfig, read_codes, register_method, step_inference
 
 
 def _choose(dist, mode: str, forced: torch.Tensor | None) -> torch.Tensor:
@@ -164,7 +158,7 @@ class FastForward(_Agent):
         alive, (h, c), out = agent_start(length, self.cfg.hidden)
         for s in range(steps_of(batch)):
             h2, c2 = model.lstm(read(fine, self.cfg.fine, alive, pos), (h, c))
-            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            h, c = keep_where(alive, (h2, c2), (h, c))
             dist = Categorical(logits=model.policy(h), validate_args=False)
             action = _choose(dist, mode, None if forced is None else forced["actions"][:, s])
             out["logits"].append(model.classifier(h))
@@ -227,7 +221,7 @@ class FrameGlimpse(_Agent):
             pos = torch.round(where * span).long()
             x = torch.cat([read(fine, self.cfg.fine, alive, pos), where.unsqueeze(1)], 1)
             h2, c2 = model.lstm(x, (h, c))
-            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            h, c = keep_where(alive, (h2, c2), (h, c))
             stop_dist = Bernoulli(logits=model.stop(h).squeeze(1), validate_args=False)
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
             stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].float())
@@ -312,7 +306,7 @@ class AdaFrame(_Agent):
             attention = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
             context = (attention.softmax(1).unsqueeze(2) * memory).sum(1)
             h2, c2 = model.lstm(torch.cat([read(fine, self.cfg.fine, alive, pos), context], 1), (h, c))
-            h, c = torch.where(alive.unsqueeze(1), h2, h), torch.where(alive.unsqueeze(1), c2, c)
+            h, c = keep_where(alive, (h2, c2), (h, c))
             utility = model.utility(h).squeeze(1)
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
             nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)

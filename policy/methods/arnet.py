@@ -4,8 +4,9 @@ Multi-Scale and SCSampler.
 Backbones are frozen: their features at every resolution are in the cache, so each backbone
 ``Psi_l`` becomes a linear classifier head on its features. The policy is an LSTM over the
 policy's feature (``policy``: the cache's cheapest by default; MobileNetV2@84 in the paper) with a
-linear layer to L + M logits: L resolutions (descending) then M skips. Choosing a skip F skips the current frame and the next F - 1: the policy does not
-read them and they cost nothing. The video prediction averages the logits of the chosen frames.
+linear layer to L + M logits: L resolutions (descending) then M skips. Choosing a skip F skips the
+current frame and the next F - 1: the policy does not read them and they cost nothing. The video
+prediction averages the logits of the chosen frames.
 
 Action codes in ``predictions.h5``: 0..L-1 the resolution (backbone) chosen, L..L+M-1 the skip
 chosen at that frame, -2 skipped over by an earlier skip, -3 sampled after the stop
@@ -29,9 +30,9 @@ from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..models import real_mask
+from ..ops import keep_where, numpy, price, real_mask
 from ..run_folder import ActionCodes, RunFolder
-from .base import Ablation, Frames, Inference, Method, TrainConfig, numpy, price, register_method, resolve_auto
+from .base import Ablation, Frames, Inference, Method, TrainConfig, register_method, resolve_auto
 
 SKIPPED_OVER, AFTER_STOP = -2, -3
 
@@ -134,7 +135,7 @@ class ARNet(nn.Module):
             h_new, c_new = self.lstm(policy_feats[:, t], (h, c))
             states.append(h_new)
             a = active.unsqueeze(1).to(h.dtype)
-            h, c = a * h_new + (1 - a) * h, a * c_new + (1 - a) * c
+            h, c = keep_where(active, (h_new, c_new), (h, c))
             z = self.fc(h_new).masked_fill(~allowed, float("-inf"))
             if forced is not None:
                 P = F.one_hot(forced[:, t], z.shape[1]).to(z)
@@ -431,7 +432,7 @@ class ARNetMethod(_Family):
             x = frames.features(policy, active, t)
             h_new, c_new = model.lstm(x, (h, c))
             a = active.unsqueeze(1).to(h.dtype)
-            h, c = a * h_new + (1 - a) * h, a * c_new + (1 - a) * c
+            h, c = keep_where(active, (h_new, c_new), (h, c))
             chosen = model.fc(h_new).masked_fill(~allowed, float("-inf")).argmax(1)
             remaining, code, _ = advance(chosen, active, t, length, remaining, skips, L)
             codes.append(torch.where(~alive & (t < length), AFTER_STOP, code))

@@ -29,11 +29,9 @@ import torch
 from torch import nn
 
 from extract.errors import ConfigError
-from extract.flops import count_gflops
-from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..models import real_mask
+from ..ops import numpy, real_mask
 from ..run_folder import ActionCodes
 
 COARSE_FINE = ActionCodes(legend={-1: "no frame", 0: "after the stop", 1: "coarse only", 2: "fine"},
@@ -322,95 +320,6 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def last_step(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``x[i, length[i] - 1]`` for (N, T, ...) ``x``."""
-    return at_frames(x, (length - 1).clamp(min=0))
-
-
-def spread_steps(length: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(frames (N, k), frames kept (N,))``: ``k`` frames per video spread uniformly over its real
-    frames (the centre of ``k`` equal segments, TSN's test-time sampling), all of them in order when
-    a video has fewer (the rest 0, past the kept count)."""
-    kept = length.clamp(max=k)
-    i = torch.arange(k, device=length.device).unsqueeze(0)
-    step = ((i + 0.5) * length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
-    return torch.where(i < kept.unsqueeze(1), step.clamp(max=(length - 1).unsqueeze(1)), 0), kept
-
-
-def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
-    """``batch`` cut to the ``k`` frames per video of :func:`spread_steps`; ``k`` 0: unchanged.
-    Features of ``names`` only; steps are the picked frames in order."""
-    if k <= 0:
-        return batch
-    step, kept = spread_steps(batch.length, k)
-    rows = torch.arange(len(kept), device=kept.device).unsqueeze(1)
-    return Batch(batch.index, {n: batch.features[n][rows, step] for n in names}, batch.labels, kept)
-
-
-def step_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, S) the cross-entropy of the prediction at every step of (N, S, C) ``logits``."""
-    n, s, c = logits.shape
-    return soft_cross_entropy(logits.reshape(n * s, c), labels.repeat_interleave(s, dim=0)).view(n, s)
-
-
-def per_video_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N,) the mean of (N, S) ``x`` over each video's ``mask``ed steps (0 where none)."""
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`step_ce` at every taken step (``mask``), averaged per video, then over videos."""
-    return per_video_mean(step_ce(logits, labels), mask).mean()
-
-
-def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) the probability a prediction (N, C) puts on each video's labels: the reward of the
-    REINFORCE-trained methods, in [0, 1] for single- and multi-label videos alike."""
-    return (probs * (labels > 0)).sum(-1)
-
-
-def at_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[i, index[i]]`` for (N, T, ...) ``x`` and (N,) ``index``."""
-    return x[torch.arange(len(x), device=x.device), index]
-
-
-def read(source: torch.Tensor | Frames, name: str, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """(N, D) the features at frame ``pos[i]`` of each video: from an (N, T, D) tensor (training,
-    :meth:`Method.infer`) or, for ``recognize``, from :class:`Frames`, computed for ``rows`` only."""
-    if isinstance(source, torch.Tensor):
-        return at_frames(source, pos)
-    return source.features(name, rows, pos)
-
-
-def frame_mask(pos: torch.Tensor, steps: int) -> torch.Tensor:
-    """(N, steps) bool: True at each video's frames ``pos`` (N, K); entries -1 mark none."""
-    mask = torch.zeros(len(pos), steps, dtype=torch.bool, device=pos.device)
-    rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
-    mask[rows[pos >= 0], pos[pos >= 0]] = True
-    return mask
-
-
-def read_many(source: torch.Tensor | Frames, name: str, pos: torch.Tensor) -> torch.Tensor:
-    """(N, K, D) the features at frames ``pos`` (N, K) of each video, from a tensor or :class:`Frames`."""
-    rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
-    if isinstance(source, torch.Tensor):
-        return source[rows, pos]
-    return source.all_features(name, frame_mask(pos, source.steps))[rows, pos]
-
-
-def steps_of(batch: Batch) -> int:
-    """T of a batch whose features are tensors or a :class:`Frames`."""
-    source = next(iter(batch.features.values()))
-    return source.shape[1] if isinstance(source, torch.Tensor) else source.steps
-
-
-def spread_index(length: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k) the centres of ``k`` equal segments of each video's real frames (TSN's test-time
-    sampling; a frame repeats when a video has fewer than ``k``)."""
-    i = torch.arange(k, device=length.device).unsqueeze(0)
-    return ((i + 0.5) * length.unsqueeze(1) / k).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
-
-
 READ, PREVIEW, NOT_READ, AFTER_STOP = 0, 1, -2, -3  # the codes of methods that read frames out of order
 
 
@@ -457,20 +366,4 @@ def step_inference(probs: torch.Tensor, frames: torch.Tensor, cost: torch.Tensor
     actions[~real] = -1
     return Inference(scores=numpy(step_probs[:, -1]), step_scores=numpy(step_probs), actions=numpy(actions),
                      step_gflops=numpy(cost.cumsum(1)).astype(np.float64), step_frame=numpy(frames))
-
-
-def reinforce(log_prob: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE's loss, ``-sum_s log pi(a_s) * advantage_s`` over the ``mask``ed steps, mean over videos."""
-    return -(log_prob * advantage.detach() * mask).sum(1).mean()
-
-
-def numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()
-
-
-def price(module: nn.Module, *shape: int) -> float:
-    """GMACs of ``module`` on one zero input of ``shape``, priced on the CPU whatever the module's
-    device (shapes decide, not weights)."""
-    return count_gflops(module, torch.zeros(*shape))
-
 

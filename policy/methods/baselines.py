@@ -12,22 +12,33 @@ from torch import nn
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..models import FrameClassifier, LSTMClassifier, real_mask
+from ..ops import frame_mask, last_step, numpy, price, real_mask, spread_frames, spread_steps
 from ..run_folder import FRAME_SCORES
-from .base import (
-    Frames,
-    Inference,
-    Method,
-    TrainConfig,
-    frame_mask,
-    last_step,
-    numpy,
-    price,
-    register_method,
-    spread_frames,
-    spread_steps,
-    truncate,
-)
+from .base import Frames, Inference, Method, TrainConfig, register_method, truncate
+
+
+class FrameClassifier(nn.Module):
+    """UNIFORM: a linear classifier per frame on the fine features; per-step logits (N, T, C)."""
+
+    def __init__(self, fine_dim: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(fine_dim, num_classes))
+
+    def forward(self, fine: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(fine)}
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM: an LSTM over the fine features, the prediction from the hidden state of each step."""
+
+    def __init__(self, fine_dim: int, num_classes: int, hidden: int = 2048):
+        super().__init__()
+        self.lstm = nn.LSTM(fine_dim, hidden, batch_first=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, fine: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden, _ = self.lstm(fine)  # padding comes after the real steps: it cannot reach them
+        return {"logits": self.classifier(hidden)}
 
 
 @dataclass

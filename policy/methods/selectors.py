@@ -22,7 +22,19 @@ from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..models import real_mask
+from ..ops import (
+    frame_mask,
+    keep_where,
+    label_mass,
+    per_video_mean,
+    price,
+    read,
+    read_many,
+    real_mask,
+    step_ce,
+    step_loss,
+    steps_of,
+)
 from ..run_folder import ActionCodes
 from .base import (
     AFTER_STOP,
@@ -32,18 +44,9 @@ from .base import (
     Method,
     Steps,
     TrainConfig,
-    frame_mask,
-    label_mass,
-    per_video_mean,
-    price,
-    read,
     read_codes,
-    read_many,
     register_method,
-    step_ce,
     step_inference,
-    step_loss,
-    steps_of,
 )
 
 
@@ -131,7 +134,7 @@ class ListenToLook(Method):
                 picked_fine = (weight.unsqueeze(2) * fine).sum(1)
             picked_coarse = (weight.unsqueeze(2) * coarse).sum(1)
             h2, c2 = model.lstm(torch.cat([picked_fine, picked_coarse], 1), (h, c))
-            h, c = torch.where(has.unsqueeze(1), h2, h), torch.where(has.unsqueeze(1), c2, c)
+            h, c = keep_where(has, (h2, c2), (h, c))
             logits.append(model.classifier(picked_fine))
             frames.append(torch.where(has, weight.argmax(1), -1))
             free = free & ~(weight.detach() > 0.5)
