@@ -121,14 +121,16 @@ def scatter(fig, rows: list[dict], title: str) -> None:
 COMMAND = "train-policy --method {}"
 
 
-def showing(report: str) -> list[str]:
-    """Registry names of the methods whose runs ``report`` shows (their ``reports`` name it)."""
-    return [name for name, cls in METHODS.items() if report in cls.reports]
+def able(capability: str) -> list[str]:
+    """Registry names of the methods that declare ``capability`` (a :class:`~policy.methods.Method`
+    flag such as ``stops_early``)."""
+    return [name for name, cls in METHODS.items() if getattr(cls, capability)]
 
 
-def shows(run: Run, report: str) -> bool:
+def can(run: Run, capability: str) -> bool:
+    """Whether ``run``'s method declares ``capability``."""
     cls = METHODS.get(run.method)
-    return cls is not None and report in cls.reports
+    return cls is not None and getattr(cls, capability)
 
 
 def is_baseline(run: Run) -> bool:
@@ -165,7 +167,7 @@ def ablation_report(owner: str, ablation: Ablation) -> Callable[[list[Run], Opti
         columns = ablation.columns
         sort_key = (lambda row: tuple(_order(row[c]) for c in columns)) if ablation.sort else None
         return table_report(ablation.report, ablation.title, runs, opts,
-                            lambda r: r.method == owner or shows(r, ablation.report),
+                            lambda r: r.method == owner or (ablation.references and can(r, "fixed_frames")),
                             lambda r: {c: _cell(r.config.get(key, "-")) for c, key in columns.items()},
                             [f"{COMMAND.format(owner)} {v}".strip() for v in ablation.variants], sort_key=sort_key)
 
@@ -208,16 +210,16 @@ def _same_videos(a: Run, b: Run) -> None:
 
 @register_report("online")
 def online(runs, opts):
-    """LiteEval Fig. 2: top-1 against GFLOPs when a method that can stop early (its ``reports`` name
-    ``online``) stops after its K-th expensive read (``NAME-K``), against UNIFORM-K (K frames spread
-    over the first K' frames, K' where the first such method that reads frames in order stopped) and
-    SEQ-K (the first K frames), both from the baseline run's per-frame scores."""
+    """LiteEval Fig. 2: top-1 against GFLOPs when a method that can stop early (``stops_early``)
+    stops after its K-th expensive read (``NAME-K``), against UNIFORM-K (K frames spread over the
+    first K' frames, K' where the first such method that reads frames in order stopped) and SEQ-K
+    (the first K frames), both from the baseline run's per-frame scores."""
     report = Report("Online recognition with a budget of K expensive reads",
                     ["source", "curve", "K", "top1", "GFLOPs/V"])
-    stopping = [r for r in runs if shows(r, "online")]
+    stopping = [r for r in runs if can(r, "stops_early")]
     every = [r for r in runs if is_baseline(r) and not r.config.get("frames", 0)]  # the baseline over every frame
     if not stopping or not every:
-        needed = [(" / ".join(COMMAND.format(m) for m in showing("online")), stopping),
+        needed = [(" / ".join(COMMAND.format(m) for m in able("stops_early")), stopping),
                   (" / ".join(COMMAND.format(m) + " --set frames=0" for m in baseline_names()), every)]
         report.notes.append("needs a run of a method that can stop early and a baseline run over every frame of one "
                             "cache; produce them with: " + " ; ".join(command for command, have in needed if not have))
@@ -282,13 +284,13 @@ def _class_names(run: Run) -> list[str]:
 @register_report("usage")
 def usage(runs, opts):
     """LiteEval Fig. 3: per class, the distribution of the fraction of sampled frames given the
-    expensive features, for the first run whose method's ``reports`` name ``usage``."""
+    expensive features, for the first run of a method that ``spends_per_frame``."""
     report = Report("Fine-feature usage per class", ["source", "method", "class", "videos", "mean", "median",
                                                      "q1", "q3"])
-    chosen = [r for r in runs if shows(r, "usage")]
+    chosen = [r for r in runs if can(r, "spends_per_frame")]
     if not chosen:
         report.notes.append("no run that spends adaptively; produce one with: "
-                            + " / ".join(COMMAND.format(m) for m in showing("usage")))
+                            + " / ".join(COMMAND.format(m) for m in able("spends_per_frame")))
         return report
     run = chosen[0]
     codes = run.codes
@@ -316,14 +318,14 @@ def usage(runs, opts):
 
 @register_report("frames")
 def frames(runs, opts):
-    """LiteEval Fig. 4: the sampled frames of a few videos of the first run whose method's
-    ``reports`` name ``frames``, each marked with what the policy did there (the run's action
+    """LiteEval Fig. 4: the sampled frames of a few videos of the first run of a method that
+    ``spends_per_frame``, each marked with what the policy did there (the run's action
     marks); the frames are read from the video files through the cache."""
     report = Report("Frames chosen by the policy", ["source", "method", "video", "actions"])
-    chosen = [r for r in runs if shows(r, "frames")]
+    chosen = [r for r in runs if can(r, "spends_per_frame")]
     if not chosen:
         report.notes.append("no run of a policy; produce one with: "
-                            + " / ".join(COMMAND.format(m) for m in showing("frames")))
+                            + " / ".join(COMMAND.format(m) for m in able("spends_per_frame")))
         return report
     run = chosen[0]
     if not os.path.isfile(run.cache):
@@ -420,7 +422,7 @@ def claims(runs, opts):
     def add(claim: str, measured: str, holds: bool) -> None:
         report.rows.append({"source": "ours", "claim": claim, "measured": measured, "holds": bool(holds)})
 
-    for run in (r for r in runs if shows(r, "claims")):
+    for run in (r for r in runs if can(r, "claims_savings")):
         m = run.summary(opts.ap)
         add(f"{run.label}: mAP within 1.5 points of UNIFORM at <= 55% of its GFLOPs/V",
             f"mAP {100 * m['mAP']:.1f} vs {100 * base['mAP']:.1f}; GFLOPs/V {m['gflops_per_video']:.3f} = "
@@ -440,7 +442,7 @@ def claims(runs, opts):
                 f"{100 * b['mAP']:.1f} at {b['gflops_per_video']:.3f}", a["mAP"] <= b["mAP"] - 0.05)
     every = [r for r in baselines if not r.config.get("frames", 0) and r.array(FRAME_SCORES) is not None]
     reference = max(every, key=lambda r: float(r.gflops.mean()), default=None)
-    for run in (r for r in runs if shows(r, "claims-random")):
+    for run in (r for r in runs if can(r, "claims_beats_random")):
         if reference is None or reference.video_id != run.video_id:
             add(f"{run.label}: above random frames at its budget", "needs a uniform run over every frame of its cache "
                 "(its frame scores classify the random frames)", False)

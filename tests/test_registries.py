@@ -59,7 +59,7 @@ class FirstFrame(Method):
     name = "{name}"
     display = "First frame"
     Config = FirstFrameConfig
-    reports = ("usage",)
+    spends_per_frame = True
     ablations = (Ablation("{name}-dropout", "First frame by dropout", {{"p": "dropout"}}, ("--set dropout=0.5",)),)
 
     @property

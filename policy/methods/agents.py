@@ -71,7 +71,8 @@ def located_start(length: torch.Tensor, hidden: int) -> tuple:
 class _Agent(Method):
     """What the agents share: a rollout over the expensive features, REINFORCE with a value baseline."""
 
-    reports = ("online", "claims-random")
+    stops_early = True
+    claims_beats_random = True
     stops: ClassVar[bool] = False  # reads only forward: frames past the last read are "after the stop"
 
     @property
@@ -385,7 +386,7 @@ class MultiAgent(_Agent):
     name = "multiagent"
     display = "MultiAgent"
     Config = MultiAgentConfig
-    reports = ("claims-random",)
+    stops_early = False  # its agents read in parallel: no prediction after each step
 
     def build(self) -> nn.Module:
         return MultiAgentNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden)

@@ -343,9 +343,10 @@ class ARNetMethod(_Family):
     name = "arnet"
     display = "AR-Net"
     stops_at_budget = True
-    reports = ("usage", "frames", "claims")
+    spends_per_frame = True
+    claims_savings = True
     ablations = (Ablation("actions", "AR-Net action spaces (AR-Net Table 4)", {"actions": "actions"},
-                          tuple(f"--set actions={a}" for a in ("resolution", "skip", "both"))),
+                          tuple(f"--set actions={a}" for a in ("resolution", "skip", "both")), references=True),
                  Ablation("losses", "AR-Net losses (AR-Net Table 5)", {"α": "alpha", "β": "beta"},
                           tuple(f"--set alpha={a} --set beta={b}" for a, b in ((0, 0), (0.1, 0), (0.1, 0.3))),
                           sort=True),

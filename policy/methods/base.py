@@ -2,8 +2,9 @@
 
 A method declares what it needs (``needs``: feature names), what its actions mean (``codes``:
 an :class:`~policy.run_folder.ActionCodes`, saved with every run), how its row is labelled
-(``display``, ``label``), which reports it appears in beyond ``table1`` and ``tradeoff``
-(``reports``), and its paper's ablation tables (``ablations``: each becomes an ``evaluate`` report).
+(``display``, ``label``), what it can do (``stops_early``, ``spends_per_frame``, ``baseline``…:
+reports select runs by these), and its paper's ablation tables (``ablations``: each becomes an
+``evaluate`` report).
 
 Actions (``predictions.h5/actions``) per frame for LiteEval, UNIFORM and LSTM (``COARSE_FINE``):
 -1 no frame (padding), 0 sampled after the stop (``recognize --budget``), 1 coarse features only,
@@ -40,14 +41,15 @@ COARSE_FINE = ActionCodes(legend={-1: "no frame", 0: "after the stop", 1: "coars
 
 @dataclass(frozen=True)
 class Ablation:
-    """A paper's ablation table for one method, shown by ``evaluate --report NAME``: its runs, and
-    those of methods listing ``report`` in their ``reports``, with a column per config field."""
+    """A paper's ablation table for one method, shown by ``evaluate --report NAME``: its runs (and,
+    with ``references``, those of the fixed-frame baselines), with a column per config field."""
 
     report: str  # the report's name
     title: str
     columns: dict[str, str]  # column -> config field (a run without the field shows "-")
     variants: tuple[str, ...]  # train-policy arguments after --method NAME that give its rows
     sort: bool = False  # rows sorted by the columns
+    references: bool = False  # the fixed-frame baselines' runs are rows too (Method.fixed_frames)
 
 
 def sampled_by_fps(sampling: dict) -> bool:
@@ -165,12 +167,14 @@ class Method:
     name: ClassVar[str]
     display: ClassVar[str] = ""  # the method's name in tables ("": the registry name)
     Config: ClassVar[type] = TrainConfig
-    # reports beyond table1 and tradeoff that show this method's runs: online (its step_scores as a
-    # curve), usage and frames (where it spends), claims (it must save against UNIFORM), and any
-    # other method's ablation report it is a reference row of
-    reports: ClassVar[tuple[str, ...]] = ()
     ablations: ClassVar[tuple[Ablation, ...]] = ()
+    # What the method can do; reports select runs by these, so a new report edits no method file.
     baseline: ClassVar[bool] = False  # the method savings are measured against (UNIFORM: claims, online)
+    fixed_frames: ClassVar[bool] = False  # reads a fixed set of frames, no policy (UNIFORM, LSTM): reference rows
+    stops_early: ClassVar[bool] = False  # its step_scores are its prediction if stopped after each step (online)
+    spends_per_frame: ClassVar[bool] = False  # decides per sampled frame what to compute (usage, frames)
+    claims_savings: ClassVar[bool] = False  # claims: near the baseline's mAP at a fraction of its GFLOPs
+    claims_beats_random: ClassVar[bool] = False  # claims: above random frames at its own budget
     budget_knob: ClassVar[str] = ""  # the config field that sets the target cost (claims: a sweep moves GFLOPs)
     stops_at_budget: ClassVar[bool] = False  # its lazy path honours recognize --budget (reads frames in order)
 

@@ -91,7 +91,7 @@ class Uniform(_OnFineFeatures):
     name = "uniform"
     display = "UNIFORM"
     Config = UniformConfig
-    reports = ("actions",)
+    fixed_frames = True
     baseline = True
 
     def build(self) -> nn.Module:
@@ -133,7 +133,7 @@ class LSTMBaseline(_OnFineFeatures):
 
     name = "lstm"
     display = "LSTM"
-    reports = ("actions",)
+    fixed_frames = True
     Config = LSTMConfig
 
     def build(self) -> nn.Module:

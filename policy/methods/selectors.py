@@ -84,7 +84,7 @@ class ListenToLook(Method):
     name = "listentolook"
     display = "ListenToLook"
     Config = ListenToLookConfig
-    reports = ("claims-random",)
+    claims_beats_random = True
 
     @classmethod
     def label(cls, config: dict) -> str:
@@ -190,7 +190,7 @@ class OCSampler(Method):
     name = "ocsampler"
     display = "OCSampler"
     Config = OCSamplerConfig
-    reports = ("claims-random",)
+    claims_beats_random = True
 
     @classmethod
     def label(cls, config: dict) -> str:
@@ -353,7 +353,8 @@ class FrameExit(Method):
     display = "FrameExit"
     Config = FrameExitConfig
     stops_at_budget = True
-    reports = ("online", "claims-random")
+    stops_early = True
+    claims_beats_random = True
 
     @property
     def codes(self) -> ActionCodes:
