@@ -133,6 +133,17 @@ def can(run: Run, capability: str) -> bool:
     return cls is not None and getattr(cls, capability)
 
 
+def first_able(runs: list[Run], capability: str, report: Report) -> Run | None:
+    """The first of ``runs`` whose method declares ``capability``; ``None`` with a note on ``report``
+    naming the commands that produce one."""
+    chosen = [r for r in runs if can(r, capability)]
+    if not chosen:
+        report.notes.append(f"no run of a method that declares {capability}; produce one with: "
+                            + " / ".join(COMMAND.format(m) for m in able(capability)))
+        return None
+    return chosen[0]
+
+
 def is_baseline(run: Run) -> bool:
     cls = METHODS.get(run.method)
     return cls is not None and cls.baseline
@@ -287,12 +298,9 @@ def usage(runs, opts):
     expensive features, for the first run of a method that ``spends_per_frame``."""
     report = Report("Fine-feature usage per class", ["source", "method", "class", "videos", "mean", "median",
                                                      "q1", "q3"])
-    chosen = [r for r in runs if can(r, "spends_per_frame")]
-    if not chosen:
-        report.notes.append("no run that spends adaptively; produce one with: "
-                            + " / ".join(COMMAND.format(m) for m in able("spends_per_frame")))
+    run = first_able(runs, "spends_per_frame", report)
+    if run is None:
         return report
-    run = chosen[0]
     codes = run.codes
     per_video = codes.is_expensive(run.actions).sum(1) / np.maximum(codes.sampled(run.actions).sum(1), 1)
     names, first_label = _class_names(run), run.labels.argmax(1)
@@ -322,12 +330,9 @@ def frames(runs, opts):
     ``spends_per_frame``, each marked with what the policy did there (the run's action
     marks); the frames are read from the video files through the cache."""
     report = Report("Frames chosen by the policy", ["source", "method", "video", "actions"])
-    chosen = [r for r in runs if can(r, "spends_per_frame")]
-    if not chosen:
-        report.notes.append("no run of a policy; produce one with: "
-                            + " / ".join(COMMAND.format(m) for m in able("spends_per_frame")))
+    run = first_able(runs, "spends_per_frame", report)
+    if run is None:
         return report
-    run = chosen[0]
     if not os.path.isfile(run.cache):
         raise RunError(f"{run.path}: its cache {run.cache} is gone; the frames report reads videos through it")
     picks = run.video_id[: opts.videos]
