@@ -122,10 +122,11 @@ def main() -> None:
         if method == "random" and not os.path.isdir(extra["match_run"]):
             continue
         start = time.perf_counter()
-        metrics = train(config(method, dev_cache, os.path.join(runs, method), args.device, **extra), progress=False)
+        metrics = train(config(method, dev_cache, os.path.join(runs, method), args.device, **extra), force=True,
+                        progress=False)
         say(f"train {method}", f"{time.perf_counter() - start:.1f} s, mAP {metrics['mAP']:.4f}, "
                                f"{metrics['gflops_per_video']:.4f} GFLOPs/video", metrics)
-    on_cpu = train(config("lstm", dev_cache, os.path.join(work, "lstm_cpu"), "cpu"), progress=False)
+    on_cpu = train(config("lstm", dev_cache, os.path.join(work, "lstm_cpu"), "cpu"), force=True, progress=False)
     on_dev = RunFolder.load(os.path.join(runs, "lstm")).metrics
     same = on_dev["gflops_per_video"] == on_cpu["gflops_per_video"]
     say("lstm GFLOPs device vs CPU", f"{on_dev['gflops_per_video']:.6f} vs {on_cpu['gflops_per_video']:.6f} "
@@ -135,13 +136,13 @@ def main() -> None:
     for mode, extra in (("plain", {}), ("deterministic", {"deterministic": True})):
         for method in ("liteeval", "frameexit", "ocsampler"):
             got = [train(config(method, dev_cache, os.path.join(work, f"det_{mode}_{method}_{i}"), args.device,
-                                **extra), progress=False) for i in range(2)]
+                                **extra), force=True, progress=False) for i in range(2)]
             say(f"same seed twice {method} {mode}", "identical" if got[0] == got[1] else f"differ: {got}",
                 got[0] == got[1])
     full = train(config("liteeval", dev_cache, os.path.join(work, "full"), args.device, epochs=4,
-                        deterministic=True), progress=False)
+                        deterministic=True), force=True, progress=False)
     part = os.path.join(work, "part")
-    train(config("liteeval", dev_cache, part, args.device, epochs=2, deterministic=True), progress=False)
+    train(config("liteeval", dev_cache, part, args.device, epochs=2, deterministic=True), force=True, progress=False)
     resumed = train(config("liteeval", dev_cache, part, args.device, epochs=4, deterministic=True), resume=True,
                     progress=False)
     say("resume after 2 of 4 epochs (deterministic)", "identical" if full == resumed else f"differ: {full} {resumed}",
@@ -150,7 +151,7 @@ def main() -> None:
     # 5. torchrun over one GPU
     seconds, _ = cli("torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "policy.cli",
                      "--method", "liteeval", "--features", dev_cache, "--device", args.device, "--epochs", "2",
-                     "--out", os.path.join(work, "torchrun"), "--no-progress")
+                     "--out", os.path.join(work, "torchrun"), "--force", "--no-progress")
     say("torchrun 1 process", f"ok in {seconds:.1f} s")
 
     # 6. recognize on the device: agreement with predictions.h5, and its time against its GFLOPs
