@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from extract.errors import UserError
 from policy.methods import METHODS, check_config
 from policy.run_folder import CONFIG, RunError, RunFolder
 
@@ -64,7 +65,7 @@ def find_runs(paths: list[str], skipped: Callable[[str], None] = lambda line: pr
                 cls = METHODS.get(run.method)
                 if cls is not None:
                     check_config(run.typed_config(cls.Config))
-            except (RunError, ValueError) as err:  # check_config: ValueError naming the field
+            except UserError as err:  # RunError, or check_config's ConfigError naming the field
                 skipped(f"skipped {folder}: {err}")
                 continue
             found.append(run)

@@ -242,9 +242,9 @@ def fit(loop: Loop, raw_model: nn.Module, optimizer: torch.optim.Optimizer, *, i
             _optimizer_step(loop, raw_model, optimizer, scaler, taken % loop.accumulate)
         finite = all(bool(torch.isfinite(v)) for v in sums.values())  # one read-back per statistic per epoch
         if distributed.smallest(int(finite), device) == 0:  # every rank stops together
+            kept = f"{loop.last} holds epoch {epoch - 1}" if epoch > 0 else "no epoch was saved"
             raise Diverged(f"{loop.desc}: the loss turned non-finite (NaN or inf) in epoch {epoch}; nothing of that "
-                           f"epoch was kept ({loop.last} holds the last finite one): lower the learning rate, or "
-                           "check the features and labels")
+                           f"epoch was saved ({kept}): lower the learning rate, or check the features and labels")
         seconds = time.monotonic() - started
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                **{k: (v / max(taken, 1)).item() for k, v in sums.items()}}
