@@ -86,8 +86,7 @@ def spread_steps(length: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     a video has fewer (the rest 0, past the kept count)."""
     kept = length.clamp(max=k)
     i = torch.arange(k, device=length.device).unsqueeze(0)
-    step = ((i + 0.5) * length.unsqueeze(1) / kept.clamp(min=1).unsqueeze(1)).long()
-    return torch.where(i < kept.unsqueeze(1), step.clamp(max=(length - 1).unsqueeze(1)), 0), kept
+    return torch.where(i < kept.unsqueeze(1), spread_index(length, k, segments=kept), 0), kept
 
 
 def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
@@ -100,11 +99,13 @@ def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
     return Batch(batch.index, {n: batch.features[n][rows, step] for n in names}, batch.labels, kept)
 
 
-def spread_index(length: torch.Tensor, k: int) -> torch.Tensor:
+def spread_index(length: torch.Tensor, k: int, segments: torch.Tensor | None = None) -> torch.Tensor:
     """(N, k) the centres of ``k`` equal segments of each video's real frames (TSN's test-time
-    sampling; a frame repeats when a video has fewer than ``k``)."""
+    sampling; a frame repeats when a video has fewer than ``k``); with ``segments`` (N,), the
+    centres of that many segments per video (entries past it are past the last real frame, clamped)."""
     i = torch.arange(k, device=length.device).unsqueeze(0)
-    return ((i + 0.5) * length.unsqueeze(1) / k).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
+    count = k if segments is None else segments.clamp(min=1).unsqueeze(1)
+    return ((i + 0.5) * length.unsqueeze(1) / count).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
 
 
 def frame_mask(pos: torch.Tensor, steps: int) -> torch.Tensor:
