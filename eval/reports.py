@@ -12,11 +12,13 @@ from itertools import pairwise
 from typing import Callable
 
 import numpy as np
+import torch
 
 from extract.cache import Cache
 from extract.metrics import hit_at_k, mean_average_precision
 from policy.methods import METHODS
 from policy.methods.base import Ablation
+from policy.ops import numpy, spread_index
 from policy.run_folder import FRAME_SCORES, RUN_ID, STEP_GFLOPS, STEP_SCORES
 
 from .published import published_rows
@@ -264,7 +266,7 @@ def online(runs, opts):
             add(run.label, K, steps[rows, stop], float(cost[rows, stop].mean()))
             if run is reference:
                 seen = stop + 1
-                spread = np.minimum((seen[:, None] / K * (np.arange(K) + 0.5)).astype(int), seen[:, None] - 1)
+                spread = numpy(spread_index(torch.from_numpy(seen), K))
                 add("UNIFORM-K", K, np.take_along_axis(frame_scores, spread[:, :, None], axis=1).astype(np.float32)
                     .mean(1), float(base_cost[:, K - 1].mean()))
                 add_seq(K)

@@ -7,7 +7,7 @@ per-step values ``(N, S)``; ``pos`` frame indices ``(N,)`` or ``(N, K)``, -1 for
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from .data import Batch
 
 if TYPE_CHECKING:
     from .methods.base import Frames
+
+Source = Union[torch.Tensor, "Frames"]  # features (N, T, D) as a tensor, or as recognize computes them
+
 
 def real_mask(length: torch.Tensor, steps: int) -> torch.Tensor:
     """(N, steps) bool: True at each video's real steps (``t < length``), False on padding."""
@@ -36,7 +39,7 @@ def keep_where(mask: torch.Tensor, new: tuple[torch.Tensor, ...], old: tuple[tor
 
 
 def project_inputs(cell: nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
-    """The input half of an LSTM cell's gates for every step at once: ``(N, T, 4H)``."""
+    """The input half of an LSTM cell's gates: ``(..., 4H)`` for ``x`` (..., D), e.g. every step at once."""
     return F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
 
 
@@ -100,12 +103,14 @@ def spread_frames(batch: Batch, names: list[str], k: int) -> Batch:
 
 
 def spread_index(length: torch.Tensor, k: int, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, k) the centres of ``k`` equal segments of each video's real frames (TSN's test-time
-    sampling; a frame repeats when a video has fewer than ``k``); with ``segments`` (N,), the
-    centres of that many segments per video (entries past it are past the last real frame, clamped)."""
-    i = torch.arange(k, device=length.device).unsqueeze(0)
+    """(N, k) the centres of ``k`` equal segments of each video's real frames, ``int(n / k * (i +
+    0.5))`` in float64 (TSN's test-time sampling; a frame repeats when a video has fewer than
+    ``k``); with ``segments`` (N,), the centres of that many segments per video (entries past it
+    are past the last real frame, clamped). The one formula of the policies and the reports
+    (phase 1 keeps TSN's own code, ``int(tick / 2 + tick * i)``, which rounds otherwise at ties)."""
+    i = torch.arange(k, device=length.device, dtype=torch.float64).unsqueeze(0)
     count = k if segments is None else segments.clamp(min=1).unsqueeze(1)
-    return ((i + 0.5) * length.unsqueeze(1) / count).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
+    return (length.double().unsqueeze(1) / count * (i + 0.5)).long().clamp(max=(length.clamp(min=1) - 1).unsqueeze(1))
 
 
 def frame_mask(pos: torch.Tensor, steps: int) -> torch.Tensor:
@@ -124,6 +129,12 @@ def read(source: torch.Tensor | Frames, name: str, rows: torch.Tensor, pos: torc
     return source.features(name, rows, pos)
 
 
+def read_where(source: Source, name: str, mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, D) features where the (N, T) ``mask`` holds: a tensor as it is (every frame; the caller
+    uses those of ``mask``), :class:`Frames` computed there only (zeros elsewhere)."""
+    return source if isinstance(source, torch.Tensor) else source.all_features(name, mask)
+
+
 def read_many(source: torch.Tensor | Frames, name: str, pos: torch.Tensor) -> torch.Tensor:
     """(N, K, D) the features at frames ``pos`` (N, K) of each video, from a tensor or :class:`Frames`."""
     rows = torch.arange(len(pos), device=pos.device).unsqueeze(1).expand_as(pos)
@@ -132,10 +143,21 @@ def read_many(source: torch.Tensor | Frames, name: str, pos: torch.Tensor) -> to
     return source.all_features(name, frame_mask(pos, source.steps))[rows, pos]
 
 
+def steps_in(source: Source) -> int:
+    """T of (N, T, D) features, as a tensor or a :class:`Frames`."""
+    return source.shape[1] if isinstance(source, torch.Tensor) else source.steps
+
+
 def steps_of(batch: Batch) -> int:
     """T of a batch whose features are tensors or a :class:`Frames`."""
-    source = next(iter(batch.features.values()))
-    return source.shape[1] if isinstance(source, torch.Tensor) else source.steps
+    return steps_in(next(iter(batch.features.values())))
+
+
+def running_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, S, C) the weighted mean of (N, S, C) ``x`` over the steps up to each step, with (N, S)
+    ``weight`` (a 0/1 mask: the steps taken); 0 before the first step taken."""
+    w = weight.to(x).unsqueeze(-1)
+    return (x * w).cumsum(1) / w.cumsum(1).clamp(min=1e-6)
 
 
 def step_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

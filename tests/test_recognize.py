@@ -18,27 +18,44 @@ from extract.flops import FlopsEntry
 from policy.data import Batch
 from policy.methods import METHODS, Method
 from policy.ops import at_frames, real_mask
-from policy.recognize import load, main, video_list
+from policy.recognize import load, main, recognise, video_list
 from policy.run_folder import Predictions, RunError, RunFolder
 from policy.train import train
 
 CONFIGS = {
     "liteeval": dict(epochs=3, hidden_coarse=16, hidden_fine=32, gamma=0.3, lam=8.0),
+    "liteeval-rl": dict(epochs=2, hidden_coarse=16, hidden_fine=32, gamma=0.3),
     "arnet": dict(hidden=16, warmup_epochs=1, joint_epochs=2, finetune_epochs=1, optim="adam", warmup_lr=3e-3,
                   joint_lr=3e-3, finetune_lr=1e-3, alpha=0.3),
+    "multiscale": dict(hidden=16, warmup_epochs=1),
+    "scsampler": dict(hidden=16, warmup_epochs=1, topk=3),
     "frameexit": dict(epochs=3, hidden=16, max_frames=6),
     "ocsampler": dict(epochs=3, hidden=16, frames=3, warmup_epochs=2),
+    "listentolook": dict(epochs=2, hidden=16),
     "fastforward": dict(epochs=3, hidden=16),
+    "frameglimpse": dict(epochs=2, hidden=16),
+    "adaframe": dict(epochs=2, hidden=16),
+    "multiagent": dict(epochs=2, hidden=16),
+    "uniform": dict(epochs=2),
+    "lstm": dict(epochs=2, hidden=16),
 }
+LAZY = sorted(name for name, cls in METHODS.items() if cls.lazy is not Method.lazy)
+BATCH = 4  # training's and evaluation's batch size; recognize takes the videos in batches of as many
+
+
+def train_run(method: str, cache: str, out) -> RunFolder:
+    fields = METHODS[method].Config.__dataclass_fields__
+    extra = {k: v for k, v in CONFIGS[method].items() if k in fields}
+    train(METHODS[method].Config(method=method, features=cache, out=str(out), batch_size=BATCH, lr=3e-3, **extra),
+          progress=False)
+    return RunFolder.load(str(out))
 
 
 @pytest.fixture(scope="module")
 def runs(demo_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("recognize")
-    for method, extra in CONFIGS.items():
-        cfg = METHODS[method].Config(method=method, features=demo_cache, out=str(root / method), batch_size=4,
-                                     lr=3e-3, **extra)
-        train(cfg, progress=False)
+    for method in ("liteeval", "arnet", "ocsampler"):
+        train_run(method, demo_cache, root / method)
     return root
 
 
@@ -54,25 +71,36 @@ def recognize(run_dir, *args, check=True):
                    check=check)
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_recognize_reproduces_what_train_policy_wrote(method, runs):
-    run = RunFolder.load(str(runs / method))
+def test_every_method_that_recognizes_is_listed_here():
+    assert sorted(CONFIGS) == LAZY
+
+
+@pytest.mark.parametrize("method", LAZY)
+def test_recognize_reproduces_what_train_policy_wrote_exactly(method, demo_cache, tmp_path):
+    """Raw videos -> decoding -> backbones where the decisions ask -> the method's rollout gives the
+    actions, top-1 and GFLOPs of ``predictions.h5``, video for video, when the videos come in the
+    evaluation's batches (other batches change matmuls in the last bits; see the README)."""
+    run = train_run(method, demo_cache, tmp_path / method)
     videos = evaluated_videos(run)
-    lines = [json.loads(line) for line in recognize(runs / method, *videos, "--json").stdout.splitlines()]
+    loaded = load(str(tmp_path / method), torch.device("cpu"), frames_per_pass=8)
+    results = [r for start in range(0, len(videos), BATCH) for r in recognise(loaded, videos[start:start + BATCH])]
+    assert [r["video"] for r in results] == videos
+    for i, r in enumerate(results):
+        n = r["frames"]
+        assert r["actions"] == run.actions[i][:n].tolist() and (run.actions[i][n:] == -1).all()
+        assert r["top5"][0][0] == loaded.classes[int(run.scores[i].argmax())]
+        assert r["gflops"] == float(run.gflops[i])
+        np.testing.assert_allclose([s for _, s in r["top5"]], np.sort(run.scores[i])[::-1][:5], rtol=1e-5, atol=1e-6)
+
+
+def test_the_command_line_prints_one_json_line_per_video(runs):
+    run = RunFolder.load(str(runs / "arnet"))
+    videos = evaluated_videos(run)[:3]
+    lines = [json.loads(line) for line in recognize(runs / "arnet", *videos, "--json").stdout.splitlines()]
     assert [r["video"] for r in lines] == videos
-    same_actions = same_top1 = frames = 0
-    with Cache(run.cache) as cache:
-        classes = cache.classes
-    for i, r in enumerate(lines):
-        offline = run.actions[i][: len(r["actions"])]
-        same_actions += int((np.array(r["actions"]) == offline).sum())
-        frames += len(r["actions"])
-        same_top1 += r["top5"][0][0] == classes[int(run.scores[i].argmax())]
-        if r["actions"] == offline.tolist():  # the same decisions cost the same GFLOPs
-            assert r["gflops"] == pytest.approx(float(run.gflops[i]), rel=1e-9)
+    for r in lines:
         assert set(r) == {"video", "top5", "actions", "gflops", "seconds"} and len(r["top5"]) == 5
         assert set(r["seconds"]) == {"decode", "compute"}
-    assert same_actions >= 0.98 * frames and same_top1 >= 0.98 * len(lines)
 
 
 def test_a_budget_stops_after_the_kth_expensive_read(runs):
@@ -168,9 +196,6 @@ class OnlyOn(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device != self.device:
                 raise AssertionError(f"{func} made a tensor on {t.device}, the model is on {self.device}")
         return out
-
-
-LAZY = sorted(name for name, cls in METHODS.items() if cls.lazy is not Method.lazy)
 
 
 @pytest.mark.parametrize("name", LAZY)

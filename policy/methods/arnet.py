@@ -30,7 +30,7 @@ from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..ops import keep_where, numpy, price, real_mask
+from ..ops import Source, keep_where, numpy, price, read, read_where, real_mask, running_mean, steps_in
 from ..run_folder import ActionCodes, RunFolder
 from .base import Ablation, Frames, Inference, Method, TrainConfig, register_method, resolve_auto
 
@@ -115,26 +115,35 @@ class ARNet(nn.Module):
             out.append(h)
         return torch.stack(out, 1)
 
-    def forward(self, feats: list[torch.Tensor], policy_feats: torch.Tensor, length: torch.Tensor, *,
+    def forward(self, feats: list[Source], policy_feats: Source, length: torch.Tensor, *,
                 skips: torch.Tensor, allowed: torch.Tensor, mode: str = "argmax", tau: float = 1.0,
-                forced: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``mode``: gumbel (straight-through, eq. 8), sample (Gumbel-max, eq. 6), argmax, or all (no
-        policy). ``forced`` (N, T) fixes the actions (for tests). ``frame_P`` (N, T, L + M) is ``P``
-        with each frame skipped over given the one-hot of the skip that jumped it (eq. 11 counts it)."""
+                forced: torch.Tensor | None = None, budget: int = 0,
+                names: tuple[list[str], str] | None = None) -> dict[str, torch.Tensor]:
+        """The policy frame by frame, then the chosen heads: the one rollout of training, inference
+        and ``recognize``. ``feats`` (one per resolution) and ``policy_feats`` are (N, T, D) tensors,
+        or for ``recognize`` a :class:`Frames` (``names``: the resolutions' and the policy's feature
+        names), from which the policy's feature is computed only at the frames it visits and each
+        resolution's only at the frames that chose it.
+
+        ``mode``: gumbel (straight-through, eq. 8), sample (Gumbel-max, eq. 6), argmax, or all (no
+        policy: every head on every frame, tensors only). ``forced`` (N, T) fixes the actions.
+        ``budget`` K > 0: each video stops after its K-th read at the highest resolution (later
+        frames get ``AFTER_STOP``). ``frame_P`` (N, T, L + M) is ``P`` with each frame skipped over
+        given the one-hot of the skip that jumped it (eq. 11 counts it)."""
         if mode == "all":
             return {"logits": self.head_logits(feats, None if policy_feats is None else self.states(policy_feats))}
-        n, steps = policy_feats.shape[:2]
-        L = len(self.heads)
-        h = policy_feats.new_zeros(n, self.lstm.hidden_size)
+        n, steps, L = len(length), steps_in(policy_feats), len(self.heads)
+        resolutions, policy = names or ([""] * L, "")
+        h = torch.zeros(n, self.lstm.hidden_size, device=length.device)
         c = torch.zeros_like(h)
-        remaining = torch.zeros(n, dtype=torch.long, device=length.device)
-        carried = policy_feats.new_zeros(n, L + len(skips))  # the one-hot of the skip still running
+        remaining, reads = (torch.zeros(n, dtype=torch.long, device=length.device) for _ in range(2))
+        alive = length > 0
+        carried = h.new_zeros(n, L + len(skips))  # the one-hot of the skip still running
         actions, codes, scores, frames, states = [], [], [], [], []
         for t in range(steps):
-            active = (remaining == 0) & (t < length)
-            h_new, c_new = self.lstm(policy_feats[:, t], (h, c))
+            active = (remaining == 0) & (t < length) & alive
+            h_new, c_new = self.lstm(read(policy_feats, policy, active, t), (h, c))
             states.append(h_new)
-            a = active.unsqueeze(1).to(h.dtype)
             h, c = keep_where(active, (h_new, c_new), (h, c))
             z = self.fc(h_new).masked_fill(~allowed, float("-inf"))
             if forced is not None:
@@ -145,17 +154,22 @@ class ARNet(nn.Module):
                 P = F.one_hot((z - torch.empty_like(z).exponential_().log()).argmax(1), z.shape[1]).to(z)
             else:
                 P = F.one_hot(z.argmax(1), z.shape[1]).to(z)
-            P = P * a
+            P = P * active.unsqueeze(1).to(z)
             chosen = P.argmax(1)
             remaining, code, skip = advance(chosen, active, t, length, remaining, skips, L)
-            codes.append(code)
+            codes.append(torch.where(~alive & (t < length), AFTER_STOP, code))
             actions.append(P)
             over = ((t < length) & ~active).unsqueeze(1)
             frames.append(torch.where(over, carried, P))
             carried = torch.where(active.unsqueeze(1), P * skip.unsqueeze(1).to(P), carried)
             scores.append(torch.where(active.unsqueeze(1), z, torch.zeros_like(z)))  # not z * a: -inf * 0 is NaN
-        logits = self.head_logits(feats, torch.stack(states, 1))
-        return {"logits": logits, "P": torch.stack(actions, 1), "codes": torch.stack(codes, 1),
+            if budget:
+                reads = reads + (active & (chosen == 0)).long()
+                alive = alive & (reads < budget)
+        P = torch.stack(actions, 1)
+        feats = [read_where(x, name, P[:, :, level] > 0)
+                 for level, (x, name) in enumerate(zip(feats, resolutions, strict=True))]
+        return {"logits": self.head_logits(feats, torch.stack(states, 1)), "P": P, "codes": torch.stack(codes, 1),
                 "frame_P": torch.stack(frames, 1), "policy_logits": torch.stack(scores, 1)}
 
 
@@ -175,18 +189,13 @@ def video_logits(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (logits * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp(min=1e-6)
 
 
-def running_scores(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Softmax of the weighted mean of the frames seen up to each step: (N, T, C)."""
-    total = (logits * weight.unsqueeze(-1)).cumsum(1)
-    return (total / weight.cumsum(1).clamp(min=1e-6).unsqueeze(-1)).softmax(-1)
-
-
 def averaged_inference(frame_logits: torch.Tensor, weight: torch.Tensor, actions: np.ndarray,
                        step_gflops: np.ndarray) -> Inference:
     """What every method of the family reports: the video's softmax of the weighted mean frame logits
     (N, T, C) -> (N, C), the same after each step, the action codes and the GMACs spent by each step."""
     return Inference(scores=numpy(video_logits(frame_logits, weight).softmax(-1)),
-                     step_scores=numpy(running_scores(frame_logits, weight)), actions=actions, step_gflops=step_gflops)
+                     step_scores=numpy(running_mean(frame_logits, weight).softmax(-1)), actions=actions,
+                     step_gflops=step_gflops)
 
 
 def step_gflops(P: torch.Tensor, per_action: torch.Tensor, visit: float) -> torch.Tensor:
@@ -322,7 +331,8 @@ class _Family(Method):
         frame weights (N, T): 1 where a head was chosen)``."""
         device = batch.length.device
         out = model(self._feats(batch), batch.features[self.cfg.policy], batch.length,
-                    skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device), **policy)
+                    skips=torch.tensor(self.skips, device=device), allowed=self.allowed(device),
+                    names=(self.names, self.cfg.policy), **policy)
         chosen = out["P"][:, :, :len(self.names)]
         return out, (out["logits"] * chosen.unsqueeze(-1)).sum(2), chosen.sum(-1)
 
@@ -330,8 +340,8 @@ class _Family(Method):
         per_action, visit = self.costs
         return torch.tensor(per_action, device=device), visit
 
-    def policy_inference(self, model, batch: Batch, mode: str) -> Inference:
-        out, frame_logits, weight = self._route(model, batch, mode=mode)
+    def policy_inference(self, model, batch: Batch, mode: str, budget: int = 0) -> Inference:
+        out, frame_logits, weight = self._route(model, batch, mode=mode, budget=budget)
         spent = step_gflops(out["P"], *self.action_costs(batch.length.device))
         return averaged_inference(frame_logits, weight, numpy(out["codes"]), numpy(spent.cumsum(1)).astype(np.float64))
 
@@ -410,54 +420,16 @@ class ARNetMethod(_Family):
         loss = (1 - self.cfg.alpha) * ce.mean() + self.cfg.alpha * flops.mean() + self.cfg.beta * uniform
         return loss, {"ce": ce.mean().detach(), "gflops_per_frame": flops.mean().detach()}
 
-    def infer(self, model: nn.Module, batch: Batch) -> Inference:
-        return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax")
+    def infer(self, model: nn.Module, batch: Batch, budget: int = 0) -> Inference:
+        """The rollout (:meth:`ARNet.forward`) by argmax (or sampled, ``stochastic_eval``); ``budget``
+        K: each video stops after its K-th read at the highest resolution."""
+        return self.policy_inference(model, batch, "sample" if self.cfg.stochastic_eval else "argmax", budget)
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
-        """The policy frame by frame: its feature on the frames it visits only (frames skipped over
-        are never read), then only the chosen resolutions' features, in batches over all steps once
-        the policy has run (its decisions never read them); with ``budget`` K, each video stops after
-        its K-th read at the highest resolution. The same steps as :meth:`ARNet.forward`."""
-        length, names, policy = frames.length, self.names, self.cfg.policy
-        n, L, device = len(length), len(names), length.device
-        skips, allowed = torch.tensor(self.skips, device=device), self.allowed(device)
-        h = torch.zeros(n, model.lstm.hidden_size, device=device)
-        c = torch.zeros_like(h)
-        remaining, reads = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(2))
-        alive = length > 0
-        frame_logits = torch.zeros(n, frames.steps, self.num_classes, device=device)
-        codes, chosen_P = [], []
-        routed = torch.zeros(L, n, frames.steps, dtype=torch.bool, device=device)  # features read after the loop
-        for t in range(frames.steps):
-            active = (remaining == 0) & (t < length) & alive
-            x = frames.features(policy, active, t)
-            h_new, c_new = model.lstm(x, (h, c))
-            a = active.unsqueeze(1).to(h.dtype)
-            h, c = keep_where(active, (h_new, c_new), (h, c))
-            chosen = model.fc(h_new).masked_fill(~allowed, float("-inf")).argmax(1)
-            remaining, code, _ = advance(chosen, active, t, length, remaining, skips, L)
-            codes.append(torch.where(~alive & (t < length), AFTER_STOP, code))
-            chosen_P.append(F.one_hot(chosen, len(allowed)).to(h) * a)
-            for level, name in enumerate(names):
-                rows = active & (chosen == level)
-                if not rows.any():
-                    continue
-                if model.policy_head and level == L - 1:
-                    frame_logits[rows, t] = model.heads[level](h_new[rows])
-                elif name == policy:
-                    frame_logits[rows, t] = model.heads[level](x[rows])
-                else:
-                    routed[level, :, t] = rows
-            reads += (active & (chosen == 0)).long()
-            if budget:
-                alive = alive & (reads < budget)
-        for level, mask in enumerate(routed):
-            if mask.any():
-                frame_logits[mask] = model.heads[level](frames.all_features(names[level], mask)[mask])
-        P = torch.stack(chosen_P, 1)
-        spent = step_gflops(P, *self.action_costs(device))
-        return averaged_inference(frame_logits, P[:, :, :L].sum(-1), numpy(torch.stack(codes, 1)),
-                                  numpy(spent.cumsum(1)).astype(np.float64))
+        """:meth:`infer` itself, reading from ``frames``: the policy's feature at the frames it
+        visits (frames skipped over are never read), then each resolution's at the frames that
+        chose it, in one batched pass per resolution once the policy has run."""
+        return self.infer(model, self.lazy_batch(frames, {name: frames for name in self.needs(self.cfg)}), budget)
 
 
 class _WarmupOnly(_Family):

@@ -12,7 +12,7 @@ from torch import nn
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..ops import frame_mask, last_step, numpy, price, real_mask, spread_frames, spread_steps
+from ..ops import frame_mask, last_step, numpy, price, real_mask, running_mean, spread_frames, spread_steps
 from ..run_folder import FRAME_SCORES
 from .base import Frames, Inference, Method, TrainConfig, register_method, truncate
 
@@ -114,11 +114,10 @@ class Uniform(_OnFineFeatures):
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         mask = real_mask(batch.length, logits.shape[1])
         probs = logits.softmax(-1) * mask.unsqueeze(-1)
-        seen = torch.arange(1, probs.shape[1] + 1, device=probs.device).view(1, -1, 1)
         if self.cfg.consensus == "logits":
-            running = ((logits * mask.unsqueeze(-1)).cumsum(1) / seen).softmax(-1)
+            running = running_mean(logits, mask).softmax(-1)
         else:
-            running = probs.cumsum(1) / seen
+            running = running_mean(probs, mask)
         real = numpy(mask)
         return Inference(scores=numpy(last_step(running, batch.length)), step_scores=numpy(running),
                          actions=np.where(real, 2, -1), step_gflops=np.cumsum(real * self.frame_cost, 1),
@@ -143,9 +142,7 @@ class LSTMBaseline(_OnFineFeatures):
         """(N, T, C): what the video's prediction would be after each step."""
         logits = model(batch.features[self.cfg.fine], batch.length)["logits"]
         if self.cfg.readout == "mean":
-            mask = real_mask(batch.length, logits.shape[1]).unsqueeze(-1)
-            seen = torch.arange(1, logits.shape[1] + 1, device=logits.device).view(1, -1, 1)
-            logits = (logits * mask).cumsum(1) / seen
+            logits = running_mean(logits, real_mask(batch.length, logits.shape[1]))
         return logits
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

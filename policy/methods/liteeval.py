@@ -19,7 +19,20 @@ from extract.errors import ConfigError
 from extract.training import soft_cross_entropy
 
 from ..data import Batch
-from ..ops import cell_step, keep_where, last_step, numpy, price, project_inputs, project_real, projection, real_mask
+from ..ops import (
+    Source,
+    cell_step,
+    keep_where,
+    last_step,
+    numpy,
+    price,
+    project_inputs,
+    project_real,
+    projection,
+    read,
+    real_mask,
+    steps_in,
+)
 from .base import Ablation, Frames, Inference, Method, TrainConfig, register_method
 
 
@@ -51,67 +64,88 @@ class LiteEval(nn.Module):
         self.classifier = nn.Linear(hidden_fine, num_classes)  # rho_t = softmax(W_p^T h^f_t)
         self.baseline = nn.Linear(coarse_dim, 1) if rl_baseline else None  # LiteEval-RL's learned baseline
 
-    def forward(self, coarse: torch.Tensor, fine: torch.Tensor, length: torch.Tensor, *, mode: str = "argmax",
-                tau: float = 1.0, gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``mode``: ``gumbel`` (straight-through Gumbel-softmax at ``tau``, eqs. 6-7), ``bernoulli``
-        (hard samples, for REINFORCE), ``sample`` (Gumbel-max), ``argmax``; ``gate`` (N, T) forces B_t.
+    def forward(self, coarse: Source, fine: Source, length: torch.Tensor, *, mode: str = "argmax",
+                tau: float = 1.0, gate: torch.Tensor | None = None, budget: int = 0,
+                names: tuple[str, str] = ("", "")) -> dict[str, torch.Tensor]:
+        """Eqs. 1-4 frame by frame: the one rollout of training, :meth:`LiteEvalMethod.infer` and
+        ``recognize``. ``coarse`` and ``fine`` are (N, T, D) tensors, or for ``recognize`` a
+        :class:`Frames` (then ``names`` are the features' names), from which a frame's fine features
+        are computed only where the gate opens.
 
-        Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T) and, with
-        the RL baseline, ``baseline`` (N,) from the mean coarse feature over the real frames. The
-        baseline is computed here, inside ``forward``, so that DistributedDataParallel sees it.
-        With ``checkpoint_steps`` K > 0, training keeps the activations of K steps at a time and
-        recomputes them in the backward pass (same numbers and noise; less memory, more compute).
+        ``mode``: ``gumbel`` (straight-through Gumbel-softmax at ``tau``, eqs. 6-7), ``bernoulli``
+        (hard samples, for REINFORCE), ``sample`` (Gumbel-max), ``argmax``; ``gate`` (N, T) forces B_t;
+        ``budget`` K > 0: each video stops after its K-th fine read (``recognize --budget``).
+
+        Returns ``logits`` (N, T, C), ``gate`` B (N, T), ``log_prob`` of the chosen B (N, T),
+        ``processed`` (N, T) the frames the coarse LSTM read and, when training with the RL baseline,
+        ``baseline`` (N,) from the mean coarse feature over the real frames (computed here, inside
+        ``forward``, so that DistributedDataParallel sees it). With ``checkpoint_steps`` K > 0,
+        training keeps the activations of K steps at a time and recomputes them in the backward pass
+        (same numbers and noise; less memory, more compute).
         """
-        n, steps, _ = coarse.shape
-        if self.project_coarse is not None:
+        n, steps = len(length), steps_in(coarse)
+        projected = self.training and self.project_coarse is not None
+        if projected:  # BatchNorm in training needs the batch's statistics: every real frame first
             coarse = project_real(self.project_coarse, coarse, length)
             fine = project_real(self.project_fine, fine, length)
-        state = (coarse.new_zeros(n, self.hidden_coarse), coarse.new_zeros(n, self.hidden_coarse),
-                 coarse.new_zeros(n, self.hidden_fine), coarse.new_zeros(n, self.hidden_fine))
+        elif not isinstance(coarse, torch.Tensor) and not budget:
+            coarse = coarse.all_features(names[0])  # every frame's coarse features, in one batched pass
+        state = (*(torch.zeros(n, self.hidden_coarse, device=length.device) for _ in range(2)),
+                 *(torch.zeros(n, self.hidden_fine, device=length.device) for _ in range(2)), length.new_zeros(n))
         chunk = self.checkpoint_steps if self.checkpoint_steps and torch.is_grad_enabled() else steps
         parts = []
         for t0 in range(0, steps, chunk):
-            args = (coarse[:, t0:t0 + chunk], fine[:, t0:t0 + chunk], length - t0,
-                    None if gate is None else gate[:, t0:t0 + chunk], *state)
+            args = (coarse, fine, length, gate, t0, min(steps, t0 + chunk), *state)
+            kwargs = dict(mode=mode, tau=tau, budget=budget, names=names, projected=projected)
             if chunk < steps:
-                *part, hc, cc, hf, cf = checkpoint(self._steps, *args, mode=mode, tau=tau, use_reentrant=False)
+                *part, hc, cc, hf, cf, reads = checkpoint(self._steps, *args, **kwargs, use_reentrant=False)
             else:
-                *part, hc, cc, hf, cf = self._steps(*args, mode=mode, tau=tau)
-            state = (hc, cc, hf, cf)
+                *part, hc, cc, hf, cf, reads = self._steps(*args, **kwargs)
+            state = (hc, cc, hf, cf, reads)
             parts.append(part)
-        out = {key: torch.cat([p[i] for p in parts], 1) for i, key in enumerate(("logits", "gate", "log_prob"))}
-        if self.baseline is not None:
+        out = {key: torch.cat([p[i] for p in parts], 1)
+               for i, key in enumerate(("logits", "gate", "log_prob", "processed"))}
+        if self.baseline is not None and self.training:
             mean_coarse = coarse.sum(1) / length.clamp(min=1).unsqueeze(1).to(coarse.dtype)
             out["baseline"] = self.baseline(mean_coarse).squeeze(1)
         return out
 
-    def _steps(self, coarse: torch.Tensor, fine: torch.Tensor, length: torch.Tensor, gate: torch.Tensor | None,
-               hc: torch.Tensor, cc: torch.Tensor, hf: torch.Tensor, cf: torch.Tensor, *, mode: str,
-               tau: float) -> tuple[torch.Tensor, ...]:
-        """Eqs. 1-4 over the steps of ``coarse`` (N, K, Dc) from the states given; ``length`` counts
-        from the first of them. Returns logits (N, K, C), B (N, K), log-probabilities (N, K) and the
-        four states after the last step."""
-        logits, gates, log_probs = [], [], []
-        coarse_in = project_inputs(self.clstm, coarse)  # one large matmul instead of K small ones
-        fine_in = project_inputs(self.flstm, torch.cat([coarse, fine], dim=2))
-        for t in range(coarse.shape[1]):
-            real = (t < length).to(coarse.dtype).unsqueeze(1)
-            vc = coarse[:, t]
+    def _steps(self, coarse: Source, fine: Source, length: torch.Tensor, gate: torch.Tensor | None, t0: int, t1: int,
+               hc: torch.Tensor, cc: torch.Tensor, hf: torch.Tensor, cf: torch.Tensor, reads: torch.Tensor, *,
+               mode: str, tau: float, budget: int, names: tuple[str, str], projected: bool) -> tuple[torch.Tensor, ...]:
+        """Steps ``t0 .. t1 - 1`` from the states given (``reads``: fine reads so far, per video).
+        Returns logits (N, K, C), B (N, K), log-probabilities (N, K), the frames processed (N, K)
+        and the five states after the last step."""
+        logits, gates, log_probs, processed = [], [], [], []
+        batched = self.training  # training reads every frame: the LSTMs' input halves in one matmul each
+        if batched:
+            coarse_in = project_inputs(self.clstm, coarse[:, t0:t1])
+            fine_in = project_inputs(self.flstm, torch.cat([coarse[:, t0:t1], fine[:, t0:t1]], dim=2))
+        for t in range(t0, t1):
+            real = (t < length) & (reads < budget if budget else True)
+            vc = read(coarse, names[0], real, t)
+            if not projected and self.project_coarse is not None:
+                vc = self.project_coarse(vc)
             b = self.gate(torch.cat([vc, hf, cf], dim=1))
             if gate is not None:
-                B = gate[:, t].to(coarse)
+                B = gate[:, t].to(vc)
             elif mode == "gumbel":
                 B = F.gumbel_softmax(b, tau=tau, hard=True)[:, 1]
             elif mode == "bernoulli":
                 B = torch.bernoulli(b.softmax(dim=1)[:, 1]).detach()
             elif mode == "sample":
-                B = (b - torch.empty_like(b).exponential_().log()).argmax(dim=1).to(coarse.dtype)
+                B = (b - torch.empty_like(b).exponential_().log()).argmax(dim=1).to(vc.dtype)
             else:
-                B = b.argmax(dim=1).to(coarse.dtype)
-            B = B * real[:, 0]
-            log_probs.append(torch.where(B > 0.5, b.log_softmax(1)[:, 1], b.log_softmax(1)[:, 0]) * real[:, 0])
-            hc_next, cc_next = cell_step(self.clstm, coarse_in[:, t], hc, cc)  # eq. 1
-            hf_new, cf_new = cell_step(self.flstm, fine_in[:, t], hf, cf)  # eq. 3
+                B = b.argmax(dim=1).to(vc.dtype)
+            B = B * real
+            log_probs.append(torch.where(B > 0.5, b.log_softmax(1)[:, 1], b.log_softmax(1)[:, 0]) * real)
+            vf = read(fine, names[1], B > 0.5, t)  # recognize computes it only where the gate opened
+            if not projected and self.project_fine is not None:
+                vf = self.project_fine(vf)
+            gx_c = coarse_in[:, t - t0] if batched else project_inputs(self.clstm, vc)
+            gx_f = fine_in[:, t - t0] if batched else project_inputs(self.flstm, torch.cat([vc, vf], dim=1))
+            hc_next, cc_next = cell_step(self.clstm, gx_c, hc, cc)  # eq. 1
+            hf_new, cf_new = cell_step(self.flstm, gx_f, hf, cf)  # eq. 3
             if self.sync:  # B_t = 0: h^f_t = [h^c_t, h^f_{t-1}[D_c:]], same for c
                 hf_skip = torch.cat([hc_next, hf[:, self.hidden_coarse:]], dim=1)
                 cf_skip = torch.cat([cc_next, cf[:, self.hidden_coarse:]], dim=1)
@@ -120,10 +154,13 @@ class LiteEval(nn.Module):
             Bc = B.unsqueeze(1)
             hf_next = (1 - Bc) * hf_skip + Bc * hf_new  # eq. 4
             cf_next = (1 - Bc) * cf_skip + Bc * cf_new
-            hc, cc, hf, cf = keep_where(real[:, 0] > 0, (hc_next, cc_next, hf_next, cf_next), (hc, cc, hf, cf))
+            hc, cc, hf, cf = keep_where(real, (hc_next, cc_next, hf_next, cf_next), (hc, cc, hf, cf))
+            reads = reads + (B > 0.5).long()
             logits.append(self.classifier(hf))
             gates.append(B)
-        return torch.stack(logits, 1), torch.stack(gates, 1), torch.stack(log_probs, 1), hc, cc, hf, cf
+            processed.append(real)
+        return (torch.stack(logits, 1), torch.stack(gates, 1), torch.stack(log_probs, 1), torch.stack(processed, 1),
+                hc, cc, hf, cf, reads)
 
 
 @dataclass
@@ -192,7 +229,9 @@ class LiteEvalMethod(Method):
         return c.tau_start * (c.tau_end / c.tau_start) ** (epoch / (c.epochs - 1))
 
     def _run(self, model, batch, **kwargs):
-        return model(batch.features[self.cfg.coarse], batch.features[self.cfg.fine], batch.length, **kwargs)
+        c = self.cfg
+        return model(batch.features[c.coarse], batch.features[c.fine], batch.length, names=(c.coarse, c.fine),
+                     **kwargs)
 
     def usage(self, gate: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         return gate.sum(1) / length.clamp(min=1)
@@ -222,53 +261,25 @@ class LiteEvalMethod(Method):
             per_read += price(m.project_fine, 1, df)
         return per_frame, per_read, price(m.classifier, 1, m.hidden_fine)
 
-    def infer(self, model: nn.Module, batch: Batch) -> Inference:
-        out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax")
-        return self.inference(out["logits"], out["gate"], real_mask(batch.length, out["logits"].shape[1]))
-
-    def inference(self, logits: torch.Tensor, gate: torch.Tensor, processed: torch.Tensor) -> Inference:
-        """The :class:`Inference` of per-step ``logits`` (N, T, C) and gates B (N, T) over the
-        ``processed`` frames (N, T); sampled frames not processed (a budget's stop) are "after the stop"."""
-        probs = logits.softmax(-1)
-        mask, read = numpy(processed), numpy(gate) > 0.5
+    def infer(self, model: nn.Module, batch: Batch, budget: int = 0) -> Inference:
+        """The rollout (:meth:`LiteEval.forward`) by argmax (or sampled, ``stochastic_eval``); with
+        ``budget`` K, each video stops after its K-th fine read (the sampled frames after it are
+        "after the stop")."""
+        out = self._run(model, batch, mode="sample" if self.cfg.stochastic_eval else "argmax", budget=budget)
+        probs, gate, processed = out["logits"].softmax(-1), out["gate"], out["processed"]
+        mask, read_ = numpy(processed), numpy(gate) > 0.5
         per_frame, per_read, head = self.policy_costs
-        step = mask * (self.flops[self.cfg.coarse] + per_frame) + read * (self.flops[self.cfg.fine] + per_read)
-        last = processed.sum(1)
-        return Inference(scores=numpy(last_step(probs, last)), step_scores=numpy(probs),
-                         actions=np.where(mask, 1 + read, -1), step_gflops=np.cumsum(step, 1) + head)
+        step = mask * (self.flops[self.cfg.coarse] + per_frame) + read_ * (self.flops[self.cfg.fine] + per_read)
+        sampled = numpy(real_mask(batch.length, probs.shape[1]))
+        return Inference(scores=numpy(last_step(probs, processed.sum(1))), step_scores=numpy(probs),
+                         actions=np.where(mask, 1 + read_, np.where(sampled, 0, -1)),
+                         step_gflops=np.cumsum(step, 1) + head)
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
-        """Eqs. 1-4 frame by frame: the coarse features of each frame, the gate, and the fine
-        features only where it opens; with ``budget`` K, each video stops after its K-th fine read.
-        The same network steps as :meth:`infer` (``LiteEval._steps``, one step at a time, the gate
-        given), so the decisions are those the cache's features give."""
-        c, length = self.cfg, frames.length
-        n, hidden, device = len(length), (model.hidden_coarse, model.hidden_fine), length.device
-        hc, cc = (torch.zeros(n, hidden[0], device=device) for _ in range(2))
-        hf, cf = (torch.zeros(n, hidden[1], device=device) for _ in range(2))
-        alive = length > 0
-        reads = torch.zeros(n, dtype=torch.long, device=device)
-        logits, gates, processed = [], [], []
-        upfront = None if budget else frames.all_features(c.coarse)  # every frame's, in one batched pass
-        for t in range(frames.steps):
-            real = alive & (t < length)
-            coarse = frames.features(c.coarse, real, t) if budget else upfront[:, t] * real.unsqueeze(1)
-            coarse_in = model.project_coarse(coarse) if model.project_coarse is not None else coarse
-            open_ = (model.gate(torch.cat([coarse_in, hf, cf], 1)).argmax(1) == 1) & real
-            fine = frames.features(c.fine, open_, t)
-            fine_in = model.project_fine(fine) if model.project_fine is not None else fine
-            step_logits, gate, _, hc, cc, hf, cf = model._steps(
-                coarse_in.unsqueeze(1), fine_in.unsqueeze(1), real.long(), open_.unsqueeze(1).float(), hc, cc, hf, cf,
-                mode="argmax", tau=1.0)
-            logits.append(step_logits[:, 0])
-            gates.append(gate[:, 0])
-            processed.append(real)
-            reads += open_.long()
-            if budget:
-                alive = alive & (reads < budget)
-        inf = self.inference(torch.stack(logits, 1), torch.stack(gates, 1), torch.stack(processed, 1))
-        inf.actions = np.where((inf.actions == -1) & numpy(real_mask(length, frames.steps)), 0, inf.actions)
-        return inf
+        """:meth:`infer` itself, reading each frame's features from ``frames`` when the rollout gets
+        there: the coarse features of every frame (of each frame until the stop, with ``budget``),
+        the fine ones only where the gate opens."""
+        return self.infer(model, self.lazy_batch(frames, {name: frames for name in self.needs(self.cfg)}), budget)
 
 
 @register_method

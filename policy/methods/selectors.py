@@ -31,6 +31,7 @@ from ..ops import (
     read,
     read_many,
     real_mask,
+    running_mean,
     step_ce,
     step_loss,
     steps_of,
@@ -48,12 +49,6 @@ from .base import (
     register_method,
     step_inference,
 )
-
-
-def running_mean(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-    """(N, S, C) the mean of the taken steps' ``logits`` up to each step."""
-    weights = taken.to(logits).unsqueeze(-1)
-    return (logits * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
 
 
 @dataclass
@@ -377,22 +372,38 @@ class FrameExit(Method):
         (S = ``max_frames``)."""
         return reading_orders(steps, self.cfg.max_frames).to(length.device)[length]
 
-    def forward_all(self, model: nn.Module, batch: Batch) -> dict:
-        """Every step's ``logits`` (N, S, C) and gate logits (N, S) on the pooled features, ``frames`` (N, S)."""
-        fine = batch.features[self.cfg.fine]
-        frames = self.order(batch.length, steps_of(batch))
-        valid = (frames >= 0).unsqueeze(2)
-        feats = model.embed(read_many(fine, self.cfg.fine, frames.clamp(min=0)))
-        if self.cfg.pooling == "max":
-            pooled = torch.cummax(feats.masked_fill(~valid, float("-inf")), 1).values
-        else:
-            pooled = (feats * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)
-        pooled = pooled.masked_fill(~valid, 0.0)
-        gates = torch.stack([gate(pooled[:, s]).squeeze(1) for s, gate in enumerate(model.gates)], 1)
-        return {"logits": model.classifier(pooled), "gates": gates, "frames": frames}
+    def rollout(self, model: nn.Module, batch: Batch, exits: bool, budget: int = 0) -> dict:
+        """Frames in its order, one step at a time: a step's expensive features, embedded and pooled
+        with those read before, the classifier and the step's gate; with ``exits`` a video stops at
+        the first step whose gate fires (or its ``budget``-th read), else (training) every step is
+        taken. ``logits`` (N, S, C), gate logits ``gates`` (N, S), ``frames`` (N, S) read at each
+        step, -1 once stopped. The one rollout of training, inference and ``recognize``."""
+        c, length = self.cfg, batch.length
+        order = self.order(length, steps_of(batch))
+        alive = length > 0
+        total = count = None
+        out: dict[str, list] = {"logits": [], "gates": [], "frames": []}
+        for s in range(order.shape[1]):
+            rows = alive & (order[:, s] >= 0)
+            x = model.embed(read(batch.features[c.fine], c.fine, rows, order[:, s].clamp(min=0)))
+            if total is None:
+                total, count = x, rows.long()
+            else:
+                total = torch.where(rows.unsqueeze(1), x.maximum(total) if c.pooling == "max" else total + x, total)
+                count = count + rows.long()
+            pooled = total if c.pooling == "max" else total / count.clamp(min=1).unsqueeze(1)
+            pooled = torch.where(rows.unsqueeze(1), pooled, 0.0)
+            gate = model.gates[s](pooled).squeeze(1)
+            out["logits"].append(model.classifier(pooled))
+            out["gates"].append(gate)
+            out["frames"].append(torch.where(rows, order[:, s], -1))
+            if exits:
+                last = order[:, s + 1] < 0 if s + 1 < order.shape[1] else True
+                alive = rows & ~((gate > 0) | last | (s + 1 == budget))
+        return {k: torch.stack(v, 1) for k, v in out.items()}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(self.forward_all, batch)
+        out = model(self.rollout, batch, False)
         taken = (out["frames"] >= 0).to(out["logits"])
         ce = step_ce(out["logits"], batch.labels)
         target = (ce.detach() < self.cfg.epsilon).to(ce)
@@ -402,39 +413,14 @@ class FrameExit(Method):
                                   "exit_target": (target * taken).sum() / taken.sum().clamp(min=1)}
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
-        """Frames in its order, one step at a time for the videos still going: a step's expensive
-        features, then its gate (which reads only the frames so far); ``budget`` K caps the reads at K."""
-        c = self.cfg
-        order = self.order(frames.length, frames.steps)
-        batch = self.lazy_batch(frames, {c.fine: None})  # filled in step by step
-        fine = batch.features[c.fine]
-        alive = frames.length > 0
-        exit_at = torch.zeros(len(alive), dtype=torch.long, device=alive.device)
-        for s in range(order.shape[1]):
-            rows = alive & (order[:, s] >= 0)
-            if not rows.any():
-                break
-            fine[rows, order[rows, s]] = frames.features(c.fine, rows, order[:, s].clamp(min=0))[rows]
-            fires = model(self.forward_all, batch)["gates"][:, s] > 0
-            last = (s + 1 == order.shape[1]) | (order[:, min(s + 1, order.shape[1] - 1)] < 0) | (s + 1 == budget)
-            done = rows & (fires | last)
-            exit_at[done] = s
-            alive &= ~done
-        return self.infer(model, batch, exit_at=exit_at)
+        """:meth:`infer` itself, each step's expensive features computed for the videos still going."""
+        return self.infer(model, self.lazy_batch(frames, {self.cfg.fine: frames}), budget)
 
-    def infer(self, model: nn.Module, batch: Batch, exit_at: torch.Tensor | None = None) -> Inference:
-        """``exit_at`` (N,) forces the step each video exits at (the lazy path's, where the gates closed
-        or ``recognize --budget`` stopped it)."""
-        out = model(self.forward_all, batch)
+    def infer(self, model: nn.Module, batch: Batch, budget: int = 0) -> Inference:
+        """The rollout, exiting at the first gate that fires; ``budget`` K caps the reads at K."""
+        out = model(self.rollout, batch, True, budget)
         frames = out["frames"]
-        valid = frames >= 0
-        if exit_at is None:
-            fires = (out["gates"] > 0) & valid
-            last = valid.sum(1) - 1
-            exit_at = torch.where(fires.any(1), fires.to(torch.int8).argmax(1), last)
-        read = torch.arange(frames.shape[1], device=frames.device).unsqueeze(0) <= exit_at.unsqueeze(1)
-        frames = torch.where(read & valid, frames, -1)
-        steps = batch.features[self.cfg.fine].shape[1]
-        inf = step_inference(out["logits"].softmax(-1), frames, (frames >= 0) * self.step_costs, batch.length, steps)
+        inf = step_inference(out["logits"].softmax(-1), frames, (frames >= 0) * self.step_costs, batch.length,
+                             steps_of(batch))
         inf.actions[inf.actions == NOT_READ] = AFTER_STOP  # every frame not read comes after the exit in its order
         return inf
