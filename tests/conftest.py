@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -40,12 +42,33 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name: str):
+    """A folder for what the whole test run shares, read-only to the tests: under pytest-xdist the
+    workers of one run take turns on a lock and the first makes it (yielding the folder to fill, or
+    ``None`` when it is made); alone, a folder of this session's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if worker else base) / f"shared-{name}"
+    with open(folder.parent / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = folder / ".made"
+        if done.exists():
+            yield folder, False
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        yield folder, True
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    """A tiny demo: 10 classes x 2 videos of 24 frames (real H.264 files)."""
-    root = str(tmp_path_factory.mktemp("demo"))
-    generate_demo(root, videos_per_class=2, frames=24, test_fraction=0.5, progress=False)
-    return root
+    """A tiny demo: 10 classes x 2 videos of 24 frames (real H.264 files), made once per test run."""
+    with made_once(tmp_path_factory, "demo") as (root, make):
+        if make:
+            generate_demo(str(root), videos_per_class=2, frames=24, test_fraction=0.5, progress=False)
+    return str(root)
 
 
 @pytest.fixture
@@ -82,12 +105,14 @@ def killed_after_first_epoch(module_args, run, env=None):
 
 @pytest.fixture(scope="session")
 def demo_cache(demo_root, tmp_path_factory):
-    """The tiny demo through extract-features: LiteEval-style coarse/fine pair, 8 frames per video."""
-    out = tmp_path_factory.mktemp("cache") / "demo_t8.h5"
-    run_cli("extract.cli", "--dataset", "demo", "--video-root", demo_root, "--num-frames", "8", "--out", str(out),
-            "--backbone", "efficientnet_lite0@112", "--backbone", "efficientnet_lite0@224", "--workers", "1",
-            "--no-progress")
-    return str(out)
+    """The tiny demo through extract-features: LiteEval-style coarse/fine pair, 8 frames per video
+    (made once per test run; read-only to the tests)."""
+    with made_once(tmp_path_factory, "cache") as (folder, make):
+        if make:
+            run_cli("extract.cli", "--dataset", "demo", "--video-root", demo_root, "--num-frames", "8", "--out",
+                    str(folder / "demo_t8.h5"), "--backbone", "efficientnet_lite0@112", "--backbone",
+                    "efficientnet_lite0@224", "--workers", "1", "--no-progress")
+    return str(folder / "demo_t8.h5")
 
 
 TOY_FLOPS, TOY_DIMS = {"resnet50@224": 4.0, "mobilenetv2@84": 0.3}, {"resnet50@224": 6, "mobilenetv2@84": 5}
