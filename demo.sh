@@ -5,8 +5,9 @@
 # DEMO_SEED=N ./demo.sh does it all on the demo generated from seed N (default 0: the README's table).
 set -euo pipefail
 # The same kernels and thread count on every x86-64 CPU (AVX2 code paths in PyTorch, MKL and
-# oneDNN; 2 threads), so that a machine with another CPU prints the same table as the README; on the
-# CPU also on a GPU box (--device cpu): CUDA's kernels give other numbers (README, "Reproducibility").
+# oneDNN; 2 threads), so that other CPUs sum in the same order where these libraries allow it (not
+# everywhere: README, "Reproducibility"); on the CPU also on a GPU box (--device cpu): CUDA's
+# kernels give other numbers.
 export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 SEED=${DEMO_SEED:-0}
 NAME=demo
