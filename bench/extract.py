@@ -26,7 +26,7 @@ import torch
 
 from extract.backbones import create_backbone
 from extract.datasets import load_annotations
-from extract.decode import choose_strategy, default_workers, open_reader, read_frames
+from extract.decode import choose_strategy, default_workers, open_video, read_frames
 from extract.demo import generate_demo, write_video
 from extract.distributed import Dist, device_for, synchronize
 from extract.flops import backbone_flops
@@ -131,10 +131,10 @@ def main() -> None:
 
         # 3. decoding strategies on a 2-minute video
         path = two_minute_video(tmp)
-        reader = open_reader(path)
-        keyframes = sorted(int(k) for k in reader.get_key_indices())
+        video = open_video(path)
+        keyframes = video.keyframes()
         for label, s in (("1 fps", Sampling(fps=1.0)), ("16 frames", Sampling(num_frames=16))):
-            targets = np.unique(s.indices(len(reader), reader.get_avg_fps()))
+            targets = np.unique(s.indices(len(video), video.fps()))
             rates = {mode: len(targets) / timed(lambda mode=mode, s=s: read_frames(path, s, mode), repeat=2)
                      for mode in ("exact", "pass", "keyframe")}
             print(f"2-minute video, {label} ({len(targets)} samples): " +

@@ -93,6 +93,12 @@ class Cache:
     def preprocessing(self) -> dict:
         return json.loads(self.attr("preprocessing", "{}"))
 
+    @property
+    def decoder(self) -> str:
+        """The decoder the frames were read with (a key of ``extract.decode.DECODERS``; a cache made
+        before decoders were recorded: decord, the only one then)."""
+        return self.preprocessing.get("decoder", "decord").split()[0]
+
     @cached_property
     def weights(self) -> dict[str, str]:
         """Backbone name -> identity of the weights its features were computed with."""
@@ -303,6 +309,9 @@ def read_info(path: str, *, dataset: str, sampling: str, preprocessing: str) -> 
         with Cache(path) as cache:
             for key, want in (("dataset", dataset), ("sampling", sampling), ("preprocessing", preprocessing)):
                 have = cache.attr(key, None)
+                if key == "preprocessing" and have is not None and "decoder" not in json.loads(have):
+                    want = json.dumps({k: v for k, v in json.loads(want).items()  # made before decoders were
+                                       if not (k == "decoder" and v.startswith("decord "))})  # recorded: decord's
                 if have != want:
                     raise CacheMismatch(f"{path} holds {key} {have}, not {want}: pass another --out")
             return CacheInfo(ids=cache.ids, paths=[p.decode() for p in cache.file["videos/path"][:]],

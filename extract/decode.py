@@ -1,4 +1,8 @@
-"""Decode the sampled frames of one video with decord and preprocess them once for every backbone.
+"""Decode the sampled frames of one video and preprocess them once for every backbone.
+
+Decoders (``DECODERS``, ``--decoder``): ``decord`` (the default, one thread) and ``pyav`` (the
+``av`` wheel's FFmpeg, one thread). Both find frames by index in presentation order and return the
+same frames; their RGB conversions may differ in the last bits, so a cache records its decoder.
 
 Preprocessing: resize the short side to 256 (bilinear, antialiased), centre-crop 224, keep uint8
 ``(T, 3, 224, 224)``. Lower resolutions (168/112/84) are resized from that same crop later, on the
@@ -8,15 +12,17 @@ AR-Net's code); normalisation is per backbone.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 from bisect import bisect_right
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from .errors import ConfigError
 from .sampling import Sampling
 
 SHORT_SIDE = 256
@@ -40,39 +46,164 @@ class VideoError(RuntimeError):
     """A video that cannot be used; the message is the reason recorded in ``/failed``."""
 
 
-def open_reader(path: str):
-    """A decord ``VideoReader`` on one thread, or :class:`VideoError` saying what is wrong. Frame
-    timestamps must increase: decord finds frames by time, and returns repeated frames otherwise."""
-    import decord
+class Video(Protocol):
+    """One opened video, as every decoder serves it: its frames in presentation order, indexed from
+    0, their timestamps and keyframes, and the frames themselves as uint8 RGB ``(K, H, W, 3)``."""
 
+    decoder: str  # the backend's name (a key of DECODERS)
+
+    def __len__(self) -> int: ...
+
+    def fps(self) -> float:
+        """The container's average frame rate."""
+
+    def times(self) -> np.ndarray:
+        """``(n + 1,)`` float64 seconds: frame ``i`` is shown from ``times[i]`` to ``times[i + 1]``."""
+
+    def keyframes(self) -> list[int]:
+        """The indices of the keyframes, sorted."""
+
+    def frames(self, targets: list[int]) -> np.ndarray:
+        """The frames ``targets`` (sorted, distinct; a few at a time: the caller bounds memory)."""
+
+    def sequential(self, targets: list[int]) -> Iterator[np.ndarray]:
+        """Each frame of ``targets`` (sorted, distinct), ``(H, W, 3)``, in one pass from the start."""
+
+
+class DecordVideo:
+    """decord's ``VideoReader`` on one thread (decord 0.6 bundles its own FFmpeg)."""
+
+    decoder = "decord"
+
+    def __init__(self, path: str):
+        import decord
+
+        self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def fps(self) -> float:
+        return float(self.reader.get_avg_fps())
+
+    def times(self) -> np.ndarray:
+        spans = self.reader.get_frame_timestamp(np.arange(len(self.reader))).astype(np.float64)
+        return np.append(spans[:, 0], spans[-1, 1])
+
+    def keyframes(self) -> list[int]:
+        return sorted(int(k) for k in self.reader.get_key_indices())
+
+    def frames(self, targets: list[int]) -> np.ndarray:
+        return self.reader.get_batch(list(targets)).asnumpy()
+
+    def sequential(self, targets: list[int]) -> Iterator[np.ndarray]:
+        self.reader.seek(0)
+        pos = 0
+        for t in targets:
+            if t > pos:
+                self.reader.skip_frames(int(t - pos))
+            yield self.reader.next().asnumpy()
+            pos = int(t) + 1
+
+
+class PyAVVideo:
+    """PyAV (FFmpeg's libraries bundled with the ``av`` wheel) on one thread. The index (timestamps,
+    keyframes) comes from the container's packets, read once without decoding; a frame is found by
+    its timestamp, decoding forward from the keyframe before it (from the position reached, when
+    the next target is in the same group of pictures)."""
+
+    decoder = "pyav"
+
+    def __init__(self, path: str):
+        import av
+
+        self.container = av.open(path)
+        if not self.container.streams.video:
+            raise ValueError("no video stream")
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "SLICE"
+        self.stream.codec_context.thread_count = 1
+        packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in self.container.demux(self.stream)
+                   if p.size and p.pts is not None]
+        if not packets:
+            raise ValueError("no video frames")
+        packets.sort()
+        self.pts = np.array([p[0] for p in packets], dtype=np.int64)
+        self.ends = self.pts[-1] + packets[-1][1]
+        self._keyframes = [i for i, p in enumerate(packets) if p[2]] or [0]
+        self.base = float(self.stream.time_base)
+        self.decoded = None  # the decoding generator and the index of the next frame it gives
+        self.position = -1
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def fps(self) -> float:
+        rate = self.stream.average_rate
+        return float(rate) if rate else len(self) / max(self.times()[-1] - self.times()[0], 1e-9)
+
+    def times(self) -> np.ndarray:
+        return np.append(self.pts, self.ends).astype(np.float64) * self.base
+
+    def keyframes(self) -> list[int]:
+        return self._keyframes
+
+    def _frame_at(self, target: int) -> np.ndarray:
+        key = self._keyframes[max(0, bisect_right(self._keyframes, target) - 1)]
+        if self.decoded is None or not key <= self.position < target:
+            self.container.seek(int(self.pts[key]), stream=self.stream, backward=True, any_frame=False)
+            self.decoded, self.position = self.container.decode(self.stream), -1
+        want = self.pts[target]
+        for frame in self.decoded:
+            if frame.pts is None or frame.pts < want:
+                continue
+            self.position = target
+            return frame.to_ndarray(format="rgb24")
+        raise ValueError(f"frame {target} not found (the stream ended first)")
+
+    def frames(self, targets: list[int]) -> np.ndarray:
+        return np.stack([self._frame_at(int(t)) for t in targets])
+
+    def sequential(self, targets: list[int]) -> Iterator[np.ndarray]:
+        for t in targets:
+            yield self._frame_at(int(t))
+
+
+DECODERS: dict[str, Callable[[str], Video]] = {"decord": DecordVideo, "pyav": PyAVVideo}
+
+
+def decoder_version(name: str) -> str:
+    """``name`` and its package's version, as the cache records it (``decord 0.6.0``)."""
+    return f"{name} {importlib.metadata.version('av' if name == 'pyav' else name)}"
+
+
+def open_video(path: str, decoder: str = "decord") -> Video:
+    """``path`` opened with ``decoder`` (a key of ``DECODERS``), or :class:`VideoError` saying what is
+    wrong. Frame timestamps must increase: frames are found by time, and a decoder returns repeated
+    frames otherwise."""
+    if decoder not in DECODERS:
+        raise ConfigError(f"decoder {decoder!r}: the decoders are {', '.join(sorted(DECODERS))}")
     if not os.path.isfile(path):
         raise VideoError(f"file not found: {path}")
     if os.path.getsize(path) == 0:
         raise VideoError("zero-byte file")
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except Exception as err:  # decord raises DECORDError / RuntimeError with ffmpeg's words
+        video = DECODERS[decoder](path)
+    except Exception as err:  # the decoders raise their own errors with FFmpeg's words
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise VideoError(f"cannot open video stream ({reason})") from None
-    if len(reader) == 0:
+    if len(video) == 0:
         raise VideoError("no video frames")
     try:
-        starts = frame_times(reader)[:-1]
-    except Exception as err:  # decord's words
+        starts = video.times()[:-1]
+    except Exception as err:
         raise decoding_failed(err) from None
     stuck = np.flatnonzero(np.diff(starts) <= 0)
     if len(stuck):
         raise VideoError(f"frame timestamps do not increase ({len(stuck)} of {len(starts) - 1} steps stand still or go "
                          f"back, the first after frame {stuck[0]}): frames cannot be found by time, the decoder "
                          "would return repeated ones; re-encode the file")
-    return reader
-
-
-def frame_times(reader) -> np.ndarray:
-    """``(n + 1,)`` float64 seconds from the container's timestamps: frame ``i`` is shown from
-    ``times[i]`` to ``times[i + 1]`` (the last bound is the last frame's end)."""
-    spans = reader.get_frame_timestamp(np.arange(len(reader))).astype(np.float64)
-    return np.append(spans[:, 0], spans[-1, 1])
+    return video
 
 
 def seek_cost(targets: np.ndarray, keyframes: list[int]) -> int:
@@ -111,52 +242,50 @@ def _nearest(keyframes: list[int], t: int) -> int:
     return min(candidates, key=lambda k: (abs(k - t), k))
 
 
-def sample_indices(reader, sampling: Sampling) -> np.ndarray:
-    """``sampling``'s frame indices in the video of ``reader`` (see :meth:`Sampling.indices`: by the
-    container's timestamps where the frame rate varies), or :class:`VideoError` saying why not."""
+def sample_indices(video: Video, sampling: Sampling) -> np.ndarray:
+    """``sampling``'s frame indices in ``video`` (see :meth:`Sampling.indices`: by the container's
+    timestamps where the frame rate varies), or :class:`VideoError` saying why not."""
     try:
-        return sampling.indices(len(reader), reader.get_avg_fps(), frame_times(reader))
+        return sampling.indices(len(video), video.fps(), video.times())
     except ValueError as err:
         raise VideoError(f"cannot sample it: {err}") from None
 
 
-def read_frames(path: str, sampling: Sampling, seek: str = "auto") -> tuple[torch.Tensor, np.ndarray, str]:
+def read_frames(path: str, sampling: Sampling, seek: str = "auto", decoder: str = "decord"
+                ) -> tuple[torch.Tensor, np.ndarray, str]:
     """Decode and preprocess the sampled frames of ``path``.
 
     Returns ``(frames (T, 3, 224, 224) uint8, source indices (T,), strategy used)``; a repeated frame
     is decoded once (:func:`read_distinct`) and copied here.
     """
-    crops, indices, rows, strategy = read_distinct(path, sampling, seek)
+    crops, indices, rows, strategy = read_distinct(path, sampling, seek, decoder)
     return crops[rows], indices, strategy
 
 
-def read_distinct(path: str, sampling: Sampling, seek: str = "auto"
+def read_distinct(path: str, sampling: Sampling, seek: str = "auto", decoder: str = "decord"
                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, str]:
     """Decode and preprocess each distinct sampled frame of ``path`` once.
 
     Returns ``(crops (U, 3, 224, 224) uint8 of the distinct frames in frame order, source indices (T,)
     as :func:`sample_indices` gives them, rows (T,): the crop of each sample, strategy used)``. ``seek``
     is ``auto`` (cheaper of ``exact`` and ``pass``), ``exact``, ``pass`` or ``keyframe`` (each sample
-    moved to its nearest keyframe: faster, inexact; the indices returned are the frames read). Raises
-    :class:`VideoError` for a video that cannot be sampled or decoded.
+    moved to its nearest keyframe: faster, inexact; the indices returned are the frames read);
+    ``decoder`` a key of ``DECODERS``. Raises :class:`VideoError` for a video that cannot be sampled
+    or decoded.
     """
-    reader = open_reader(path)
+    video = open_video(path, decoder)
     try:
-        indices = sample_indices(reader, sampling)
-        keyframes = sorted(int(k) for k in reader.get_key_indices())
+        indices = sample_indices(video, sampling)
+        keyframes = video.keyframes()
         if seek == "keyframe" and keyframes:
             indices = np.array([_nearest(keyframes, int(t)) for t in indices], dtype=np.int64)
         targets = np.unique(indices)
         strategy = choose_strategy(targets, keyframes) if seek == "auto" else seek
         decoded = []
         if strategy == "pass":
-            reader.seek(0)
-            pos, raw = 0, []
-            for t in targets:
-                if t > pos:
-                    reader.skip_frames(int(t - pos))
-                raw.append(reader.next().asnumpy())
-                pos = int(t) + 1
+            raw = []
+            for frame in video.sequential(targets.tolist()):
+                raw.append(frame)
                 if len(raw) == 8:
                     decoded.append(preprocess(np.stack(raw)))
                     raw = []
@@ -164,12 +293,15 @@ def read_distinct(path: str, sampling: Sampling, seek: str = "auto"
                 decoded.append(preprocess(np.stack(raw)))
         else:
             for start in range(0, len(targets), 8):  # 8 frames at a time: bounded memory for 4K sources
-                decoded.append(preprocess(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
+                decoded.append(preprocess(video.frames(targets[start:start + 8].tolist())))
     except VideoError:
         raise
     except Exception as err:
         raise decoding_failed(err) from None
-    return torch.cat(decoded), indices, np.searchsorted(targets, indices), strategy
+    crops = torch.cat(decoded)
+    if len(crops) != len(targets):  # never a shorter clip than asked for, silently
+        raise VideoError(f"decoding failed (the decoder gave {len(crops)} of the {len(targets)} frames asked for)")
+    return crops, indices, np.searchsorted(targets, indices), strategy
 
 
 def decoding_failed(err: Exception) -> VideoError:
@@ -177,17 +309,17 @@ def decoding_failed(err: Exception) -> VideoError:
     return VideoError(f"decoding failed ({reason})")
 
 
-def read_resized(path: str, choose: Callable[[int], np.ndarray]) -> torch.Tensor:
+def read_resized(path: str, choose: Callable[[int], np.ndarray], decoder: str = "decord") -> torch.Tensor:
     """The frames ``choose(n)`` of a video of ``n`` frames (any order, repeats allowed), short side
     resized to 256 (antialiased), not cropped: ``(K, 3, H, W)`` uint8. Decoded 8 at a time (bounded
     memory for 4K sources). For training crops; extraction uses :func:`read_frames`."""
-    reader = open_reader(path)
-    indices = np.asarray(choose(len(reader)), dtype=np.int64)
+    video = open_video(path, decoder)
+    indices = np.asarray(choose(len(video)), dtype=np.int64)
     targets = np.unique(indices)
     parts = []
     try:
         for start in range(0, len(targets), 8):
-            parts.append(short_side(reader.get_batch(targets[start:start + 8].tolist()).asnumpy()))
+            parts.append(short_side(video.frames(targets[start:start + 8].tolist())))
     except Exception as err:
         raise decoding_failed(err) from None
     return torch.cat(parts)[np.searchsorted(targets, indices)]

@@ -34,8 +34,8 @@ from . import distributed
 from .backbones import create_backbone, finetuned_path, parse_name
 from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
-from .decode import VideoError, default_workers, normalisation, read_frames, read_resized, resize_crop
-from .errors import UserError
+from .decode import DECODERS, VideoError, default_workers, normalisation, read_frames, read_resized, resize_crop
+from .errors import ConfigError, UserError
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
@@ -73,6 +73,7 @@ class FinetuneConfig:
     deterministic: bool = False  # CUDA: deterministic kernels (slower)
     tf32: bool = False  # CUDA: TF32 matmuls and convolutions
     workers: int = -1  # decoding processes per rank; -1: the cores per rank less one
+    decoder: str = "decord"  # a key of extract.decode.DECODERS
 
     def resolved_segments(self) -> int:
         return self.segments or (25 if self.backbone in LITEEVAL_BACKBONES else 16)
@@ -97,8 +98,9 @@ class Clips(Dataset):
     any resume."""
 
     def __init__(self, videos: list[VideoRecord], num_classes: int, backbone: str, segments: int, *,
-                 train: bool, seed: int = 0, min_scale: float = 0.25):
+                 train: bool, seed: int = 0, min_scale: float = 0.25, decoder: str = "decord"):
         self.videos, self.num_classes, self.segments, self.train = videos, num_classes, segments, train
+        self.decoder = decoder
         self.resolution = parse_name(backbone)[1]
         self.seed, self.epoch = seed, 0
         self.augment = v2.Compose([v2.RandomResizedCrop(self.resolution, scale=(min_scale, 1.0), antialias=True),
@@ -112,12 +114,12 @@ class Clips(Dataset):
         try:
             if self.train:
                 rng = np.random.default_rng([self.seed, self.epoch, i])
-                frames = read_resized(video.path, lambda n: segment_indices(n, self.segments, rng))
+                frames = read_resized(video.path, lambda n: segment_indices(n, self.segments, rng), self.decoder)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(rng.integers(2**31)))
                     x = self.augment(frames)  # one crop and flip for the whole clip
             else:
-                x, _, _ = read_frames(video.path, Sampling(num_frames=self.segments))
+                x, _, _ = read_frames(video.path, Sampling(num_frames=self.segments), decoder=self.decoder)
         except VideoError as err:
             return video.id, None, None, str(err)
         labels = torch.zeros(self.num_classes)
@@ -188,6 +190,8 @@ def carve_validation(videos: list[VideoRecord], seed: int, fraction: float) -> t
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Finetune ``cfg.backbone`` on ``cfg.dataset``; returns the best epoch's metrics."""
+    if cfg.decoder not in DECODERS:
+        raise ConfigError(f"decoder={cfg.decoder!r}: decoder must be one of {', '.join(sorted(DECODERS))}")
     distributed.deterministic(cfg.deterministic)
     distributed.allow_tf32(cfg.tf32)
     info, device = distributed.setup(cfg.device)
@@ -221,8 +225,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         return prepare(clips, backbone.resolution, mean, std)
 
     train_set = Clips(train_videos, len(ann.classes), cfg.backbone, segments, train=True, seed=cfg.seed,
-                      min_scale=cfg.min_scale)
-    val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False)
+                      min_scale=cfg.min_scale, decoder=cfg.decoder)
+    val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False, decoder=cfg.decoder)
     sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     loader_kw = dict(collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
@@ -296,13 +300,15 @@ Examples:
 @click.option("--workers", type=click.IntRange(0),
               help="Decoding processes per rank. Default: the cores per rank less one.")
 @click.option("--demo-seed", type=int, default=0, show_default=True, help="demo only: the seed of the demo videos.")
+@click.option("--decoder", type=click.Choice(sorted(DECODERS)), default="decord", show_default=True,
+              help="As extract-features: decord, or pyav.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other setting: init, segments, lr_steps, momentum, weight_decay, clip_grad, dropout, "
                    "min_scale, amp, accumulate, val_fraction, seed, deterministic, tf32.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.last.pt, the last finished epoch.")
 @click.option("--no-progress", is_flag=True)
 def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch_size, lr, device, workers, demo_seed,
-         sets, resume, no_progress) -> None:
+         decoder, sets, resume, no_progress) -> None:
     """Finetune one ImageNet backbone on a dataset's videos (TSN-style: K segments, average consensus)
     and write its state dict for extract-features --weights."""
     try:
@@ -312,7 +318,7 @@ def main(dataset, backbone, annotations, video_root, classes, out, epochs, batch
     annotations, video_root = dataset_inputs(dataset, annotations, video_root, demo_seed, not no_progress)
     cfg = FinetuneConfig(dataset=dataset, backbone=name, out=out or finetuned_path(dataset, name),
                          annotations=annotations, video_root=video_root, classes=classes or "", device=device,
-                         workers=-1 if workers is None else workers)
+                         workers=-1 if workers is None else workers, decoder=decoder)
     named = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     apply_overrides(cfg, tuple(f"{k}={v}" for k, v in named.items() if v is not None) + tuple(sets))
     try:

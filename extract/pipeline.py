@@ -32,13 +32,24 @@ from .cache import (
     sweep_temporary,
 )
 from .datasets import Annotations, VideoRecord, load_annotations
-from .decode import CROP, DOWNSAMPLE, SHORT_SIDE, VideoError, default_workers, normalisation, read_frames, resize_crop
+from .decode import (
+    CROP,
+    DOWNSAMPLE,
+    SHORT_SIDE,
+    VideoError,
+    decoder_version,
+    default_workers,
+    normalisation,
+    read_frames,
+    resize_crop,
+)
 from .flops import FlopsEntry, backbone_flops
 from .locks import exclusive_job
 from .sampling import Sampling
 
 CHUNK_SECONDS = 30.0  # journal a chunk at least this often
 PREFETCH = 4  # videos each decoding process works ahead
+TICK = 5.0  # seconds between looks at the decoding time limit while waiting for a video
 T = TypeVar("T")
 
 
@@ -53,6 +64,7 @@ class ExtractConfig:
     classes: str | None = None
     seek: str = "auto"
     downsample: str = "antialias"  # how 168/112/84 are made from the 224 crop (a key of decode.DOWNSAMPLE)
+    decoder: str = "decord"  # a key of decode.DECODERS (recorded in the cache)
     weights: str = "imagenet"
     device: str = "auto"
     batch_size: int = 32  # frames per forward pass
@@ -76,8 +88,8 @@ class Summary:
 class _DecodedVideos(Dataset):
     """Item ``k`` -> ``(video index, uint8 crops (T,3,224,224) | None, frame indices | None, error | None)``."""
 
-    def __init__(self, items: list[tuple[int, str]], sampling: Sampling, seek: str):
-        self.items, self.sampling, self.seek = items, sampling, seek
+    def __init__(self, items: list[tuple[int, str]], sampling: Sampling, seek: str, decoder: str):
+        self.items, self.sampling, self.seek, self.decoder = items, sampling, seek, decoder
 
     def __len__(self) -> int:
         return len(self.items)
@@ -85,7 +97,7 @@ class _DecodedVideos(Dataset):
     def __getitem__(self, k: int):
         index, path = self.items[k]
         try:
-            frames, indices, _ = read_frames(path, self.sampling, self.seek)
+            frames, indices, _ = read_frames(path, self.sampling, self.seek, self.decoder)
             return index, frames, indices, None
         except VideoError as err:
             return index, None, None, str(err)
@@ -139,30 +151,77 @@ def _one_thread(_worker_id: int) -> None:
 
 
 def _loader(items: list[tuple[int, str]], cfg: ExtractConfig, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(_DecodedVideos(items, cfg.sampling, cfg.seek), batch_size=1, collate_fn=_single,
+    return DataLoader(_DecodedVideos(items, cfg.sampling, cfg.seek, cfg.decoder), batch_size=1, collate_fn=_single,
                       num_workers=workers, worker_init_fn=_one_thread if workers else None,
-                      prefetch_factor=PREFETCH if workers else None, pin_memory=pin)
+                      prefetch_factor=PREFETCH if workers else None, pin_memory=pin, timeout=TICK if workers else 0)
+
+
+def decode_limit(path: str) -> float:
+    """Seconds one video's decoding may take before its process is stopped: 60 s plus 1 s per MB
+    of file (a 10 MB clip gets 70 s; a 1.5 GB 4K film 26 min, several times a full decode)."""
+    try:
+        return 60.0 + os.path.getsize(path) / 1e6
+    except OSError:
+        return 60.0
+
+
+class DecodeTimeout(Exception):
+    """A video's decoding took longer than :func:`decode_limit`; its processes were stopped."""
+
+
+def _timed(loader: DataLoader, items: list[tuple[int, str]]) -> Iterator[tuple]:
+    """``loader``'s items (those of ``items``, in order), waiting for each at most its
+    :func:`decode_limit` from when the one before arrived (so at least that long on it alone); past
+    it, the loader's processes are stopped (terminated when they do not answer) and
+    :class:`DecodeTimeout` raised. Without worker processes there is nothing to stop: no limit."""
+    it = iter(loader)
+    try:
+        for k in range(len(items)):
+            start = time.monotonic()
+            while True:
+                try:
+                    yield next(it)
+                    break
+                except RuntimeError as err:
+                    if "timed out" not in str(err):
+                        raise
+                    limit = decode_limit(items[k][1])
+                    if time.monotonic() - start > limit:
+                        raise DecodeTimeout(f"decoding took longer than {limit:.0f} s (60 s + 1 s per MB of file): "
+                                            "stopped; check the file (a decoder that loops on it), "
+                                            "or re-encode it") from None
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # joins its workers, terminating those that hang
+        if shutdown is not None:
+            shutdown()
 
 
 def decode_videos(items: list[tuple[int, str]], cfg: ExtractConfig, pin: bool = False) -> Iterator[tuple]:
     """``(index, uint8 crops | None, frame indices | None, error | None)`` of each ``(index, path)`` in
     order, decoded by ``cfg.workers`` processes. A process that dies (an OOM kill, a decoder's
     segfault) loses only its video: the videos in flight then are decoded again one process each,
-    and one whose process dies again is reported as failed. Iterate it off the main thread (as
-    :func:`prefetch` does): there DataLoader reports a dead worker to this loop (after at most
-    5 s) instead of raising from a signal handler wherever the main thread happens to be."""
+    and one whose process dies again is reported as failed. A video whose decoding passes its
+    :func:`decode_limit` is reported as failed (timed out), its processes stopped and new ones
+    started for the rest. Iterate it off the main thread (as :func:`prefetch` does): there
+    DataLoader reports a dead worker to this loop (after at most 5 s) instead of raising from a
+    signal handler wherever the main thread happens to be."""
     done = 0
     while done < len(items):
         try:
-            for out in _loader(items[done:], cfg, cfg.workers, pin):
+            for out in _timed(_loader(items[done:], cfg, cfg.workers, pin), items[done:]):
                 done += 1
                 yield out
+        except DecodeTimeout as err:
+            yield items[done][0], None, None, str(err)
+            done += 1
         except (RuntimeError, EOFError, ConnectionError) as err:
             if not cfg.workers or not _worker_died(err):
                 raise
             for index, path in items[done:done + cfg.workers * PREFETCH]:
                 try:
-                    yield from _loader([(index, path)], cfg, 1, pin)
+                    yield from _timed(_loader([(index, path)], cfg, 1, pin), [(index, path)])
+                except DecodeTimeout as again:
+                    yield index, None, None, str(again)
                 except (RuntimeError, EOFError, ConnectionError) as again:
                     if not _worker_died(again):
                         raise
@@ -235,6 +294,7 @@ def cache_attrs(cfg: ExtractConfig) -> dict[str, str]:
         "sampling": json.dumps(sampling, sort_keys=True),
         "preprocessing": json.dumps({"resize_short_side": SHORT_SIDE, "center_crop": CROP,
                                      "lower_resolutions": DOWNSAMPLE[cfg.downsample],
+                                     "decoder": decoder_version(cfg.decoder),
                                      "normalisation": "per backbone (ImageNet mean/std; EfficientNet-Lite 0.5/0.5)"}),
         "created_by": "extract-features",
     }

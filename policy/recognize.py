@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
-from extract.decode import DOWNSAMPLE, VideoError, decoding_failed, open_reader, preprocess, sample_indices
+from extract.decode import DECODERS, DOWNSAMPLE, VideoError, decoding_failed, open_video, preprocess, sample_indices
 from extract.distributed import synchronize
 from extract.errors import ConfigError, UserError
 from extract.pipeline import compute_features, place_backbone
@@ -44,12 +44,13 @@ class FrameSource:
     video (a batched forward's time shared by the frames in it)."""
 
     def __init__(self, paths: list[str], sampling: Sampling, backbones: dict[str, Backbone], device: torch.device,
-                 downsample: str, l2: bool, steps: int | None, frames_per_pass: dict[str, int]):
+                 downsample: str, l2: bool, steps: int | None, frames_per_pass: dict[str, int],
+                 decoder: str = "decord"):
         self.readers, self.indices = [], []
         self.decode_seconds, self.compute_seconds = np.zeros(len(paths)), np.zeros(len(paths))
         for v, path in enumerate(paths):
             start = time.perf_counter()
-            reader = open_reader(path)
+            reader = open_video(path, decoder)
             try:
                 self.indices.append(sample_indices(reader, sampling))  # as phase 1 sampled it
             except VideoError:
@@ -75,7 +76,7 @@ class FrameSource:
         frames = self.indices[video][wanted]
         unique = np.unique(frames)
         try:
-            crops = torch.cat([preprocess(self.readers[video].get_batch(unique[i:i + 8].tolist()).asnumpy())
+            crops = torch.cat([preprocess(self.readers[video].frames(unique[i:i + 8].tolist()))
                                for i in range(0, len(unique), 8)])
         except Exception as err:
             raise decoding_failed(err) from None
@@ -136,6 +137,7 @@ class Loaded:
     device: torch.device
     frames_per_pass: dict[str, int]  # backbone -> most frames per forward pass
     frame_seconds: dict[str, float]  # backbone -> seconds per frame at that batch size, as calibrated
+    decoder: str  # the cache's decoder (a key of extract.decode.DECODERS), or the one --decoder names
 
 
 def weights_argument(identity: str) -> str:
@@ -205,6 +207,7 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
         with Cache(cache) as held:
             classes, flops, weights, saved = held.classes, held.flops, held.weights, held.sampling
             preprocessing, facts = held.preprocessing, {"dataset": held.dataset, "sampling": saved}
+            decoder = held.decoder
             steps = held.features(held.backbones[0]).shape[1] if held.backbones else 0
     except (OSError, KeyError) as err:
         raise RunError(f"{cache} is not a readable cache ({str(err).splitlines()[0][:120]})") from None
@@ -257,14 +260,15 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
     timed = calibrate(backbones, device, downsample) if frames_per_pass == 0 else {}
     per_pass = {name: timed[name][0] if timed else frames_per_pass for name in backbones}
     frame_seconds = {name: timed[name][1] for name in timed}
-    return Loaded(run, method, classes, sampling, steps, downsample, backbones, device, per_pass, frame_seconds)
+    return Loaded(run, method, classes, sampling, steps, downsample, backbones, device, per_pass, frame_seconds,
+                  decoder)
 
 
 def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
     """One result per video of ``paths`` (all readable): top-5, actions, GFLOPs and seconds."""
     l2 = loaded.run.config.get("normalise") == "l2"
     frames = FrameSource(paths, loaded.sampling, loaded.backbones, loaded.device, loaded.downsample, l2,
-                         loaded.steps, loaded.frames_per_pass)
+                         loaded.steps, loaded.frames_per_pass, loaded.decoder)
     start, opened = time.perf_counter(), frames.decode_seconds.sum()
     with torch.no_grad():
         inf = loaded.method.lazy(loaded.method.model, frames, budget)
@@ -323,13 +327,16 @@ Examples:
               help="Stop after the K-th expensive read and answer with the prediction there (0: no budget).")
 @click.option("--batch-videos", type=click.IntRange(0), default=0, show_default=True,
               help="Videos in flight: each backbone runs once per step on their frames; 0: 8 on the CPU, 64 on CUDA.")
+@click.option("--decoder", type=click.Choice(["", *sorted(DECODERS)]), default="",
+              help="Decode with this decoder instead of the cache's (frames may then differ in the last bits).")
 @click.option("--frames-per-pass", type=click.IntRange(0), default=0, show_default=True,
               help="Most frames per backbone forward pass; 0: each backbone's fastest per frame, timed at start.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch's CPU threads for the backbones; 0: torch's default (one per core). On a small CPU, "
                    "one fewer than the cores leaves decord's decoder thread a core (see the README).")
 @click.option("--no-progress", is_flag=True)
-def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, frames_per_pass, threads, no_progress) -> None:
+def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, decoder, frames_per_pass, threads,
+         no_progress) -> None:
     """Run a trained policy on raw videos, computing only the features its decisions use; print the
     top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video."""
     if threads:
@@ -341,6 +348,10 @@ def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, frames_p
         loaded = load(run_dir, chosen, frames_per_pass, cache)
     except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
+    if decoder and decoder != loaded.decoder:
+        click.echo(f"decoding with {decoder}; the cache was extracted with {loaded.decoder}: frames may differ in the "
+                   "last bits", err=True)
+        loaded = dataclasses.replace(loaded, decoder=decoder)
     if budget and not loaded.method.stops_at_budget:
         supported = ", ".join(name for name, c in METHODS.items() if c.stops_at_budget)
         raise click.ClickException(f"--budget needs a method that reads frames in order ({supported}); "

@@ -2,6 +2,7 @@
 refuses a second writer, survives a dying decoder process, a full disk and non-finite features."""
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +84,33 @@ def test_a_killed_decoder_process_fails_its_video_only(demo_root, tmp_path, monk
         assert len(c.ids) == 19 and "videos/blue_disc_000.mp4" in c.failed
 
 
+def test_a_decoder_that_hangs_is_stopped_at_the_time_limit_and_the_run_goes_on(demo_root, tmp_path, monkeypatch):
+    """A decoder looping forever in native code (as decord on a header that over-reports frames) stalled
+    its worker, and so the run, forever: past the video's limit its processes are stopped (terminated:
+    a hung decoder answers no request), the video is listed as timed out, new processes do the rest."""
+    real = pipeline.read_frames
+
+    def hanging(path, *args):
+        if path.endswith("blue_disc_000.mp4"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # deaf, as native code is
+            while True:
+                time.sleep(1)
+        return real(path, *args)
+
+    monkeypatch.setattr(pipeline, "read_frames", hanging)  # the workers are forked from this process
+    monkeypatch.setattr(pipeline, "TICK", 0.5)
+    monkeypatch.setattr(pipeline, "decode_limit", lambda path: 3.0)
+    out = tmp_path / "c.h5"
+    start = time.monotonic()
+    summary = run_extraction(config(demo_root, out, workers=2))
+    assert time.monotonic() - start < 120
+    assert [(v, reason.split(":")[0]) for v, reason in summary.new_failures] == [
+        ("videos/blue_disc_000.mp4", "decoding took longer than 3 s (60 s + 1 s per MB of file)")]
+    with Cache(str(out)) as c:
+        assert len(c.ids) == 19
+        assert "decoding took longer than 3 s" in c.failed["videos/blue_disc_000.mp4"]
+
+
 def test_non_finite_features_are_never_cached(demo_root, tmp_path, monkeypatch):
     real = pipeline.compute_features
 
@@ -146,3 +174,29 @@ def test_train_policy_never_picks_an_empty_cache_as_the_newest(tmp_path, monkeyp
         os.utime(folder / name, (1e9 + age, 1e9 + age))
     monkeypatch.chdir(tmp_path)
     assert default_cache() == os.path.join("data", "features", "full.h5")
+
+
+def test_the_cache_records_its_decoder_and_never_mixes_two(demo_root, tmp_path):
+    """PyAV's frames are decord's (same features); the cache says which decoder read them, a run with the
+    other decoder into it is refused, and a cache made before decoders were recorded counts as decord's."""
+    out = tmp_path / "c.h5"
+    run_extraction(config(demo_root, out, decoder="pyav"))
+    with Cache(str(out)) as c:
+        assert c.decoder == "pyav" and c.preprocessing["decoder"].startswith("pyav ")
+        by_pyav = c.features("mobilenetv2@112")[:]
+    with pytest.raises(cache_module.CacheMismatch, match=r"holds preprocessing .*pyav .*not .*decord .*pass another"):
+        run_extraction(config(demo_root, out))
+    other = tmp_path / "d.h5"
+    run_extraction(config(demo_root, other))
+    with Cache(str(other)) as c:
+        assert c.decoder == "decord"
+        np.testing.assert_array_equal(c.features("mobilenetv2@112")[:], by_pyav)
+    import json
+
+    import h5py
+    with h5py.File(other, "a") as f:  # as written before the decoder was recorded
+        f.attrs["preprocessing"] = json.dumps({k: v for k, v in json.loads(f.attrs["preprocessing"]).items()
+                                               if k != "decoder"})
+    with Cache(str(other)) as c:
+        assert c.decoder == "decord"
+    assert run_extraction(config(demo_root, other)).processed == 0  # accepted: nothing to redo

@@ -94,13 +94,17 @@ def test_recognize_reproduces_what_train_policy_wrote_exactly(method, demo_cache
 
 
 def test_the_command_line_prints_one_json_line_per_video(runs):
+    """Here with another decoder than the cache's, which it says in one line (PyAV's frames are decord's)."""
     run = RunFolder.load(str(runs / "arnet"))
-    videos = evaluated_videos(run)[:3]
-    lines = [json.loads(line) for line in recognize(runs / "arnet", *videos, "--json").stdout.splitlines()]
+    videos = evaluated_videos(run)[:BATCH]  # the evaluation's first batch
+    proc = recognize(runs / "arnet", *videos, "--json", "--decoder", "pyav", "--batch-videos", str(BATCH))
+    assert "decoding with pyav; the cache was extracted with decord" in proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["video"] for r in lines] == videos
-    for r in lines:
+    for i, r in enumerate(lines):
         assert set(r) == {"video", "top5", "actions", "gflops", "seconds"} and len(r["top5"]) == 5
         assert set(r["seconds"]) == {"decode", "compute"}
+        assert r["actions"] == run.actions[i][: len(r["actions"])].tolist()
 
 
 def test_a_budget_stops_after_the_kth_expensive_read(runs):
