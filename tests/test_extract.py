@@ -418,7 +418,7 @@ def test_a_group_runs_full_batches_and_one_partial_batch_in_one_transfer_each(mo
     lengths = [5, 3, 7, 0, 1, 6, 4, 2]  # 0: a video that fails to decode
     first = np.cumsum([0] + lengths)
 
-    def frames_of(path, sampling, seek):
+    def frames_of(path, sampling, seek, decoder):
         v = int(path)
         if not lengths[v]:
             raise VideoError("zero-byte file")
