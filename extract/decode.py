@@ -157,9 +157,11 @@ class PyAVVideo:
         for frame in self.decoded:
             if frame.pts is None or frame.pts < want:
                 continue
+            if frame.pts > want:  # the decoder skipped it (a damaged packet): never another frame instead
+                raise ValueError(f"frame {target} could not be decoded")
             self.position = target
             return frame.to_ndarray(format="rgb24")
-        raise ValueError(f"frame {target} not found (the stream ended first)")
+        raise ValueError(f"frame {target} could not be decoded (the stream ended first)")
 
     def frames(self, targets: list[int]) -> np.ndarray:
         return np.stack([self._frame_at(int(t)) for t in targets])
