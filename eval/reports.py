@@ -357,15 +357,14 @@ def frames(runs, opts):
                                                                   for c, m in codes.marks.items()))
 
     def figure(fig):
-        from extract.decode import open_video, preprocess
+        from extract.decode import frames_at, open_video
 
         T = run.actions.shape[1]
         expensive, visited = codes.is_expensive(run.actions), codes.is_visited(run.actions)
         jumped = codes.sampled(run.actions) & ~visited
         for row, (path, idx, acts) in enumerate(zip(paths, indices, run.actions[:len(paths)], strict=True)):
             real = idx[idx >= 0]  # the 224 x 224 crops the backbones saw
-            images = preprocess(open_video(path, decoder).frames(np.unique(real).tolist()))
-            images = images[np.searchsorted(np.unique(real), real)].permute(0, 2, 3, 1).numpy()
+            images = frames_at(open_video(path, decoder), real).permute(0, 2, 3, 1).numpy()
             for t, image in enumerate(images):
                 ax = fig.add_subplot(len(paths), T, row * T + t + 1)
                 ax.imshow(image)

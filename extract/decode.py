@@ -50,8 +50,6 @@ class Video(Protocol):
     """One opened video, as every decoder serves it: its frames in presentation order, indexed from
     0, their timestamps and keyframes, and the frames themselves as uint8 RGB ``(K, H, W, 3)``."""
 
-    decoder: str  # the backend's name (a key of DECODERS)
-
     def __len__(self) -> int: ...
 
     def fps(self) -> float:
@@ -72,8 +70,6 @@ class Video(Protocol):
 
 class DecordVideo:
     """decord's ``VideoReader`` on one thread (decord 0.6 bundles its own FFmpeg)."""
-
-    decoder = "decord"
 
     def __init__(self, path: str):
         import decord
@@ -112,8 +108,6 @@ class PyAVVideo:
     its timestamp, decoding forward from the keyframe before it (from the position reached, when
     the next target is in the same group of pictures)."""
 
-    decoder = "pyav"
-
     def __init__(self, path: str):
         import av
 
@@ -132,7 +126,7 @@ class PyAVVideo:
         self.ends = self.pts[-1] + packets[-1][1]
         self._keyframes = [i for i, p in enumerate(packets) if p[2]] or [0]
         self.base = float(self.stream.time_base)
-        self.decoded = None  # the decoding generator and the index of the next frame it gives
+        self.decoded = None  # the decoding generator, and the index of the last frame it gave
         self.position = -1
 
     def __len__(self) -> int:
@@ -179,12 +173,17 @@ def decoder_version(name: str) -> str:
     return f"{name} {importlib.metadata.version('av' if name == 'pyav' else name)}"
 
 
+def check_decoder(name: str) -> None:
+    """Refuse, in one line, a decoder name that is not a key of ``DECODERS``."""
+    if name not in DECODERS:
+        raise ConfigError(f"decoder={name!r}: decoder must be one of {', '.join(sorted(DECODERS))}")
+
+
 def open_video(path: str, decoder: str = "decord") -> Video:
     """``path`` opened with ``decoder`` (a key of ``DECODERS``), or :class:`VideoError` saying what is
     wrong. Frame timestamps must increase: frames are found by time, and a decoder returns repeated
     frames otherwise."""
-    if decoder not in DECODERS:
-        raise ConfigError(f"decoder {decoder!r}: the decoders are {', '.join(sorted(DECODERS))}")
+    check_decoder(decoder)
     if not os.path.isfile(path):
         raise VideoError(f"file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -311,20 +310,26 @@ def decoding_failed(err: Exception) -> VideoError:
     return VideoError(f"decoding failed ({reason})")
 
 
-def read_resized(path: str, choose: Callable[[int], np.ndarray], decoder: str = "decord") -> torch.Tensor:
-    """The frames ``choose(n)`` of a video of ``n`` frames (any order, repeats allowed), short side
-    resized to 256 (antialiased), not cropped: ``(K, 3, H, W)`` uint8. Decoded 8 at a time (bounded
-    memory for 4K sources). For training crops; extraction uses :func:`read_frames`."""
-    video = open_video(path, decoder)
-    indices = np.asarray(choose(len(video)), dtype=np.int64)
+def frames_at(video: Video, indices: np.ndarray, transform: Callable[[np.ndarray], torch.Tensor] = preprocess
+              ) -> torch.Tensor:
+    """``transform`` (default :func:`preprocess`) of the frames ``indices`` of ``video`` (any order,
+    repeats allowed), each distinct frame decoded once, 8 at a time (bounded memory for 4K
+    sources); a decoder's error becomes :class:`VideoError`."""
+    indices = np.asarray(indices, dtype=np.int64)
     targets = np.unique(indices)
-    parts = []
     try:
-        for start in range(0, len(targets), 8):
-            parts.append(short_side(video.frames(targets[start:start + 8].tolist())))
+        parts = [transform(video.frames(targets[s:s + 8].tolist())) for s in range(0, len(targets), 8)]
     except Exception as err:
         raise decoding_failed(err) from None
     return torch.cat(parts)[np.searchsorted(targets, indices)]
+
+
+def read_resized(path: str, choose: Callable[[int], np.ndarray], decoder: str = "decord") -> torch.Tensor:
+    """The frames ``choose(n)`` of a video of ``n`` frames (any order, repeats allowed), short side
+    resized to 256 (antialiased), not cropped: ``(K, 3, H, W)`` uint8. For training crops;
+    extraction uses :func:`read_frames`."""
+    video = open_video(path, decoder)
+    return frames_at(video, choose(len(video)), short_side)
 
 
 DOWNSAMPLE = {"antialias": "antialiased bilinear resize of the 224 crop",

@@ -34,8 +34,17 @@ from . import distributed
 from .backbones import create_backbone, finetuned_path, parse_name
 from .cli import dataset_inputs
 from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
-from .decode import DECODERS, VideoError, default_workers, normalisation, read_frames, read_resized, resize_crop
-from .errors import ConfigError, UserError
+from .decode import (
+    DECODERS,
+    VideoError,
+    check_decoder,
+    default_workers,
+    normalisation,
+    read_frames,
+    read_resized,
+    resize_crop,
+)
+from .errors import UserError
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
@@ -190,8 +199,7 @@ def carve_validation(videos: list[VideoRecord], seed: int, fraction: float) -> t
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Finetune ``cfg.backbone`` on ``cfg.dataset``; returns the best epoch's metrics."""
-    if cfg.decoder not in DECODERS:
-        raise ConfigError(f"decoder={cfg.decoder!r}: decoder must be one of {', '.join(sorted(DECODERS))}")
+    check_decoder(cfg.decoder)
     distributed.deterministic(cfg.deterministic)
     distributed.allow_tf32(cfg.tf32)
     info, device = distributed.setup(cfg.device)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
-from extract.decode import DECODERS, DOWNSAMPLE, VideoError, decoding_failed, open_video, preprocess, sample_indices
+from extract.decode import DECODERS, DOWNSAMPLE, VideoError, decoding_failed, frames_at, open_video, sample_indices
 from extract.distributed import synchronize
 from extract.errors import ConfigError, UserError
 from extract.pipeline import compute_features, place_backbone
@@ -73,15 +73,9 @@ class FrameSource:
         if not wanted:
             return
         start = time.perf_counter()
-        frames = self.indices[video][wanted]
-        unique = np.unique(frames)
-        try:
-            crops = torch.cat([preprocess(self.readers[video].frames(unique[i:i + 8].tolist()))
-                               for i in range(0, len(unique), 8)])
-        except Exception as err:
-            raise decoding_failed(err) from None
-        for s, f in zip(wanted, frames, strict=True):
-            self.crops[video][s] = crops[int(np.searchsorted(unique, f))]
+        crops = frames_at(self.readers[video], self.indices[video][wanted])
+        for s, crop in zip(wanted, crops, strict=True):
+            self.crops[video][s] = crop
         self.decode_seconds[video] += time.perf_counter() - start
 
     def compute(self, name: str, wanted: list[tuple[int, int]]) -> None:

@@ -118,3 +118,14 @@ def test_repeated_frames_are_decoded_once_and_t_is_bounded(demo_root, tmp_path):
     write_timed(tmp_path / "long.mp4", [0, 5_000_000])  # two frames 5000 s apart
     with pytest.raises(VideoError, match="cannot sample it: --fps 1 takes 5001 frames .* pass --max-frames"):
         read_frames(str(tmp_path / "long.mp4"), Sampling(fps=1.0))
+
+
+def test_an_unknown_decoder_is_refused_in_one_line(demo_root):
+    from extract.errors import ConfigError
+    from extract.finetune import FinetuneConfig, finetune
+
+    line = "decoder='ffmpeg': decoder must be one of decord, pyav"
+    with pytest.raises(ConfigError, match=line):
+        open_video(os.path.join(demo_root, "videos", "red_disc_000.mp4"), "ffmpeg")
+    with pytest.raises(ConfigError, match=line):  # before anything is loaded or written
+        finetune(FinetuneConfig(dataset="demo", backbone="mobilenetv2@112", decoder="ffmpeg"))
