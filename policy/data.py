@@ -20,7 +20,7 @@ import torch
 
 from extract.cache import Cache, read_rows
 from extract.errors import UserError
-from extract.pipeline import prefetch
+from extract.workers import prefetch
 
 
 class CacheError(UserError, ValueError):

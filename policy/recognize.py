@@ -1,94 +1,127 @@
 """``recognize``: a trained policy applied to raw videos, computing only what its decisions use.
 
 It loads a run folder (its config, ``model.pt`` and action codes) and the backbones its cache was
-extracted with, checked against the weights identity (and sha256) the cache records. Each video
-is decoded with phase 1's decoding and preprocessing, at phase 1's sampling; the method's
-``lazy`` path then asks for features frame by frame (:class:`FrameSource`): a frame is decoded
-the first time a backbone needs it (seeking to it; frames no decision reaches are neither decoded
-nor run through a CNN), and each backbone runs once per request on the frames of every video in
+extracted with, checked against the weights identity (and sha256) the cache records. Worker
+processes decode each video ahead of the model (:func:`decode_videos`: phase 1's decoding,
+preprocessing and sampling, every sampled frame, each distinct one once, under the decoding time
+limit of :mod:`extract.workers`), so that decoding overlaps the computing. The method's ``lazy``
+path then asks for features frame by frame (:class:`FrameSource`): frames no decision reaches are
+never run through a CNN, and each backbone runs once per request on the frames of every video in
 flight. The policy runs on the backbones' device; features reach it there. GFLOPs are counted
-exactly as ``train-policy`` counts them, from the cache's FLOPs table.
+exactly as ``train-policy`` counts them, from the cache's FLOPs table. Under ``torchrun`` rank r
+takes every world-th video; ``--out FILE.jsonl`` is shared by the ranks and resumable.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import sys
 import time
+from typing import Iterator
 
 import click
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from extract import distributed
 from extract.backbones import Backbone, WeightsUnavailable, create_backbone
 from extract.cache import Cache
-from extract.decode import DECODERS, DOWNSAMPLE, VideoError, decoding_failed, frames_at, open_video, sample_indices
+from extract.decode import (
+    DECODERS,
+    DOWNSAMPLE,
+    VideoError,
+    decoder_problem,
+    default_workers,
+    read_distinct,
+    resolve_decoder,
+)
 from extract.distributed import synchronize
 from extract.errors import ConfigError, UserError
+from extract.locks import exclusive_job
 from extract.pipeline import compute_features, place_backbone
 from extract.sampling import Sampling
 from extract.training import CheckpointError, load_checkpoint
+from extract.workers import guarded, prefetch
 
 from .methods import METHODS, Method, check_config
-from .run_folder import CONFIG, MODEL, RunError, RunFolder
+from .run_folder import CONFIG, MODEL, RUN_ID, RunError, RunFolder
 
 LIST_EXTENSIONS = (".txt", ".csv", ".lst", ".list")
 
 
-class FrameSource:
-    """The sampled frames of a batch of videos, decoded and run through a backbone only when a
-    method asks (see :class:`~policy.methods.base.Frames`); ``length`` and the features served are
-    on ``device``, the features kept on the host. Seconds spent decoding and computing are kept per
-    video (a batched forward's time shared by the frames in it)."""
+@dataclasses.dataclass
+class Decoded:
+    """One video's sampled frames, decoded and preprocessed as phase 1 does: ``crops`` the distinct
+    frames ``(U, 3, 224, 224)`` uint8, ``rows`` ``(T,)`` the crop of each sampled step, ``seconds``
+    the decoding took (in its worker); or ``error``, the reason it cannot be read."""
 
-    def __init__(self, paths: list[str], sampling: Sampling, backbones: dict[str, Backbone], device: torch.device,
-                 downsample: str, l2: bool, steps: int | None, frames_per_pass: dict[str, int],
-                 decoder: str = "decord"):
-        self.readers, self.indices = [], []
-        self.decode_seconds, self.compute_seconds = np.zeros(len(paths)), np.zeros(len(paths))
-        for v, path in enumerate(paths):
-            start = time.perf_counter()
-            reader = open_video(path, decoder)
-            try:
-                self.indices.append(sample_indices(reader, sampling))  # as phase 1 sampled it
-            except VideoError:
-                raise
-            except Exception as err:  # no frame rate, broken metadata: one line, as phase 1 says it
-                raise decoding_failed(err) from None
-            self.readers.append(reader)
-            self.decode_seconds[v] += time.perf_counter() - start
-        length = torch.tensor([len(i) for i in self.indices])
+    path: str
+    crops: torch.Tensor | None = None
+    rows: np.ndarray | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class SampledFrames(Dataset):
+    """Item ``k`` -> :class:`Decoded` of ``paths[k]``: every sampled frame, each distinct one decoded
+    once (``read_distinct``: one pass or exact seeks, whichever decodes less)."""
+
+    def __init__(self, paths: list[str], sampling: Sampling, decoder: str):
+        self.paths, self.sampling, self.decoder = paths, sampling, decoder
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k: int) -> Decoded:
+        start = time.perf_counter()
+        try:
+            crops, _, rows, _ = read_distinct(self.paths[k], self.sampling, "auto", self.decoder)
+        except VideoError as err:
+            return Decoded(self.paths[k], error=str(err))
+        return Decoded(self.paths[k], crops, rows, time.perf_counter() - start)
+
+
+def decode_videos(paths: list[str], sampling: Sampling, decoder: str, workers: int) -> Iterator[Decoded]:
+    """:class:`Decoded` of each of ``paths`` in order, decoded ahead by ``workers`` processes (0: here,
+    on demand) under :func:`~extract.workers.guarded`'s time limit, while the caller computes."""
+    def failure(k: int, reason: str) -> Decoded:
+        return Decoded(paths[k], error=reason)
+
+    return prefetch(guarded(SampledFrames(paths, sampling, decoder), paths, workers, failure), depth=2)
+
+
+class FrameSource:
+    """The sampled frames of a batch of decoded videos, run through a backbone only when a method asks
+    (see :class:`~policy.methods.base.Frames`); ``length`` and the features served are on
+    ``device``, the features kept on the host. Seconds computing are kept per video (a batched
+    forward's time shared by the frames in it)."""
+
+    def __init__(self, videos: list[Decoded], backbones: dict[str, Backbone], device: torch.device,
+                 downsample: str, l2: bool, steps: int | None, frames_per_pass: dict[str, int]):
+        self.videos = videos
+        self.compute_seconds = np.zeros(len(videos))
+        length = torch.tensor([len(v.rows) for v in videos])
         self.steps = max(int(steps or 0), int(length.max()))  # the cache's T, as training saw it
         self.length = length.to(device)
         self.backbones, self.device, self.downsample, self.l2 = backbones, device, downsample, l2
         self.frames_per_pass = frames_per_pass
-        self.crops: list[dict[int, torch.Tensor]] = [{} for _ in paths]  # step -> (3, 224, 224) uint8
         self.known: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, video, step) -> features
-
-    def decode(self, video: int, steps: list[int]) -> None:
-        """Decode the frames of ``steps`` of ``video`` not decoded yet (a repeated frame once)."""
-        wanted = sorted({s for s in steps if s not in self.crops[video]})
-        if not wanted:
-            return
-        start = time.perf_counter()
-        crops = frames_at(self.readers[video], self.indices[video][wanted])
-        for s, crop in zip(wanted, crops, strict=True):
-            self.crops[video][s] = crop
-        self.decode_seconds[video] += time.perf_counter() - start
 
     def compute(self, name: str, wanted: list[tuple[int, int]]) -> None:
         """Run backbone ``name`` once on the frames ``(video, step)`` of ``wanted`` it has not seen
-        (at most ``frames_per_pass[name]`` per forward), decoding those not decoded yet."""
+        (at most ``frames_per_pass[name]`` per forward)."""
         missing = list(dict.fromkeys(p for p in wanted if (name, *p) not in self.known))
-        for v in sorted({v for v, _ in missing}):
-            self.decode(v, [s for u, s in missing if u == v])
         per_pass = self.frames_per_pass[name]
         for lo in range(0, len(missing), per_pass):
             part = missing[lo:lo + per_pass]
             start = time.perf_counter()
-            crops = torch.stack([self.crops[v][s] for v, s in part])
+            crops = torch.stack([self.videos[v].crops[self.videos[v].rows[s]] for v, s in part])
             out = compute_features([self.backbones[name]], crops, self.device, self.downsample)[name]  # float16
             synchronize(self.device)
             share = (time.perf_counter() - start) / len(part)
@@ -258,32 +291,38 @@ def load(run_dir: str, device: torch.device, frames_per_pass: int = 0, cache: st
                   decoder)
 
 
-def recognise(loaded: Loaded, paths: list[str], budget: int = 0) -> list[dict]:
-    """One result per video of ``paths`` (all readable): top-5, actions, GFLOPs and seconds."""
+def recognise(loaded: Loaded, videos: list[Decoded], budget: int = 0) -> list[dict]:
+    """One result per decoded video of ``videos`` (all readable): top-5, actions, GFLOPs, seconds
+    decoding (in the workers) and computing (backbones and the policy's steps), frames computed."""
     l2 = loaded.run.config.get("normalise") == "l2"
-    frames = FrameSource(paths, loaded.sampling, loaded.backbones, loaded.device, loaded.downsample, l2,
-                         loaded.steps, loaded.frames_per_pass, loaded.decoder)
-    start, opened = time.perf_counter(), frames.decode_seconds.sum()
+    frames = FrameSource(videos, loaded.backbones, loaded.device, loaded.downsample, l2, loaded.steps,
+                         loaded.frames_per_pass)
+    start = time.perf_counter()
     with torch.no_grad():
         inf = loaded.method.lazy(loaded.method.model, frames, budget)
-    rest = time.perf_counter() - start - (frames.decode_seconds.sum() - opened) - frames.compute_seconds.sum()
-    frames.compute_seconds += max(rest, 0.0) / len(paths)  # the policy's own steps, shared by the videos
+    rest = time.perf_counter() - start - frames.compute_seconds.sum()
+    frames.compute_seconds += max(rest, 0.0) / len(videos)  # the policy's own steps, shared by the videos
     codes, lengths = loaded.method.codes, frames.length.tolist()
     results = []
-    for v, path in enumerate(paths):
+    for v, video in enumerate(videos):
         n = lengths[v]
         top = np.argsort(-inf.scores[v])[:5]
         actions = inf.actions[v, :n]
-        results.append({"video": path, "top5": [[loaded.classes[c], float(inf.scores[v, c])] for c in top],
+        results.append({"video": video.path, "top5": [[loaded.classes[c], float(inf.scores[v, c])] for c in top],
                         "actions": [int(a) for a in actions], "gflops": float(inf.gflops[v]),
-                        "seconds": {"decode": float(frames.decode_seconds[v]),
-                                    "compute": float(frames.compute_seconds[v])},
+                        "seconds": {"decode": video.seconds, "compute": float(frames.compute_seconds[v])},
                         "visited": int(codes.is_visited(actions).sum()),
                         "expensive": int(codes.is_expensive(actions).sum()), "frames": n,
-                        "decoded": len(frames.crops[v]),
+                        "decoded": len(video.crops),
                         "computed": {name: sum(1 for n, u, _ in frames.known if n == name and u == v)
                                      for name in loaded.backbones}})
     return results
+
+
+def dense_gflops(loaded: Loaded, frames: int) -> float:
+    """GFLOPs of running every backbone the method reads on all ``frames`` sampled frames: what a
+    method without decisions would spend, the reference of "saved" on the progress bar."""
+    return frames * sum(loaded.method.flops[name] for name in loaded.backbones)
 
 
 def video_list(inputs: tuple[str, ...]) -> list[str]:
@@ -305,6 +344,64 @@ def video_list(inputs: tuple[str, ...]) -> list[str]:
     return videos
 
 
+class ResultsFile:
+    """``--out FILE.jsonl``: one JSON line appended per finished video, each written whole in one
+    ``write`` under an ``flock`` of the file (the ranks of ``torchrun`` share it), each naming the
+    run, its ``run_id``, the budget and the decoder. A re-run skips the videos already there; a line a
+    kill cut short is dropped; lines of another run or other settings are refused, never mixed."""
+
+    def __init__(self, path: str, stamp: dict):
+        self.path, self.stamp = path, stamp
+
+    def repair_and_check(self) -> None:
+        """Drop a torn last line; refuse, in one line, a file holding another run's or setting's results
+        (rank 0, under the job's lock, before any rank reads or appends)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                f.truncate(keep)
+        for number, line in enumerate(data[:keep].splitlines(), 1):
+            try:
+                record = json.loads(line)
+                differs = {k: record.get(k) for k, v in self.stamp.items() if record.get(k) != v}
+            except (ValueError, AttributeError):
+                raise UserError(f"{self.path}: line {number} is not a JSON object of recognize: pass another --out "
+                                "or move the file away") from None
+            if differs:
+                said = ", ".join(f"{k}={v!r} there, {self.stamp[k]!r} here" for k, v in differs.items())
+                raise UserError(f"{self.path} holds results of another run or setting ({said}): pass another --out, "
+                                "or delete the file to start over")
+
+    def done(self) -> set[str]:
+        """The videos the file has a result for."""
+        if not os.path.exists(self.path):
+            return set()
+        with open(self.path) as f:
+            return {json.loads(line)["video"] for line in f if line.strip()}
+
+    def append(self, records: list[dict]) -> None:
+        data = "".join(json.dumps({**r, **self.stamp}) + "\n" for r in records).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, end)  # never a torn line in the middle of the file
+                raise
+        finally:
+            os.close(fd)
+
+
+JSON_KEYS = ("video", "top5", "actions", "gflops", "seconds")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b
 Examples:
   recognize data/demo/videos/red_disc_000.mp4 --run data/runs/demo_t16/liteeval-gamma0.1
@@ -321,59 +418,114 @@ Examples:
               help="Stop after the K-th expensive read and answer with the prediction there (0: no budget).")
 @click.option("--batch-videos", type=click.IntRange(0), default=0, show_default=True,
               help="Videos in flight: each backbone runs once per step on their frames; 0: 8 on the CPU, 64 on CUDA.")
-@click.option("--decoder", type=click.Choice(["", *sorted(DECODERS)]), default="",
+@click.option("--decoder", type=click.Choice(["", "auto", *sorted(DECODERS)]), default="",
               help="Decode with this decoder instead of the cache's (frames may then differ in the last bits).")
 @click.option("--frames-per-pass", type=click.IntRange(0), default=0, show_default=True,
               help="Most frames per backbone forward pass; 0: each backbone's fastest per frame, timed at start.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch's CPU threads for the backbones; 0: torch's default (one per core). On a small CPU, "
-                   "one fewer than the cores leaves decord's decoder thread a core (see the README).")
+                   "fewer threads leave the decoding processes cores (see the README).")
+@click.option("--out", default="", metavar="FILE.jsonl",
+              help="Append one JSON line per finished video to FILE; a re-run skips the videos already there.")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Decoding processes, working ahead of the model; 0: decode in this process. "
+                   "Default: the cores per rank less one.")
 @click.option("--no-progress", is_flag=True)
-def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, decoder, frames_per_pass, threads,
-         no_progress) -> None:
+def main(inputs, run_dir, cache, as_json, device, budget, batch_videos, decoder, frames_per_pass, threads, out,
+         workers, no_progress) -> None:
     """Run a trained policy on raw videos, computing only the features its decisions use; print the
-    top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video."""
+    top-5 classes, the frames visited, the expensive reads, GFLOPs and seconds per video. Under
+    torchrun, rank r takes every world-th video."""
     if threads:
         torch.set_num_threads(threads)
-    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
-    batch_videos = batch_videos or BATCH_VIDEOS[chosen.type]
     try:
-        loaded = load(run_dir, chosen, frames_per_pass, cache)
+        info, chosen = distributed.setup(device)
+        recognize_all(info, chosen, video_list(inputs), run_dir=run_dir, cache=cache, as_json=as_json, budget=budget,
+                      batch_videos=batch_videos or BATCH_VIDEOS[chosen.type], decoder=decoder,
+                      frames_per_pass=frames_per_pass, out=out,
+                      workers=default_workers() if workers is None else workers, progress=not no_progress)
     except UserError as err:  # one line; anything else is a bug and keeps its traceback
         raise click.ClickException(str(err)) from None
-    if decoder and decoder != loaded.decoder:
-        click.echo(f"decoding with {decoder}; the cache was extracted with {loaded.decoder}: frames may differ in the "
-                   "last bits", err=True)
-        loaded = dataclasses.replace(loaded, decoder=decoder)
+
+
+def recognize_all(info: distributed.Dist, device: torch.device, videos: list[str], *, run_dir: str, cache: str,
+                  as_json: bool, budget: int, batch_videos: int, decoder: str, frames_per_pass: int, out: str,
+                  workers: int, progress: bool) -> None:
+    """``recognize``'s work on this rank: its share of ``videos`` decoded ahead by ``workers``
+    processes, recognised ``batch_videos`` at a time, each result printed or appended to ``out``."""
+    loaded = load(run_dir, device, frames_per_pass, cache)
+    problem = "" if decoder else decoder_problem(loaded.decoder)
+    chosen = resolve_decoder(decoder or ("auto" if problem else loaded.decoder))
+    if chosen != loaded.decoder:
+        if info.main:
+            why = f" ({loaded.decoder} cannot run here: {problem})" if problem else ""
+            click.echo(f"decoding with {chosen}; the cache was extracted with {loaded.decoder}{why}: frames may "
+                       "differ in the last bits", err=True)
+        loaded = dataclasses.replace(loaded, decoder=chosen)
     if budget and not loaded.method.stops_at_budget:
         supported = ", ".join(name for name, c in METHODS.items() if c.stops_at_budget)
-        raise click.ClickException(f"--budget needs a method that reads frames in order ({supported}); "
-                                   f"{loaded.run.method} does not")
-    videos = video_list(inputs)
-    failed = 0
-    bar = tqdm(total=len(videos), desc="recognize", unit="video", disable=no_progress, file=sys.stderr)
-    for start in range(0, len(videos), batch_videos):
-        group = videos[start:start + batch_videos]
-        try:
-            results = recognise(loaded, group, budget)
-        except VideoError:
-            results = []
-            for path in group:  # find the unreadable ones; the rest go on
-                try:
-                    results += recognise(loaded, [path], budget)
-                except VideoError as err:
-                    click.echo(f"{path}: skipped ({err})", err=True)
-                    failed += 1
-        for r in results:
+        raise UserError(f"--budget needs a method that reads frames in order ({supported}); "
+                        f"{loaded.run.method} does not")
+    with contextlib.ExitStack() as held:
+        results = None
+        if out:
+            stamp = {"run": os.path.abspath(run_dir), "run_id": loaded.run.config.get(RUN_ID), "budget": budget,
+                     "decoder": loaded.decoder}
+            results = ResultsFile(out, stamp)
+            os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+            held.enter_context(exclusive_job(out + ".lock", out, main=info.main, device=device,
+                                             advice="wait for that run to finish, or pass another --out",
+                                             then=results.repair_and_check))
+            distributed.barrier()
+            skip = results.done()
+            if info.main and skip:
+                click.echo(f"{out}: {len(skip & set(videos))} of {len(videos)} videos done before; recognising the "
+                           "rest", err=True)
+            videos = [v for v in videos if v not in skip]
+        mine = videos[info.rank::info.world]
+        _recognize_share(loaded, mine, results, as_json=as_json, budget=budget, batch_videos=batch_videos,
+                         workers=workers, progress=progress and info.main)
+        distributed.barrier()
+    distributed.teardown(info)
+
+
+def _recognize_share(loaded: Loaded, videos: list[str], results: ResultsFile | None, *, as_json: bool, budget: int,
+                     batch_videos: int, workers: int, progress: bool) -> None:
+    failed, spent, dense, group = 0, 0.0, 0.0, []
+    bar = tqdm(total=len(videos), desc="recognize", unit="video", disable=not progress, file=sys.stderr)
+
+    def run(group: list[Decoded]) -> None:
+        nonlocal spent, dense
+        done = recognise(loaded, group, budget)
+        if results is not None:
+            results.append([{k: r[k] for k in JSON_KEYS} for r in done])
+        for r in done:
+            spent, dense = spent + r["gflops"], dense + dense_gflops(loaded, r["frames"])
+            if results is not None:
+                continue
             if as_json:
-                click.echo(json.dumps({k: r[k] for k in ("video", "top5", "actions", "gflops", "seconds")}))
+                click.echo(json.dumps({k: r[k] for k in JSON_KEYS}))
             else:
                 top = ", ".join(f"{c} {s:.3f}" for c, s in r["top5"])
                 click.echo(f"{r['video']}: {top} | {r['visited']}/{r['frames']} frames visited, {r['expensive']} "
                            f"expensive reads, {r['gflops']:.3f} GFLOPs, {r['seconds']['decode']:.3f} s decoding + "
                            f"{r['seconds']['compute']:.3f} s computing")
         bar.update(len(group))
+        bar.set_postfix(GFLOPs_per_video=f"{spent / max(bar.n - failed, 1):.2f}",
+                        saved=f"{1 - spent / dense:.0%}" if dense else "-", refresh=False)
+
+    for video in decode_videos(videos, loaded.sampling, loaded.decoder, workers):
+        if video.error is not None:
+            click.echo(f"{video.path}: skipped ({video.error})", err=True)
+            failed += 1
+            bar.update(1)
+            continue
+        group.append(video)
+        if len(group) == batch_videos:
+            run(group)
+            group = []
+    if group:
+        run(group)
     bar.close()
     if failed:
         click.echo(f"{failed} of {len(videos)} videos could not be read", err=True)

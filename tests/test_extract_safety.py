@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 from extract import cache as cache_module
-from extract import pipeline
+from extract import pipeline, workers
 from extract.atomic import DiskFull
 from extract.cache import Cache
 from extract.locks import Busy, exclusive
@@ -98,8 +98,8 @@ def test_a_decoder_that_hangs_is_stopped_at_the_time_limit_and_the_run_goes_on(d
         return real(path, *args)
 
     monkeypatch.setattr(pipeline, "read_frames", hanging)  # the workers are forked from this process
-    monkeypatch.setattr(pipeline, "TICK", 0.5)
-    monkeypatch.setattr(pipeline, "decode_limit", lambda path: 3.0)
+    monkeypatch.setattr(workers, "TICK", 0.5)
+    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
     out = tmp_path / "c.h5"
     start = time.monotonic()
     summary = run_extraction(config(demo_root, out, workers=2))

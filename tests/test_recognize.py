@@ -18,7 +18,7 @@ from extract.flops import FlopsEntry
 from policy.data import Batch
 from policy.methods import METHODS, Method
 from policy.ops import at_frames, real_mask
-from policy.recognize import load, main, recognise, video_list
+from policy.recognize import decode_videos, load, main, recognise, video_list
 from policy.run_folder import Predictions, RunError, RunFolder
 from policy.train import train
 
@@ -83,7 +83,8 @@ def test_recognize_reproduces_what_train_policy_wrote_exactly(method, demo_cache
     run = train_run(method, demo_cache, tmp_path / method)
     videos = evaluated_videos(run)
     loaded = load(str(tmp_path / method), torch.device("cpu"), frames_per_pass=8)
-    results = [r for start in range(0, len(videos), BATCH) for r in recognise(loaded, videos[start:start + BATCH])]
+    decoded = list(decode_videos(videos, loaded.sampling, loaded.decoder, workers=0))
+    results = [r for start in range(0, len(videos), BATCH) for r in recognise(loaded, decoded[start:start + BATCH])]
     assert [r["video"] for r in results] == videos
     for i, r in enumerate(results):
         n = r["frames"]
