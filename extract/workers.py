@@ -92,7 +92,7 @@ def _loader(dataset: Dataset, workers: int, pin: bool) -> DataLoader:
 def _timed(loader: DataLoader, paths: Sequence[str]) -> Iterator:
     """``loader``'s items (one per path of ``paths``, in order), waiting for each at most its
     :func:`decode_limit` from when the one before arrived (so at least that long on it alone); past
-    it, the loader's processes are stopped (terminated when they do not answer) and
+    it, the loader's processes are stopped (terminated when they do not answer, killed when deaf to that) and
     :class:`DecodeTimeout` raised. Without worker processes there is nothing to stop: no limit."""
     it = iter(loader)
     try:
@@ -114,6 +114,10 @@ def _timed(loader: DataLoader, paths: Sequence[str]) -> Iterator:
         shutdown = getattr(it, "_shutdown_workers", None)  # joins its workers, terminating those that hang
         if shutdown is not None:
             shutdown()
+        for worker in getattr(it, "_workers", []):  # one deaf to SIGTERM (it blocked it) is killed
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 def _worker_died(err: BaseException) -> bool:

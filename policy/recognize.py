@@ -483,20 +483,41 @@ def recognize_all(info: distributed.Dist, device: torch.device, videos: list[str
                            "rest", err=True)
             videos = [v for v in videos if v not in skip]
         mine = videos[info.rank::info.world]
-        _recognize_share(loaded, mine, results, as_json=as_json, budget=budget, batch_videos=batch_videos,
-                         workers=workers, progress=progress and info.main)
-        distributed.barrier()
+        failed = _recognize_share(loaded, mine, results, as_json=as_json, budget=budget, batch_videos=batch_videos,
+                                  workers=workers, progress=progress and info.main)
+        distributed.barrier()  # every rank, unreadable videos or not
     distributed.teardown(info)
+    if failed:
+        raise SystemExit(1)
+
+
+def recognize_stream(loaded: Loaded, videos: list[str], *, budget: int = 0, batch_videos: int = 8,
+                     workers: int = 0) -> Iterator[tuple[list[dict], list[Decoded]]]:
+    """``(results, unreadable)`` per batch of ``videos``: decoded ahead by ``workers`` processes, each
+    batch of ``batch_videos`` readable videos recognised (:func:`recognise`) while the next decode."""
+    group, failed = [], []
+    for video in decode_videos(videos, loaded.sampling, loaded.decoder, workers):
+        if video.error is not None:
+            failed.append(video)
+        else:
+            group.append(video)
+        if len(group) == batch_videos:
+            yield recognise(loaded, group, budget), failed
+            group, failed = [], []
+    if group or failed:
+        yield (recognise(loaded, group, budget) if group else []), failed
 
 
 def _recognize_share(loaded: Loaded, videos: list[str], results: ResultsFile | None, *, as_json: bool, budget: int,
-                     batch_videos: int, workers: int, progress: bool) -> None:
-    failed, spent, dense, group = 0, 0.0, 0.0, []
+                     batch_videos: int, workers: int, progress: bool) -> int:
+    """Recognise ``videos``, printing or appending each result; returns how many could not be read."""
+    failed, spent, dense = 0, 0.0, 0.0
     bar = tqdm(total=len(videos), desc="recognize", unit="video", disable=not progress, file=sys.stderr)
-
-    def run(group: list[Decoded]) -> None:
-        nonlocal spent, dense
-        done = recognise(loaded, group, budget)
+    for done, unreadable in recognize_stream(loaded, videos, budget=budget, batch_videos=batch_videos,
+                                             workers=workers):
+        for video in unreadable:
+            click.echo(f"{video.path}: skipped ({video.error})", err=True)
+        failed += len(unreadable)
         if results is not None:
             results.append([{k: r[k] for k in JSON_KEYS} for r in done])
         for r in done:
@@ -510,26 +531,13 @@ def _recognize_share(loaded: Loaded, videos: list[str], results: ResultsFile | N
                 click.echo(f"{r['video']}: {top} | {r['visited']}/{r['frames']} frames visited, {r['expensive']} "
                            f"expensive reads, {r['gflops']:.3f} GFLOPs, {r['seconds']['decode']:.3f} s decoding + "
                            f"{r['seconds']['compute']:.3f} s computing")
-        bar.update(len(group))
+        bar.update(len(done) + len(unreadable))
         bar.set_postfix(GFLOPs_per_video=f"{spent / max(bar.n - failed, 1):.2f}",
                         saved=f"{1 - spent / dense:.0%}" if dense else "-", refresh=False)
-
-    for video in decode_videos(videos, loaded.sampling, loaded.decoder, workers):
-        if video.error is not None:
-            click.echo(f"{video.path}: skipped ({video.error})", err=True)
-            failed += 1
-            bar.update(1)
-            continue
-        group.append(video)
-        if len(group) == batch_videos:
-            run(group)
-            group = []
-    if group:
-        run(group)
     bar.close()
     if failed:
         click.echo(f"{failed} of {len(videos)} videos could not be read", err=True)
-        raise SystemExit(1)
+    return failed
 
 
 if __name__ == "__main__":

@@ -177,17 +177,19 @@ def test_train_policy_never_picks_an_empty_cache_as_the_newest(tmp_path, monkeyp
 
 
 def test_the_cache_records_its_decoder_and_never_mixes_two(demo_root, tmp_path):
-    """PyAV's frames are decord's (same features); the cache says which decoder read them, a run with the
-    other decoder into it is refused, and a cache made before decoders were recorded counts as decord's."""
+    """PyAV's frames are decord's (same features); the cache says which decoder read them, a run with
+    another decoder into it is refused, ``auto`` keeps the cache's, and a cache made before decoders were
+    recorded counts as decord's."""
     out = tmp_path / "c.h5"
     run_extraction(config(demo_root, out, decoder="pyav"))
     with Cache(str(out)) as c:
         assert c.decoder == "pyav" and c.preprocessing["decoder"].startswith("pyav ")
         by_pyav = c.features("mobilenetv2@112")[:]
     with pytest.raises(cache_module.CacheMismatch, match=r"holds preprocessing .*pyav .*not .*decord .*pass another"):
-        run_extraction(config(demo_root, out))
+        run_extraction(config(demo_root, out, decoder="decord"))
+    assert run_extraction(config(demo_root, out, decoder="auto")).processed == 0  # auto: the cache's decoder
     other = tmp_path / "d.h5"
-    run_extraction(config(demo_root, other))
+    run_extraction(config(demo_root, other, decoder="decord"))
     with Cache(str(other)) as c:
         assert c.decoder == "decord"
         np.testing.assert_array_equal(c.features("mobilenetv2@112")[:], by_pyav)

@@ -101,3 +101,31 @@ def test_bad_input_gets_one_line_and_the_run_goes_on(two_classes, tmp_path):
     wrong = run_cli("extract.cli", "--dataset", "list", "--video-root", str(two_classes), "--num-frames", "2",
                     "--out", str(tmp_path / "x.h5"), "--backbone", BACKBONE, "--weights", str(other), check=False)
     assert wrong.returncode != 0 and "do not fit" in wrong.stderr and len(wrong.stderr.strip().splitlines()) <= 3
+
+
+def test_a_decoder_that_hangs_is_stopped_and_finetuning_goes_on(two_classes, tmp_path, monkeypatch):
+    """Clips are decoded in worker processes under the decoding time limit: a training video whose
+    decoder hangs (deaf to SIGTERM, as native code is) is skipped as timed out, and the epoch ends."""
+    from extract import finetune as module
+    from extract import workers
+
+    real = module.read_resized
+    hang = str(two_classes / "train" / "blue_disc" / "blue_disc_000.mp4")
+
+    def hanging(path, *args):
+        if path == hang:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            while True:
+                time.sleep(1)
+        return real(path, *args)
+
+    monkeypatch.setattr(module, "read_resized", hanging)  # the workers are forked from this process
+    monkeypatch.setattr(workers, "TICK", 0.5)
+    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
+    cfg = module.FinetuneConfig(dataset="list", backbone=BACKBONE, out=str(tmp_path / "b.pt"),
+                                video_root=str(two_classes), segments=4, epochs=1, batch_size=4, workers=1,
+                                device="cpu")
+    result = module.finetune(cfg, progress=False)
+    assert list(result["failed"]) == ["train/blue_disc/blue_disc_000.mp4"]
+    assert result["failed"]["train/blue_disc/blue_disc_000.mp4"].startswith("decoding took longer than 3 s")
+    assert (tmp_path / "b.pt").is_file()

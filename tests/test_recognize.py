@@ -95,11 +95,13 @@ def test_recognize_reproduces_what_train_policy_wrote_exactly(method, demo_cache
 
 
 def test_the_command_line_prints_one_json_line_per_video(runs):
-    """Here with another decoder than the cache's, which it says in one line (PyAV's frames are decord's)."""
+    """Here with another decoder than the cache's, which it says in one line (the decoders' frames are equal)."""
     run = RunFolder.load(str(runs / "arnet"))
     videos = evaluated_videos(run)[:BATCH]  # the evaluation's first batch
-    proc = recognize(runs / "arnet", *videos, "--json", "--decoder", "pyav", "--batch-videos", str(BATCH))
-    assert "decoding with pyav; the cache was extracted with decord" in proc.stderr
+    with Cache(run.cache) as cache:
+        other = "pyav" if cache.decoder == "decord" else "decord"
+    proc = recognize(runs / "arnet", *videos, "--json", "--decoder", other, "--batch-videos", str(BATCH))
+    assert f"decoding with {other}; the cache was extracted with " in proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["video"] for r in lines] == videos
     for i, r in enumerate(lines):
@@ -341,3 +343,75 @@ def test_a_moved_cache_is_named_and_taken_from_cache(damaged, tmp_path):
         load(str(damaged), torch.device("cpu"), frames_per_pass=8, cache=other)
     assert cli(damaged, "--cache", str(tmp_path / "nowhere.h5")).output == \
         f"Error: --cache {tmp_path / 'nowhere.h5'}: no such file\n"
+
+
+def test_out_appends_one_line_per_video_resumes_and_refuses_another_runs_file(runs, tmp_path):
+    """``--out FILE.jsonl``: a re-run skips the videos already there (a killed run loses only those in
+    flight, and a line a kill cut short is dropped); another run's file is refused in one line."""
+    run = RunFolder.load(str(runs / "liteeval"))
+    videos = evaluated_videos(run)[:6]
+    out = tmp_path / "r.jsonl"
+    recognize(runs / "liteeval", *videos[:4], "--out", str(out), "--batch-videos", "2", "--workers", "1")
+    first = out.read_text().splitlines()
+    assert len(first) == 4 and out.read_text().endswith("\n")
+    with open(out, "a") as f:
+        f.write(first[-1][: len(first[-1]) // 2])  # torn by a kill
+    proc = recognize(runs / "liteeval", *videos, "--out", str(out), "--batch-videos", "2", "--workers", "1")
+    assert proc.stdout == "" and f"{out}: 4 of 6 videos done before; recognising the rest" in proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["video"] for r in lines] == videos and out.read_text().splitlines()[:4] == first
+    assert {r["run_id"] for r in lines} == {run.config["run_id"]} and {r["budget"] for r in lines} == {0}
+    whole = [json.loads(line) for line in recognize(runs / "liteeval", *videos, "--json").stdout.splitlines()]
+    assert [(r["actions"], r["gflops"]) for r in lines] == [(r["actions"], r["gflops"]) for r in whole]
+    other = recognize(runs / "arnet", *videos, "--out", str(out), check=False)
+    assert other.returncode == 1 and other.stderr.count("\n") == 1
+    assert f"{out} holds results of another run or setting (run=" in other.stderr
+    budget = recognize(runs / "liteeval", *videos, "--out", str(out), "--budget", "1", check=False)
+    assert budget.returncode == 1 and "budget=0 there, 1 here" in budget.stderr
+
+
+def test_a_decoder_that_hangs_is_stopped_and_the_other_videos_recognised(runs, monkeypatch, tmp_path):
+    """Decoding runs in worker processes under the decoding time limit: a video whose decoder hangs
+    (deaf to SIGTERM, as native code is) is skipped with the reason; the rest are recognised."""
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    from extract import workers
+    from policy import recognize as module
+
+    real = module.read_distinct
+
+    def hanging(path, *args):
+        if path == hang:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            while True:
+                time.sleep(1)
+        return real(path, *args)
+
+    run = RunFolder.load(str(runs / "arnet"))
+    videos = evaluated_videos(run)[:3]
+    hang = videos[1]
+    monkeypatch.setattr(module, "read_distinct", hanging)  # the workers are forked from this process
+    monkeypatch.setattr(workers, "TICK", 0.5)
+    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
+    result = CliRunner().invoke(main, [*videos, "--run", str(runs / "arnet"), "--json", "--no-progress",
+                                       "--frames-per-pass", "8", "--workers", "1", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert [json.loads(line)["video"] for line in result.stdout.splitlines()] == [videos[0], videos[2]]
+    assert f"{hang}: skipped (decoding took longer than 3 s (60 s + 1 s per MB of file)" in result.stderr
+
+
+def test_torchrun_shards_the_videos_and_the_ranks_share_one_out_file(runs, tmp_path):
+    run = RunFolder.load(str(runs / "arnet"))
+    videos = evaluated_videos(run)[:5]
+    out = tmp_path / "r.jsonl"
+    run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "policy.recognize", *videos,
+            "--run", str(runs / "arnet"), "--out", str(out), "--no-progress", "--frames-per-pass", "8",
+            "--workers", "1", env={"OMP_NUM_THREADS": "1"})
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["video"] for r in lines) == sorted(videos)  # each once: rank r took every 2nd video
+    alone = {r["video"]: r for r in map(json.loads, recognize(runs / "arnet", *videos, "--json").stdout.splitlines())}
+    for r in lines:
+        assert (r["actions"], r["top5"][0][0]) == (alone[r["video"]]["actions"], alone[r["video"]]["top5"][0][0])
