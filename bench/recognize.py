@@ -53,7 +53,8 @@ def one_pass(loaded: Loaded, videos: list[str], batch: int, workers: int) -> dic
         results += done
     wall = time.perf_counter() - start
     n = len(results)
-    return {"label": loaded.run.method, "wall": wall / n, "per_s": n / wall,
+    predicted = sum(r["computed"][name] * seconds for r in results for name, seconds in loaded.frame_seconds.items())
+    return {"label": loaded.run.method, "wall": wall / n, "per_s": n / wall, "predicted": predicted / n,
             "gflops": np.mean([r["gflops"] for r in results]),
             "decode": sum(r["seconds"]["decode"] for r in results) / n,
             "compute": sum(r["seconds"]["compute"] for r in results) / n,
@@ -112,11 +113,16 @@ def main() -> None:
               f"{wall_ratio / flops_ratio:.2f} | {min(max(hidden, 0.0), 1.0):.0%} |")
     print("decoding hidden: 1 - (wall - compute) / decode, per video: the share of the workers' decoding time that "
           "did not add to the wall time")
+    print("predicted: each backbone's calibrated seconds per frame (timed alone at start) times the frames it "
+          "computed; its ratio to UNIFORM's is the wall-time ratio the backbones' own speeds allow, apart from the "
+          "pipeline (decoding, small batches, the policy's steps)")
     for r in rows[1:]:
         quotient = (r["wall"] / base["wall"]) / (r["gflops"] / base["gflops"])
+        predicted = r["predicted"] / base["predicted"]
         bound = "computing" if r["compute"] >= r["decode"] / max(args.workers, 1) else "decoding"
         print(f"{r['label']}: {bound}-bound; wall-time ratio within 1.15x of its GFLOPs ratio: "
-              f"{'yes' if quotient <= 1.15 else 'NO'} ({quotient:.2f}x)")
+              f"{'yes' if quotient <= 1.15 else 'NO'} ({quotient:.2f}x); predicted ratio from the backbones' "
+              f"speeds {predicted:.3f}, wall-time ratio / predicted {(r['wall'] / base['wall']) / predicted:.2f}x")
 
 
 if __name__ == "__main__":

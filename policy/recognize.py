@@ -348,7 +348,8 @@ class ResultsFile:
     """``--out FILE.jsonl``: one JSON line appended per finished video, each written whole in one
     ``write`` under an ``flock`` of the file (the ranks of ``torchrun`` share it), each naming the
     run, its ``run_id``, the budget and the decoder. A re-run skips the videos already there; a line a
-    kill cut short is dropped; lines of another run or other settings are refused, never mixed."""
+    kill cut short is dropped; lines of another run (``run_id``) or other settings (``budget``,
+    ``decoder``) are refused, never mixed."""
 
     def __init__(self, path: str, stamp: dict):
         self.path, self.stamp = path, stamp
@@ -366,7 +367,7 @@ class ResultsFile:
         for number, line in enumerate(data[:keep].splitlines(), 1):
             try:
                 record = json.loads(line)
-                differs = {k: record.get(k) for k, v in self.stamp.items() if record.get(k) != v}
+                differs = {k: record.get(k) for k in CHECKED if record.get(k) != self.stamp[k]}
             except (ValueError, AttributeError):
                 raise UserError(f"{self.path}: line {number} is not a JSON object of recognize: pass another --out "
                                 "or move the file away") from None
@@ -400,6 +401,7 @@ class ResultsFile:
 
 
 JSON_KEYS = ("video", "top5", "actions", "gflops", "seconds")
+CHECKED = ("run_id", "budget", "decoder")  # what a resumed --out file must agree on (the run may have moved)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""\b

@@ -365,7 +365,7 @@ def test_out_appends_one_line_per_video_resumes_and_refuses_another_runs_file(ru
     assert [(r["actions"], r["gflops"]) for r in lines] == [(r["actions"], r["gflops"]) for r in whole]
     other = recognize(runs / "arnet", *videos, "--out", str(out), check=False)
     assert other.returncode == 1 and other.stderr.count("\n") == 1
-    assert f"{out} holds results of another run or setting (run=" in other.stderr
+    assert f"{out} holds results of another run or setting (run_id=" in other.stderr
     budget = recognize(runs / "liteeval", *videos, "--out", str(out), "--budget", "1", check=False)
     assert budget.returncode == 1 and "budget=0 there, 1 here" in budget.stderr
 
