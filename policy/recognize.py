@@ -409,9 +409,12 @@ Examples:
   recognize data/demo/videos/red_disc_000.mp4 --run data/runs/demo_t16/liteeval-gamma0.1
   recognize test_list.txt --run data/runs/demo_t16/arnet --json > predictions.jsonl
   recognize clip.mp4 --run data/runs/demo_t16/liteeval-gamma0.1 --budget 2
+  recognize all.txt --run RUN --out labels.jsonl      (killed? run it again: it goes on)
+  torchrun --standalone --nproc_per_node 8 -m policy.recognize all.txt --run-dir RUN --out labels.jsonl
 """)
 @click.argument("inputs", nargs=-1, required=True, metavar="VIDEO_OR_LIST...")
-@click.option("--run", "run_dir", required=True, metavar="RUN_DIR", help="A run folder of train-policy.")
+@click.option("--run", "--run-dir", "run_dir", required=True, metavar="RUN_DIR",
+              help="A run folder of train-policy (under torchrun: --run-dir, which torchrun's parser leaves alone).")
 @click.option("--cache", default="", metavar="CACHE.h5",
               help="The run's feature cache, where it moved (default: the cache its run folder records).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per video and line.")

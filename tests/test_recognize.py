@@ -407,8 +407,9 @@ def test_torchrun_shards_the_videos_and_the_ranks_share_one_out_file(runs, tmp_p
     run = RunFolder.load(str(runs / "arnet"))
     videos = evaluated_videos(run)[:5]
     out = tmp_path / "r.jsonl"
+    # --run-dir: torchrun's own parser would take --run for an abbreviation of its --run-path
     run_cli("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "policy.recognize", *videos,
-            "--run", str(runs / "arnet"), "--out", str(out), "--no-progress", "--frames-per-pass", "8",
+            "--run-dir", str(runs / "arnet"), "--out", str(out), "--no-progress", "--frames-per-pass", "8",
             "--workers", "1", env={"OMP_NUM_THREADS": "1"})
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["video"] for r in lines) == sorted(videos)  # each once: rank r took every 2nd video
