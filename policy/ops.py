@@ -185,3 +185,19 @@ def label_mass(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def reinforce(log_prob: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """REINFORCE's loss, ``-sum_s log pi(a_s) * advantage_s`` over the ``mask``ed steps, mean over videos."""
     return -(log_prob * advantage.detach() * mask).sum(1).mean()
+
+
+def first_reads(frames: torch.Tensor) -> torch.Tensor:
+    """(N, S) bool: step s reads a frame (``frames`` >= 0) that no earlier step of its video read,
+    i.e. where a backbone runs; a frame read again is computed once (``recognize`` keeps it)."""
+    s = frames.shape[1]
+    same = frames.unsqueeze(2) == frames.unsqueeze(1)  # (N, S, S)
+    earlier = torch.ones(s, s, dtype=torch.bool, device=frames.device).tril(-1)
+    return (frames >= 0) & ~(same & earlier).any(2)
+
+
+def label_entropy(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the entropy of each video's normalised label distribution (0 for one label, log k for k
+    labels): the least cross-entropy a prediction can reach on it."""
+    y = labels / labels.sum(1, keepdim=True).clamp(min=1e-12)
+    return -(y * torch.log(y.clamp(min=1e-12))).sum(1)

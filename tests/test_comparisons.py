@@ -52,8 +52,9 @@ def test_fastforward_visits_exactly_the_frames_its_jumps_say():
     assert np.flatnonzero(first == READ).tolist() == [0, 2, 6, 7]
     assert np.flatnonzero(first == NOT_READ).tolist() == [1, 3, 4, 5] and (first[8:] == AFTER_STOP).all()
     assert inf.actions[1, 10:].tolist() == [-1] * 6  # padding
-    np.testing.assert_allclose(inf.gflops, [4 * method.step_costs, 2 * method.step_costs])
-    assert method.step_costs == pytest.approx(4.0, rel=1e-3)  # the backbone dominates, the agent's modules priced
+    read = method.module_costs + FLOPS[FINE]
+    np.testing.assert_allclose(inf.gflops, [4 * read, 2 * read])
+    assert 0 < method.module_costs < 1e-3  # the agent's modules priced; the backbone dominates
 
 
 def test_frameglimpse_reads_where_it_is_told_and_stops():
@@ -63,20 +64,25 @@ def test_frameglimpse_reads_where_it_is_told_and_stops():
     with torch.no_grad():
         inf = method.infer(method.model, batch(), {"locations": locations, "stop": stop})
     assert inf.step_frame[0].tolist() == [8, 15, 0, -1, -1, -1, -1, -1]  # middle first (round(0.5 * 15))
-    assert inf.step_frame[1].tolist() == [4] + [0] * 7  # never stops: at most `glimpses` reads, repeats paid
-    np.testing.assert_allclose(inf.gflops, [3 * method.step_costs, 8 * method.step_costs])
+    assert inf.step_frame[1].tolist() == [4] + [0] * 7  # never stops: at most `glimpses` reads
+    # the modules at every glimpse; the backbone once per distinct frame, as recognize computes it
+    np.testing.assert_allclose(inf.gflops, [3 * method.module_costs + 3 * FLOPS[FINE],
+                                            8 * method.module_costs + 2 * FLOPS[FINE]])
     assert inf.step_scores.shape == (2, 8, C) and np.allclose(inf.step_scores[0, 3:], inf.step_scores[0, 2])
 
 
 def test_adaframe_pays_its_memory_once_and_a_read_per_step():
     method = build("adaframe", steps=4, memory=4)
-    stop = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]])
+    stop = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     with torch.no_grad():
-        inf = method.infer(method.model, batch(), {"locations": torch.zeros(2, 4), "stop": stop})
+        inf = method.infer(method.model, batch(length=(16, 10, 3)), {"locations": torch.zeros(3, 4), "stop": stop})
     assert inf.step_frame[0].tolist() == [8, 0, -1, -1]
-    np.testing.assert_allclose(inf.gflops, [method.memory_cost + 2 * method.step_costs,
-                                            method.memory_cost + 4 * method.step_costs])
-    assert method.memory_cost == pytest.approx(4 * 0.3, rel=1e-3)
+    assert inf.step_frame[1].tolist() == [4, 0, 0, 0]  # frame 0 read three times: computed once
+    memory = 4 * method.memory_frame_cost
+    np.testing.assert_allclose(inf.gflops, [memory + 2 * method.module_costs + 2 * FLOPS[FINE],
+                                            memory + 4 * method.module_costs + 2 * FLOPS[FINE],
+                                            3 * method.memory_frame_cost + 4 * method.module_costs + 2 * FLOPS[FINE]])
+    assert method.memory_frame_cost == pytest.approx(0.3, rel=1e-3)  # a 3-frame video's memory: its 3 frames
     assert np.flatnonzero(inf.actions[0] == PREVIEW).tolist() == [2, 6, 10, 14]  # the memory's frames, not read
 
 
@@ -88,7 +94,9 @@ def test_multiagent_moves_its_pointers():
     # starts at the centres of 2 segments (4 and 12 of 16; 2 and 7 of 10), moves of 4 (16 frames) and 2 (10 frames)
     assert inf.step_frame[0].tolist() == [4, 12, 8, 8, 8, 4]
     assert inf.step_frame[1].tolist() == [2, 7, 0, 9, 2, 9]  # clamped to the video
-    np.testing.assert_allclose(inf.gflops, 6 * method.step_costs)
+    # every agent's step runs the modules; the backbone runs on 3 and 4 distinct frames
+    np.testing.assert_allclose(inf.gflops, [6 * method.module_costs + 3 * FLOPS[FINE],
+                                            6 * method.module_costs + 4 * FLOPS[FINE]])
 
 
 def test_listentolook_picks_distinct_frames_after_previewing_all():
@@ -164,7 +172,7 @@ def test_evaluate_shows_them_online_and_checks_them_against_random_frames(demo_c
     assert {"FrameExit", "UNIFORM (efficientnet_lite0@224)"} <= {r["method"] for r in table["rows"]}
     published = {r["method"] for r in table["rows"] if r["source"] != "ours"}
     assert {"FrameGlimpse", "FastForward", "AdaFrame", "ListenToLook (Image)", "FrameExit (ResNet-50)",
-            "OCSampler"} <= published
+            "OCSampler (K=5 of 10)"} <= published  # the published row's K, 5 of 10 uniformly sampled candidates
 
 
 @pytest.mark.parametrize("name", ["adaframe", "listentolook", "ocsampler"])
@@ -174,3 +182,41 @@ def test_a_cache_without_the_cheap_feature_is_refused_in_one_line(name, demo_cac
     assert proc.returncode == 1 and "lacks features mobilenetv2@84" in proc.stderr
     assert "extract-features --dataset demo --backbone mobilenetv2@84" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("name", ["frameglimpse", "adaframe"])
+def test_the_location_score_is_taken_at_the_sample_not_the_clamped_location(name):
+    """REINFORCE's score of a Gaussian location has mean 0 only at the sampled value; taken at the
+    location clamped to [0, 1] it is biased near the edges (at mean 0.95, sigma 0.1: -2.0 instead of 0)."""
+    method = build(name, sigma=0.1)
+    with torch.no_grad():
+        method.model.location.weight.zero_()
+        method.model.location.bias.fill_(float(np.log(0.95 / 0.05)))  # mean 0.95
+        if name == "frameglimpse":
+            method.model.stop.weight.zero_()
+            method.model.stop.bias.fill_(-30.0)  # never stops: every move is taken
+    torch.manual_seed(0)
+    n = 4000
+    many = Batch(np.arange(n), {FINE: torch.randn(n, 16, DIMS[FINE]), COARSE: torch.randn(n, 16, DIMS[COARSE])},
+                 torch.eye(C)[torch.arange(n) % C], torch.full((n,), 16))
+    out = method.model(method.rollout, many, "sample")
+    mean = 0.95
+    score = torch.autograd.grad(out["log_prob"][:, 0].mean(), method.model.location.bias)[0] / (mean * (1 - mean))
+    assert abs(score.item()) < 0.6  # E[(x - mean) / sigma^2] = 0 (its noise: 10 / sqrt(4000) = 0.16)
+
+
+def test_a_frameexit_gate_can_exit_on_a_video_with_two_labels():
+    """A perfect prediction on a 2-label video has cross-entropy log 2 > epsilon: the exit target is
+    the KL divergence to the normalised labels, 0 there, on any label set."""
+    method = build("frameexit")
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    y = labels / labels.sum(1, keepdim=True)
+    logits = torch.log(y.clamp(min=1e-9)).unsqueeze(1).expand(2, 3, C)  # perfect at every step
+    n, s, _ = logits.shape
+    from policy.ops import step_ce
+
+    ce = step_ce(logits, labels)
+    assert ce[0, 0].item() == pytest.approx(np.log(2), abs=1e-6)
+    assert method.exit_targets(ce, labels).tolist() == [[1.0] * 3, [1.0] * 3]
+    wrong = step_ce(logits.flip(0), labels)  # each video given the other's prediction
+    assert method.exit_targets(wrong, labels).tolist() == [[0.0] * 3, [0.0] * 3]

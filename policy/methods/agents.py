@@ -5,7 +5,8 @@ CVPR 2019) and MultiAgent (Wu et al., ICCV 2019), on cached features.
 Common ground, where the cache replaces the originals' end-to-end backbones: frames are the
 cache's sampled frames; an agent "reads" a frame by taking its cached expensive features (``fine``,
 the cache's most expensive feature) and pays that backbone's GFLOPs from the cache's table for
-every read, plus its own modules priced like every method's. The reward is the probability the
+every distinct frame it reads (a frame read again is computed once, as ``recognize`` computes it),
+plus its own modules at every step, priced like every method's. The reward is the probability the
 final prediction puts on the video's labels (:func:`~policy.methods.base.label_mass`), with a
 learned baseline (a value head, not charged: it is not run at inference). Classification is
 trained by back-propagation, the decisions by REINFORCE; FrameGlimpse and FastForward subtract
@@ -26,6 +27,7 @@ from torch.distributions import Bernoulli, Categorical, Normal
 from ..data import Batch
 from ..ops import (
     at_frames,
+    first_reads,
     frame_mask,
     keep_where,
     label_mass,
@@ -85,9 +87,14 @@ class _Agent(Method):
         raise NotImplementedError
 
     @property
-    def step_costs(self) -> float:
-        """GMACs of one read: the expensive backbone and the agent's modules at that step."""
+    def module_costs(self) -> float:
+        """GMACs of the agent's own modules at one step (the backbone apart: :meth:`costs`)."""
         raise NotImplementedError
+
+    def costs(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, S) GMACs of each step that reads ``frames`` (-1: none): the agent's modules, and the
+        expensive backbone on a frame not read before."""
+        return (frames >= 0) * self.module_costs + first_reads(frames) * self.flops[self.cfg.fine]
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, "sample")
@@ -105,8 +112,7 @@ class _Agent(Method):
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
         """Decisions by argmax (the policy's mode), or ``forced`` ones (see :meth:`rollout`)."""
         out = model(self.rollout, batch, "argmax", forced)
-        taken = out["frames"] >= 0
-        return step_inference(out["logits"].softmax(-1), out["frames"], taken * self.step_costs, batch.length,
+        return step_inference(out["logits"].softmax(-1), out["frames"], self.costs(out["frames"]), batch.length,
                               steps_of(batch), stops=self.stops)
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
@@ -146,10 +152,10 @@ class FastForward(_Agent):
         return FastForwardNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden, len(self.cfg.jumps) + 1)
 
     @cached_property
-    def step_costs(self) -> float:
+    def module_costs(self) -> float:
         m = self.model
-        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine])
-                + price(m.classifier, 1, self.cfg.hidden) + price(m.policy, 1, self.cfg.hidden))
+        return (price(m.lstm, 1, self.dims[self.cfg.fine]) + price(m.classifier, 1, self.cfg.hidden)
+                + price(m.policy, 1, self.cfg.hidden))
 
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"actions": (N, S) action index per step, len(jumps) = stop}."""
@@ -209,9 +215,9 @@ class FrameGlimpse(_Agent):
         return FrameGlimpseNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden)
 
     @cached_property
-    def step_costs(self) -> float:
+    def module_costs(self) -> float:
         m, hidden = self.model, self.cfg.hidden
-        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine] + 1)
+        return (price(m.lstm, 1, self.dims[self.cfg.fine] + 1)
                 + sum(price(head, 1, hidden) for head in (m.classifier, m.location, m.stop)))
 
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
@@ -226,11 +232,13 @@ class FrameGlimpse(_Agent):
             stop_dist = Bernoulli(logits=model.stop(h).squeeze(1), validate_args=False)
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
             stop = _choose(stop_dist, mode, None if forced is None else forced["stop"][:, s].float())
-            nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
+            sampled = _choose(move, mode, None if forced is None else forced["locations"][:, s])
+            nxt = sampled.clamp(0, 1)  # only the frame is clamped; the log-probability is the sample's
             last = s == self.cfg.glimpses - 1
             out["logits"].append(model.classifier(h))
             out["frames"].append(torch.where(alive, pos, -1))
-            out["log_prob"].append(stop_dist.log_prob(stop) * (not last) + move.log_prob(nxt) * (1 - stop) * (not last))
+            out["log_prob"].append(stop_dist.log_prob(stop) * (not last)
+                                   + move.log_prob(sampled) * (1 - stop) * (not last))
             out["entropy"].append(stop_dist.entropy())
             out["value"].append(model.value(h.detach()).squeeze(1))
             alive = alive & (stop < 0.5) & (not last)
@@ -285,35 +293,38 @@ class AdaFrame(_Agent):
         return AdaFrameNet(self.dims[self.cfg.fine], self.dims[self.cfg.coarse], self.num_classes, self.cfg.hidden)
 
     @cached_property
-    def memory_cost(self) -> float:
-        """GMACs of the global memory: the cheap backbone and its projection on ``memory`` frames."""
-        return self.cfg.memory * (self.flops[self.cfg.coarse] + price(self.model.memory, 1, self.dims[self.cfg.coarse]))
+    def memory_frame_cost(self) -> float:
+        """GMACs of one frame of the global memory: the cheap backbone and its projection."""
+        return self.flops[self.cfg.coarse] + price(self.model.memory, 1, self.dims[self.cfg.coarse])
 
     @cached_property
-    def step_costs(self) -> float:
+    def module_costs(self) -> float:
         m, hidden = self.model, self.cfg.hidden
         attention = 2 * self.cfg.memory * hidden / 1e9  # scores and the weighted sum
-        return (self.flops[self.cfg.fine] + price(m.lstm, 1, self.dims[self.cfg.fine] + hidden) + attention
+        return (price(m.lstm, 1, self.dims[self.cfg.fine] + hidden) + attention
                 + sum(price(head, 1, hidden) for head in (m.query, m.classifier, m.utility, m.location)))
 
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"locations": (N, S) in [0, 1] of each read after the first, "stop": (N, S) 0/1}."""
         fine, length = batch.features[self.cfg.fine], batch.length
         memory_frames = spread_index(length, self.cfg.memory)
+        distinct = first_reads(memory_frames)  # a short video's memory: its distinct frames (at most `memory`)
         memory = model.memory(read_many(batch.features[self.cfg.coarse], self.cfg.coarse, memory_frames))
         span, where, alive, (h, c), out = located_start(length, self.cfg.hidden)
         for s in range(self.cfg.steps):
             pos = torch.round(where * span).long()
             attention = (memory @ model.query(h).unsqueeze(2)).squeeze(2) / self.cfg.hidden ** 0.5
+            attention = attention.masked_fill(~distinct, float("-inf"))
             context = (attention.softmax(1).unsqueeze(2) * memory).sum(1)
             h2, c2 = model.lstm(torch.cat([read(fine, self.cfg.fine, alive, pos), context], 1), (h, c))
             h, c = keep_where(alive, (h2, c2), (h, c))
             utility = model.utility(h).squeeze(1)
             move = Normal(torch.sigmoid(model.location(h).squeeze(1)), self.cfg.sigma, validate_args=False)
-            nxt = _choose(move, mode, None if forced is None else forced["locations"][:, s]).clamp(0, 1)
+            sampled = _choose(move, mode, None if forced is None else forced["locations"][:, s])
+            nxt = sampled.clamp(0, 1)  # only the frame is clamped; the log-probability is the sample's
             out["logits"].append(model.classifier(h))
             out["frames"].append(torch.where(alive, pos, -1))
-            out["log_prob"].append(move.log_prob(nxt) * (s < self.cfg.steps - 1))  # the last location is not used
+            out["log_prob"].append(move.log_prob(sampled) * (s < self.cfg.steps - 1))  # the last location: unused
             out["entropy"].append(move.entropy())
             out["value"].append(utility)
             if forced is not None:
@@ -324,7 +335,7 @@ class AdaFrame(_Agent):
                 stop = utility < self.cfg.stop_utility
             alive = alive & ~stop
             where = torch.where(alive, nxt.detach(), where)
-        return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": memory_frames}
+        return {k: torch.stack(v, 1) for k, v in out.items()} | {"memory_frames": memory_frames, "distinct": distinct}
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, "sample")
@@ -348,9 +359,8 @@ class AdaFrame(_Agent):
 
     def infer(self, model: nn.Module, batch: Batch, forced: dict | None = None) -> Inference:
         out = model(self.rollout, batch, "argmax", forced)
-        taken = out["frames"] >= 0
-        cost = taken * self.step_costs
-        cost[:, 0] += self.memory_cost
+        cost = self.costs(out["frames"])
+        cost[:, 0] += out["distinct"].sum(1) * self.memory_frame_cost
         steps = steps_of(batch)
         return step_inference(out["logits"].softmax(-1), out["frames"], cost, batch.length, steps,
                               preview=frame_mask(out["memory_frames"], steps))
@@ -381,7 +391,8 @@ class MultiAgent(_Agent):
     of all agents'); each reads the frame under its pointer, then moves it back, keeps it or moves
     it forward, ``steps`` times. The prediction averages the frame classifier over the frames the
     agents end on; one shared reward (REINFORCE, value baseline). The original's 3D clips are
-    single frames here. Every read is charged, an agent that stays included (it re-observes)."""
+    single frames here. Its modules are charged at every agent's step; the backbone once per distinct
+    frame (an agent that stays, or two on one frame, re-observe features computed once)."""
 
     name = "multiagent"
     display = "MultiAgent"
@@ -392,10 +403,10 @@ class MultiAgent(_Agent):
         return MultiAgentNet(self.dims[self.cfg.fine], self.num_classes, self.cfg.hidden)
 
     @cached_property
-    def step_costs(self) -> float:
+    def module_costs(self) -> float:
         m, hidden, dim = self.model, self.cfg.hidden, self.dims[self.cfg.fine]
-        return (self.flops[self.cfg.fine] + price(m.observe, 1, dim) + price(m.gru, 1, 2 * hidden)
-                + price(m.policy, 1, hidden) + price(m.classifier, 1, dim))
+        return (price(m.observe, 1, dim) + price(m.gru, 1, 2 * hidden) + price(m.policy, 1, hidden)
+                + price(m.classifier, 1, dim))
 
     def rollout(self, model: nn.Module, batch: Batch, mode: str, forced: dict | None = None) -> dict:
         """``forced``: {"moves": (N, steps, agents) in 0 back, 1 stay, 2 forward}. Steps are reads,

@@ -25,6 +25,7 @@ from ..data import Batch
 from ..ops import (
     frame_mask,
     keep_where,
+    label_entropy,
     label_mass,
     per_video_mean,
     price,
@@ -160,7 +161,7 @@ class ListenToLook(Method):
 @dataclass
 class OCSamplerConfig(TrainConfig):
     hidden: int = 512
-    frames: int = 6  # K frames picked in one step for the expensive model
+    frames: int = 5  # K frames picked in one step for the expensive model (the published 10to5 setting)
     warmup_epochs: int = 10  # first the classifier on every frame's expensive features, then it is frozen
 
 
@@ -322,7 +323,7 @@ class FrameExitConfig(TrainConfig):
     hidden: int = 512
     max_frames: int = 10  # frames read at most
     pooling: str = "max"  # accumulated feature pooling: max | mean
-    epsilon: float = 0.1  # a gate's target is 1 (exit) where its step's cross-entropy is below this
+    epsilon: float = 0.1  # a gate's target is 1 (exit) where its step's CE - H(labels) (the KL) is below this
     gate_weight: float = 1.0
 
 
@@ -340,7 +341,9 @@ class FrameExit(Method):
     features, embedded, are pooled over the frames read so far (max, or mean); one classifier on
     the pooled feature, and a gate per step that exits at the first step whose gate fires (at most
     ``max_frames``). Training: cross-entropy at every step plus each gate's binary cross-entropy
-    against its on-the-fly target, 1 where that step's cross-entropy is below ``epsilon``. The
+    against its on-the-fly target, 1 where that step's cross-entropy, less the entropy of the
+    video's normalised labels (so the KL divergence to them, which a perfect prediction brings to 0
+    on any label set: a 2-label video's cross-entropy is at least log 2), is below ``epsilon``. The
     original trains its backbone end to end; here the backbone is frozen (its cached features),
     and a gate reads the pooled feature only."""
 
@@ -406,11 +409,16 @@ class FrameExit(Method):
         out = model(self.rollout, batch, False)
         taken = (out["frames"] >= 0).to(out["logits"])
         ce = step_ce(out["logits"], batch.labels)
-        target = (ce.detach() < self.cfg.epsilon).to(ce)
+        target = self.exit_targets(ce.detach(), batch.labels)
         gate = F.binary_cross_entropy_with_logits(out["gates"], target, reduction="none")
         per_video = per_video_mean(ce + self.cfg.gate_weight * gate, taken)
         return per_video.mean(), {"ce": per_video_mean(ce, taken).mean().detach(),
                                   "exit_target": (target * taken).sum() / taken.sum().clamp(min=1)}
+
+    def exit_targets(self, ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, S) 1.0 where a step's prediction is good enough to exit: its cross-entropy ``ce`` (N, S)
+        less the entropy of the video's normalised ``labels`` (N, C), the KL divergence, below ``epsilon``."""
+        return (ce - label_entropy(labels).unsqueeze(1) < self.cfg.epsilon).to(ce)
 
     def lazy(self, model: nn.Module, frames: Frames, budget: int = 0) -> Inference:
         """:meth:`infer` itself, each step's expensive features computed for the videos still going."""
