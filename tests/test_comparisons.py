@@ -129,18 +129,28 @@ def test_ocsampler_picks_the_top_k_and_its_sampling_is_a_distribution():
 def test_frameexit_exiting_at_step_k_costs_exactly_k_frames():
     assert coarse_to_fine(8) == (3, 0, 7, 1, 5, 2, 4, 6)  # middle, first, last, then ever finer midpoints
     assert all(sorted(coarse_to_fine(n)) == list(range(n)) for n in range(1, 60))
-    method = build("frameexit", max_frames=6)
-    with torch.no_grad():
-        for gate in method.model.gates:  # no gate fires: the budget stops it
-            gate.bias.fill_(-1e9)
-    for k in (1, 3, 6):
+    official = [8, 0, 15, 4, 12, 7, 10, 5, 13, 2]  # 10 of 16 frames spread uniformly, in the official code's order
+    for order, first, second in (("official", official, [5, 0, 9, 2, 7, 4, 6, 3, 8, 1]),
+                                 ("coarse-to-fine", list(coarse_to_fine(16)), list(coarse_to_fine(10)))):
+        method = build("frameexit", max_frames=6, order=order) if order != "official" else build("frameexit")
         with torch.no_grad():
-            inf = method.infer(method.model, batch(), budget=k)
-        np.testing.assert_allclose(inf.gflops, k * method.step_costs)
-        assert inf.step_frame[0, :k].tolist() == list(coarse_to_fine(16)[:k])
-        assert np.flatnonzero(inf.actions[1] == READ).tolist() == sorted(coarse_to_fine(10)[:k])
-        assert (inf.actions[0] == AFTER_STOP).sum() == 16 - k
+            for gate in method.model.gates:  # no gate fires: the budget stops it
+                gate.bias.fill_(-1e9)
+        for k in (1, 3, 6):
+            with torch.no_grad():
+                inf = method.infer(method.model, batch(), budget=k)
+            np.testing.assert_allclose(inf.gflops, k * method.step_costs)
+            assert inf.step_frame[0, :k].tolist() == first[:k]
+            assert np.flatnonzero(inf.actions[1] == READ).tolist() == sorted(second[:k])
+            assert (inf.actions[0] == AFTER_STOP).sum() == 16 - k
     assert method.step_costs == pytest.approx(4.0, rel=1e-3)
+    short = build("frameexit")
+    with torch.no_grad():
+        for gate in short.model.gates:
+            gate.bias.fill_(-1e9)
+        inf = short.infer(short.model, batch(length=(4, 10)))
+    assert inf.step_frame[0].tolist() == [2, 0, 3, 1, 3, 1, 2, 1, 3, 0]  # 10 picks of 4 frames: repeats
+    np.testing.assert_allclose(inf.gflops[0], 10 * short.step_costs - 6 * FLOPS[FINE])  # each frame computed once
 
 
 @pytest.mark.parametrize("name", COMPARISONS)

@@ -251,7 +251,8 @@ class Method:
 METHODS: dict[str, type[Method]] = {}
 CHOICES = {"normalise": ("l2", "none"), "select_on": ("val", "eval"), "budget": ("video", "batch"),
            "consensus": ("softmax", "logits"), "readout": ("last", "mean"), "rank": ("softmax", "logit"),
-           "actions": ("both", "resolution", "skip"), "optim": ("sgd", "adam"), "pooling": ("max", "mean")}
+           "actions": ("both", "resolution", "skip"), "optim": ("sgd", "adam"), "pooling": ("max", "mean"),
+           "order": ("official", "coarse-to-fine")}
 # The range of each numeric config field (of each item, for a tuple), written as in mathematics. Sizes are
 # bounded so that a typo fails in one line rather than allocating: an LSTM of h units holds 16 h^2 bytes of
 # recurrent weights (4 GiB at the bound 16384, 8x the papers' largest); counts of frames at 65536.

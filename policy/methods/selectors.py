@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import pairwise
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..ops import (
+    first_reads,
     frame_mask,
     keep_where,
     label_entropy,
@@ -33,6 +35,7 @@ from ..ops import (
     read_many,
     real_mask,
     running_mean,
+    spread_index,
     step_ce,
     step_loss,
     steps_of,
@@ -293,10 +296,16 @@ class OCSampler(Method):
         return step_inference(probs, frames, cost, batch.length, steps, preview=real_mask(batch.length, steps))
 
 
+# The official FrameExit code's reading order of its 10 uniformly sampled frames (its training and
+# inference scripts both index the clip with it)
+FRAMEEXIT_ORDER = (5, 0, 9, 2, 7, 4, 6, 3, 8, 1)
+
+
 @lru_cache(maxsize=None)
 def coarse_to_fine(n: int) -> tuple[int, ...]:
-    """FrameExit's deterministic order of ``n`` frames (0-based): the middle, the first, the last,
-    then the midpoints of ever finer equal parts (its Algorithm 1)."""
+    """Our coarse-to-fine order of ``n`` frames (0-based): the middle, the first, the last, then the
+    midpoints of ever finer equal parts. Our reading of the paper's description; on 10 frames it is
+    not the official code's order (``FRAMEEXIT_ORDER``)."""
     order = list(dict.fromkeys([(n + 1) // 2 - 1, 0, n - 1])) if n > 0 else []
     seen, parts = set(order), 2
     while len(order) < n:
@@ -320,8 +329,13 @@ def reading_orders(steps: int, frames: int) -> torch.Tensor:
 
 @dataclass
 class FrameExitConfig(TrainConfig):
+    CONVENTIONS: ClassVar[tuple[str, ...]] = ("select_on", "order")
+
     hidden: int = 512
     max_frames: int = 10  # frames read at most
+    # official: max_frames frames spread uniformly, read in FRAMEEXIT_ORDER (coarse_to_fine of them
+    # when max_frames is not 10); coarse-to-fine: ours, every cached frame in coarse_to_fine's order
+    order: str = "official"
     pooling: str = "max"  # accumulated feature pooling: max | mean
     epsilon: float = 0.1  # a gate's target is 1 (exit) where its step's CE - H(labels) (the KL) is below this
     gate_weight: float = 1.0
@@ -337,8 +351,10 @@ class FrameExitNet(Steps):
 
 @register_method
 class FrameExit(Method):
-    """FrameExit: frames in the coarse-to-fine order of :func:`coarse_to_fine`; their expensive
-    features, embedded, are pooled over the frames read so far (max, or mean); one classifier on
+    """FrameExit: ``max_frames`` frames spread uniformly over the video, read in the official code's
+    order (``FRAMEEXIT_ORDER``; ``order=coarse-to-fine``: every cached frame in :func:`coarse_to_fine`'s
+    order); their expensive features, embedded, are pooled over the frames read so far (max, or
+    mean); a frame read twice (a video shorter than ``max_frames``) is computed once; one classifier on
     the pooled feature, and a gate per step that exits at the first step whose gate fires (at most
     ``max_frames``). Training: cross-entropy at every step plus each gate's binary cross-entropy
     against its on-the-fly target, 1 where that step's cross-entropy, less the entropy of the
@@ -373,7 +389,11 @@ class FrameExit(Method):
     def order(self, length: torch.Tensor, steps: int) -> torch.Tensor:
         """(N, S) the frames of each video (at most ``steps``) in reading order, -1 past its length
         (S = ``max_frames``)."""
-        return reading_orders(steps, self.cfg.max_frames).to(length.device)[length]
+        k = self.cfg.max_frames
+        if self.cfg.order == "coarse-to-fine":
+            return reading_orders(steps, k).to(length.device)[length]
+        sequence = list(FRAMEEXIT_ORDER if k == len(FRAMEEXIT_ORDER) else coarse_to_fine(k))
+        return torch.where((length > 0).unsqueeze(1), spread_index(length, k)[:, sequence], -1)
 
     def rollout(self, model: nn.Module, batch: Batch, exits: bool, budget: int = 0) -> dict:
         """Frames in its order, one step at a time: a step's expensive features, embedded and pooled
@@ -428,7 +448,8 @@ class FrameExit(Method):
         """The rollout, exiting at the first gate that fires; ``budget`` K caps the reads at K."""
         out = model(self.rollout, batch, True, budget)
         frames = out["frames"]
-        inf = step_inference(out["logits"].softmax(-1), frames, (frames >= 0) * self.step_costs, batch.length,
-                             steps_of(batch))
+        backbone = self.flops[self.cfg.fine]
+        cost = (frames >= 0) * (self.step_costs - backbone) + first_reads(frames) * backbone
+        inf = step_inference(out["logits"].softmax(-1), frames, cost, batch.length, steps_of(batch))
         inf.actions[inf.actions == NOT_READ] = AFTER_STOP  # every frame not read comes after the exit in its order
         return inf
