@@ -141,7 +141,26 @@ class PacketIndex:
         return self.rate or len(self.pts) / max(self.times()[-1] - self.times()[0], 1e-9)
 
 
-class PyAVVideo:
+class Indexed:
+    """What a decoder over a :class:`PacketIndex` (``self.index``) serves from the index itself."""
+
+    index: PacketIndex
+
+    def __len__(self) -> int:
+        return len(self.index.pts)
+
+    def fps(self) -> float:
+        return self.index.fps()
+
+    def times(self) -> np.ndarray:
+        return self.index.times()
+
+    def keyframes(self) -> list[int]:
+        return self.index.keyframes
+
+
+
+class PyAVVideo(Indexed):
     """PyAV (FFmpeg's libraries bundled with the ``av`` wheel) on one thread, over a
     :class:`PacketIndex`: a frame is found by its timestamp, decoding forward from the keyframe
     before it (from the position reached, when the next target is in the same group of pictures)."""
@@ -156,18 +175,6 @@ class PyAVVideo:
         self.stream.codec_context.thread_count = 1
         self.decoded = None  # the decoding generator, and the index of the last frame it gave
         self.position = -1
-
-    def __len__(self) -> int:
-        return len(self.index.pts)
-
-    def fps(self) -> float:
-        return self.index.fps()
-
-    def times(self) -> np.ndarray:
-        return self.index.times()
-
-    def keyframes(self) -> list[int]:
-        return self.index.keyframes
 
     def _frame_at(self, target: int) -> np.ndarray:
         keyframes = self.index.keyframes
@@ -212,7 +219,7 @@ def torchcodec_problem() -> str:
     return ""
 
 
-class TorchcodecVideo:
+class TorchcodecVideo(Indexed):
     """torchcodec's ``VideoDecoder`` (PyTorch's decoder, on the system's FFmpeg) on one thread, over a
     :class:`PacketIndex` given to it as its frame mappings: frame ``i`` is the one PyAV's index names,
     found by torchcodec's exact seeking (``get_frames_at``)."""
@@ -234,18 +241,6 @@ class TorchcodecVideo:
             self.decoder = VideoDecoder(self.path, num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu",
                                         custom_frame_mappings=json.dumps(mappings))
         return self.decoder
-
-    def __len__(self) -> int:
-        return len(self.index.pts)
-
-    def fps(self) -> float:
-        return self.index.fps()
-
-    def times(self) -> np.ndarray:
-        return self.index.times()
-
-    def keyframes(self) -> list[int]:
-        return self.index.keyframes
 
     def frames(self, targets: list[int]) -> np.ndarray:
         return self._decoder().get_frames_at(list(targets)).data.numpy()

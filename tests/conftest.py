@@ -139,3 +139,24 @@ def two_classes(demo_root, tmp_path):
             for number in numbers:
                 shutil.copy(os.path.join(demo_root, "videos", f"{name}_{number}.mp4"), root / split / name)
     return root
+
+
+def hang_decoding(monkeypatch, module, name: str, suffix: str, limit: float = 3.0) -> None:
+    """Make ``module.name`` (a decoding function taking the video's path first) hang on the video whose
+    path ends with ``suffix``, deaf to SIGTERM and SIGINT as a decoder looping in native code is, and
+    the decoding time limit ``limit`` s, looked at every 0.5 s. Worker processes forked afterwards
+    inherit both."""
+    from extract import workers
+
+    real = getattr(module, name)
+
+    def hanging(path, *args):
+        if str(path).endswith(suffix):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            while True:
+                time.sleep(1)
+        return real(path, *args)
+
+    monkeypatch.setattr(module, name, hanging)
+    monkeypatch.setattr(workers, "TICK", 0.5)
+    monkeypatch.setattr(workers, "decode_limit", lambda path: limit)

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import hang_decoding, run_cli
 from extract import cache as cache_module
-from extract import pipeline, workers
+from extract import pipeline
 from extract.atomic import DiskFull
 from extract.cache import Cache
 from extract.locks import Busy, exclusive
@@ -88,18 +88,7 @@ def test_a_decoder_that_hangs_is_stopped_at_the_time_limit_and_the_run_goes_on(d
     """A decoder looping forever in native code (as decord on a header that over-reports frames) stalled
     its worker, and so the run, forever: past the video's limit its processes are stopped (terminated:
     a hung decoder answers no request), the video is listed as timed out, new processes do the rest."""
-    real = pipeline.read_frames
-
-    def hanging(path, *args):
-        if path.endswith("blue_disc_000.mp4"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # deaf, as native code is
-            while True:
-                time.sleep(1)
-        return real(path, *args)
-
-    monkeypatch.setattr(pipeline, "read_frames", hanging)  # the workers are forked from this process
-    monkeypatch.setattr(workers, "TICK", 0.5)
-    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
+    hang_decoding(monkeypatch, pipeline, "read_frames", "blue_disc_000.mp4")  # the workers are forked from here
     out = tmp_path / "c.h5"
     start = time.monotonic()
     summary = run_extraction(config(demo_root, out, workers=2))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, hang_decoding, run_cli
 from extract.cache import Cache
 from extract.finetune import segment_indices
 
@@ -107,21 +107,8 @@ def test_a_decoder_that_hangs_is_stopped_and_finetuning_goes_on(two_classes, tmp
     """Clips are decoded in worker processes under the decoding time limit: a training video whose
     decoder hangs (deaf to SIGTERM, as native code is) is skipped as timed out, and the epoch ends."""
     from extract import finetune as module
-    from extract import workers
 
-    real = module.read_resized
-    hang = str(two_classes / "train" / "blue_disc" / "blue_disc_000.mp4")
-
-    def hanging(path, *args):
-        if path == hang:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-            while True:
-                time.sleep(1)
-        return real(path, *args)
-
-    monkeypatch.setattr(module, "read_resized", hanging)  # the workers are forked from this process
-    monkeypatch.setattr(workers, "TICK", 0.5)
-    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
+    hang_decoding(monkeypatch, module, "read_resized", "train/blue_disc/blue_disc_000.mp4")
     cfg = module.FinetuneConfig(dataset="list", backbone=BACKBONE, out=str(tmp_path / "b.pt"),
                                 video_root=str(two_classes), segments=4, epochs=1, batch_size=4, workers=1,
                                 device="cpu")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TOY_DIMS, run_cli, toy_method
+from conftest import TOY_DIMS, hang_decoding, run_cli, toy_method
 from extract.cache import Cache, write_cache
 from extract.flops import FlopsEntry
 from policy.data import Batch
@@ -373,29 +373,14 @@ def test_out_appends_one_line_per_video_resumes_and_refuses_another_runs_file(ru
 def test_a_decoder_that_hangs_is_stopped_and_the_other_videos_recognised(runs, monkeypatch, tmp_path):
     """Decoding runs in worker processes under the decoding time limit: a video whose decoder hangs
     (deaf to SIGTERM, as native code is) is skipped with the reason; the rest are recognised."""
-    import signal
-    import time
-
     from click.testing import CliRunner
 
-    from extract import workers
     from policy import recognize as module
-
-    real = module.read_distinct
-
-    def hanging(path, *args):
-        if path == hang:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-            while True:
-                time.sleep(1)
-        return real(path, *args)
 
     run = RunFolder.load(str(runs / "arnet"))
     videos = evaluated_videos(run)[:3]
     hang = videos[1]
-    monkeypatch.setattr(module, "read_distinct", hanging)  # the workers are forked from this process
-    monkeypatch.setattr(workers, "TICK", 0.5)
-    monkeypatch.setattr(workers, "decode_limit", lambda path: 3.0)
+    hang_decoding(monkeypatch, module, "read_distinct", hang)  # the workers are forked from this process
     result = CliRunner().invoke(main, [*videos, "--run", str(runs / "arnet"), "--json", "--no-progress",
                                        "--frames-per-pass", "8", "--workers", "1", "--device", "cpu"])
     assert result.exit_code == 1
