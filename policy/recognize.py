@@ -88,8 +88,9 @@ class SampledFrames(Dataset):
 
 
 def decode_videos(paths: list[str], sampling: Sampling, decoder: str, workers: int) -> Iterator[Decoded]:
-    """:class:`Decoded` of each of ``paths`` in order, decoded ahead by ``workers`` processes (0: here,
-    on demand) under :func:`~extract.workers.guarded`'s time limit, while the caller computes."""
+    """:class:`Decoded` of each of ``paths`` in order, decoded ahead by ``workers`` processes under
+    :func:`~extract.workers.guarded`'s time limit while the caller computes (0: by a thread of this
+    process, with no time limit)."""
     def failure(k: int, reason: str) -> Decoded:
         return Decoded(paths[k], error=reason)
 
