@@ -159,7 +159,6 @@ class Indexed:
         return self.index.keyframes
 
 
-
 class PyAVVideo(Indexed):
     """PyAV (FFmpeg's libraries bundled with the ``av`` wheel) on one thread, over a
     :class:`PacketIndex`: a frame is found by its timestamp, decoding forward from the keyframe

@@ -196,6 +196,12 @@ def first_reads(frames: torch.Tensor) -> torch.Tensor:
     return (frames >= 0) & ~(same & earlier).any(2)
 
 
+def read_costs(frames: torch.Tensor, modules: float, backbone: float) -> torch.Tensor:
+    """(N, S) GMACs of steps that read ``frames`` (-1: none): a method's own ``modules`` at every
+    such step, the ``backbone`` on :func:`first_reads` only."""
+    return (frames >= 0) * modules + first_reads(frames) * backbone
+
+
 def label_entropy(labels: torch.Tensor) -> torch.Tensor:
     """(N,) the entropy of each video's normalised label distribution (0 for one label, log k for k
     labels): the least cross-entropy a prediction can reach on it."""

@@ -33,6 +33,7 @@ from ..ops import (
     label_mass,
     price,
     read,
+    read_costs,
     read_many,
     reinforce,
     spread_index,
@@ -94,7 +95,7 @@ class _Agent(Method):
     def costs(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, S) GMACs of each step that reads ``frames`` (-1: none): the agent's modules, and the
         expensive backbone on a frame not read before."""
-        return (frames >= 0) * self.module_costs + first_reads(frames) * self.flops[self.cfg.fine]
+        return read_costs(frames, self.module_costs, self.flops[self.cfg.fine])
 
     def loss(self, model: nn.Module, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(self.rollout, batch, "sample")

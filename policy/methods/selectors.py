@@ -24,7 +24,6 @@ from extract.training import soft_cross_entropy
 
 from ..data import Batch
 from ..ops import (
-    first_reads,
     frame_mask,
     keep_where,
     label_entropy,
@@ -32,6 +31,7 @@ from ..ops import (
     per_video_mean,
     price,
     read,
+    read_costs,
     read_many,
     real_mask,
     running_mean,
@@ -449,7 +449,7 @@ class FrameExit(Method):
         out = model(self.rollout, batch, True, budget)
         frames = out["frames"]
         backbone = self.flops[self.cfg.fine]
-        cost = (frames >= 0) * (self.step_costs - backbone) + first_reads(frames) * backbone
+        cost = read_costs(frames, self.step_costs - backbone, backbone)
         inf = step_inference(out["logits"].softmax(-1), frames, cost, batch.length, steps_of(batch))
         inf.actions[inf.actions == NOT_READ] = AFTER_STOP  # every frame not read comes after the exit in its order
         return inf
