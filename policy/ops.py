@@ -55,12 +55,23 @@ def projection(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(dim_in), nn.Linear(dim_in, dim_out), nn.BatchNorm1d(dim_out), nn.ReLU())
 
 
-def project_real(module: nn.Module, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``module`` on the real steps of (N, T, D) ``x`` only (BatchNorm statistics exclude padding); zeros elsewhere."""
-    real = real_mask(length, x.shape[1])
-    out = x.new_zeros(*x.shape[:2], module[1].out_features)
-    out[real] = module(x[real])
+def embedding(dim_in: int, dim_out: int) -> nn.Sequential:
+    """FrameExit's frame embedding (OCSampler's classifier head is FrameExit's): Linear, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Linear(dim_in, dim_out), nn.BatchNorm1d(dim_out), nn.ReLU())
+
+
+def on_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``module`` on the entries of (N, S, D) ``x`` where the (N, S) bool ``rows`` holds, all at once
+    (BatchNorm's statistics from those only, not from padding); zeros elsewhere."""
+    y = module(x[rows])
+    out = y.new_zeros(*rows.shape, y.shape[-1])
+    out[rows] = y
     return out
+
+
+def project_real(module: nn.Module, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``module`` on the real steps of (N, T, D) ``x`` only (:func:`on_rows`); zeros elsewhere."""
+    return on_rows(module, x, real_mask(length, x.shape[1]))
 
 
 def numpy(x: torch.Tensor) -> np.ndarray:
