@@ -14,6 +14,7 @@ from conftest import run_cli
 from eval.cli import main as evaluate
 from policy.data import Batch
 from policy.methods import METHODS
+from policy.methods.agents import nearby
 from policy.methods.base import AFTER_STOP, NOT_READ, PREVIEW, READ
 from policy.methods.selectors import coarse_to_fine
 from policy.train import train
@@ -41,34 +42,46 @@ def batch(length=(16, 10), steps=16) -> Batch:
                  torch.eye(C)[:n], torch.tensor(length))
 
 
-def test_fastforward_visits_exactly_the_frames_its_jumps_say():
-    method = build("fastforward")  # jumps 1, 2, 4, 8; action 4 stops
-    forced = torch.tensor([[1, 2, 0, 4] + [4] * 12, [3, 3, 0, 0] + [0] * 12])
+def test_fastforward_jumps_back_and_forth_and_stops_by_its_stop_network():
+    method = build("fastforward")  # jumps -2, -1, +1, +2, +4, +8, +16 (indices 0-6)
+    actions = torch.tensor([[3, 4, 1, 2, 0] + [0] * 11, [5, 6] + [0] * 14, [0, 2, 0] + [0] * 13])
+    stop = torch.tensor([[0, 0, 0, 0, 1] + [0] * 11, [0] * 16, [0, 0, 1] + [0] * 13])
     with torch.no_grad():
-        inf = method.infer(method.model, batch(), {"actions": forced})
-    assert inf.step_frame[0, :5].tolist() == [0, 2, 6, 7, -1]  # +2, +4, +1, stop
-    assert inf.step_frame[1, :3].tolist() == [0, 8, -1]  # +8, then +8 would pass the 10 frames' end: stop
+        inf = method.infer(method.model, batch(length=(16, 10, 3)), {"actions": actions, "stop": stop})
+    assert inf.step_frame[0, :6].tolist() == [0, 2, 6, 5, 6, -1]  # +2, +4, -1, +1, then the stop network stops it
+    assert inf.step_frame[1, :3].tolist() == [0, 8, -1]  # +8, then +16 would pass the 10 frames' end: stop
+    assert inf.step_frame[2, :4].tolist() == [0, 0, 1, -1]  # -2 from the first frame stays there
     first = inf.actions[0]
-    assert np.flatnonzero(first == READ).tolist() == [0, 2, 6, 7]
-    assert np.flatnonzero(first == NOT_READ).tolist() == [1, 3, 4, 5] and (first[8:] == AFTER_STOP).all()
+    assert np.flatnonzero(first == READ).tolist() == [0, 2, 5, 6]
+    assert np.flatnonzero(first == NOT_READ).tolist() == [1, 3, 4] and (first[7:] == AFTER_STOP).all()
     assert inf.actions[1, 10:].tolist() == [-1] * 6  # padding
-    read = method.module_costs + FLOPS[FINE]
-    np.testing.assert_allclose(inf.gflops, [4 * read, 2 * read])
+    modules, backbone = method.module_costs, FLOPS[FINE]  # a frame read again is computed once
+    np.testing.assert_allclose(inf.gflops, [5 * modules + 4 * backbone, 2 * modules + 2 * backbone,
+                                            3 * modules + 2 * backbone])
     assert 0 < method.module_costs < 1e-3  # the agent's modules priced; the backbone dominates
 
 
-def test_frameglimpse_reads_where_it_is_told_and_stops():
-    method = build("frameglimpse")
-    locations = torch.tensor([[1.0, 0.0, 0.5] + [0.5] * 5, [0.0] * 8])
-    stop = torch.tensor([[0, 0, 1] + [0] * 5, [0] * 8])
+def test_frameglimpse_glimpses_from_the_first_frame_and_averages_what_it_emits():
+    method = build("frameglimpse")  # 6 glimpses, output=emit
+    locations = torch.tensor([[1.0, 0.5, -0.3, 1.4, 0.5, 0.0], [0.2] * 6])
+    output = torch.tensor([[0, 1, 0, 0, 1, 0], [0] * 6])
+    forced = {"locations": locations, "output": output}
     with torch.no_grad():
-        inf = method.infer(method.model, batch(), {"locations": locations, "stop": stop})
-    assert inf.step_frame[0].tolist() == [8, 15, 0, -1, -1, -1, -1, -1]  # middle first (round(0.5 * 15))
-    assert inf.step_frame[1].tolist() == [4] + [0] * 7  # never stops: at most `glimpses` reads
-    # the modules at every glimpse; the backbone once per distinct frame, as recognize computes it
-    np.testing.assert_allclose(inf.gflops, [3 * method.module_costs + 3 * FLOPS[FINE],
-                                            8 * method.module_costs + 2 * FLOPS[FINE]])
-    assert inf.step_scores.shape == (2, 8, C) and np.allclose(inf.step_scores[0, 3:], inf.step_scores[0, 2])
+        inf = method.infer(method.model, batch(), forced)
+        out = method.model(method.rollout, batch(), "argmax", forced)
+    assert inf.step_frame[0].tolist() == [0, 15, 8, 0, 15, 8]  # a location outside [0, 1] reads the nearest end
+    assert inf.step_frame[1].tolist() == [0, 2, 2, 2, 2, 2]
+    np.testing.assert_allclose(inf.gflops, [6 * method.module_costs + 3 * FLOPS[FINE],
+                                            6 * method.module_costs + 2 * FLOPS[FINE]])
+    probs = out["logits"].softmax(-1).numpy()
+    np.testing.assert_allclose(inf.step_scores[0, 0], probs[0, 0], rtol=1e-5)  # nothing emitted yet: every glimpse
+    np.testing.assert_allclose(inf.step_scores[0, 5], (probs[0, 1] + probs[0, 4]) / 2, rtol=1e-5)  # the emitted two
+    np.testing.assert_allclose(inf.scores[1], probs[1].mean(0), rtol=1e-5)  # none emitted: every glimpse
+    stopping = build("frameglimpse", output="stop")
+    with torch.no_grad():
+        inf = stopping.infer(stopping.model, batch(), {"locations": locations, "output": torch.tensor(
+            [[0, 0, 1, 0, 0, 0], [0] * 6])})
+    assert inf.step_frame[0].tolist() == [0, 15, 8, -1, -1, -1]  # output=stop: the third glimpse stops
 
 
 def test_adaframe_pays_its_memory_once_and_a_read_per_step():
@@ -86,7 +99,30 @@ def test_adaframe_pays_its_memory_once_and_a_read_per_step():
     assert np.flatnonzero(inf.actions[0] == PREVIEW).tolist() == [2, 6, 10, 14]  # the memory's frames, not read
 
 
-def test_multiagent_moves_its_pointers():
+class Utilities(torch.nn.Module):
+    """A utility head that predicts the given values, one per step."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values, self.step = values, 0
+
+    def forward(self, h):
+        self.step += 1
+        return torch.full((len(h), 1), self.values[self.step - 1])
+
+
+def test_adaframe_stops_by_adaptive_lookahead():
+    """It stops once the predicted utility has fallen more than `margin` below its best so far more
+    than `lookahead` times: 0.5, 0.6 (best), 0.5 (once), 0.595 (within the margin), 0.55 (twice): stop."""
+    method = build("adaframe", steps=6, margin=0.01, lookahead=1)
+    assert method.module_costs > 0  # priced before the head is replaced
+    method.model.utility = Utilities([0.5, 0.6, 0.5, 0.595, 0.55, 0.7])
+    with torch.no_grad():
+        inf = method.infer(method.model, batch())
+    assert (inf.step_frame >= 0).sum(1).tolist() == [5, 5]
+
+
+def test_multiagent_moves_its_pointers_and_sees_its_nearby_agents():
     method = build("multiagent", agents=2, steps=2, move=0.25)
     moves = torch.tensor([[[2, 0], [1, 0]], [[0, 2], [2, 2]]])  # (N, steps, agents): 0 back, 1 stay, 2 forward
     with torch.no_grad():
@@ -97,6 +133,8 @@ def test_multiagent_moves_its_pointers():
     # every agent's step runs the modules; the backbone runs on 3 and 4 distinct frames
     np.testing.assert_allclose(inf.gflops, [6 * method.module_costs + 3 * FLOPS[FINE],
                                             6 * method.module_costs + 4 * FLOPS[FINE]])
+    assert nearby(4, "cpu").tolist() == [[0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0.5, 0, 0.5], [0, 0, 1, 0]]
+    assert nearby(1, "cpu").tolist() == [[0.0]]  # alone: no context
 
 
 def test_listentolook_picks_distinct_frames_after_previewing_all():
@@ -105,25 +143,62 @@ def test_listentolook_picks_distinct_frames_after_previewing_all():
         inf = method.infer(method.model, batch(length=(16, 3)))
     assert len(set(inf.step_frame[0])) == 4 and (inf.step_frame[0] >= 0).all()
     assert sorted(inf.step_frame[1][:3]) == [0, 1, 2] and inf.step_frame[1, 3] == -1  # only 3 frames to pick
-    preview, pick = method.costs
-    attention = 2 * 16 * 8 / 1e9
-    expected = [16 * preview + 4 * (pick + attention), 3 * preview + 3 * (pick + attention)]
+    preview, step, attention, pick = method.costs
+    expected = [16 * preview + 4 * (step + 16 * attention + pick + FLOPS[FINE]),
+                3 * preview + 3 * (step + 3 * attention + pick + FLOPS[FINE])]
     np.testing.assert_allclose(inf.gflops, expected)
     assert (inf.actions[0] != NOT_READ).all() and (inf.actions[0] == READ).sum() == 4  # the rest: PREVIEW
 
 
-def test_ocsampler_picks_the_top_k_and_its_sampling_is_a_distribution():
+def test_listentolook_trains_its_attention_softly_from_the_memorys_mean():
+    """No sample is drawn: the same batch gives the same loss twice, and the attention's gradient
+    reaches every previewed frame's key, not only the picked ones."""
+    method = build("listentolook", frames=2)
+    method.model.train()
+    losses = [method.loss(method.model, batch(), 0)[0] for _ in range(2)]
+    assert losses[0].item() == losses[1].item()
+    losses[0].backward()
+    assert method.model.keys[0].weight.grad.abs().sum() > 0 and method.model.query.weight.grad.abs().sum() > 0
+
+
+def test_ocsampler_picks_k_of_its_candidates_and_its_sampling_is_a_distribution():
     method = build("ocsampler", frames=2)
-    scores = torch.tensor([[0.5, 2.0, -1.0]])
-    total = sum(method.log_prob(scores, torch.tensor([list(p)])).exp().item()
-                for p in itertools.permutations(range(3), 2))
-    assert total == pytest.approx(1.0)  # Plackett-Luce over ordered draws without replacement
-    assert method.pick(scores, torch.tensor([3]), noise=False).tolist() == [[1, 0]]
+    scores = torch.tensor([[0.5, 2.0, -1.0, 0.3]])
+    sets = list(itertools.combinations(range(4), 2))
+    p = {s: method.log_prob(scores, torch.tensor([list(s)])).exp().item() for s in sets}
+    assert sum(p.values()) == pytest.approx(1.0, abs=1e-6)  # the unordered set's probability over every set
+    assert method.log_prob(scores, torch.tensor([[1, 0]])).item() == pytest.approx(
+        method.log_prob(scores, torch.tensor([[0, 1]])).item())
+    torch.manual_seed(0)
+    drawn = method.pick(scores.expand(20000, 4), noise=True).sort(1).values.tolist()
+    for s in sets:  # the draws without replacement follow it (noise: sqrt(p / 20000) < 0.005)
+        assert drawn.count(list(s)) / 20000 == pytest.approx(p[s], abs=0.02)
+    assert method.pick(scores, noise=False).tolist() == [[0, 1]]  # the top 2, in time order
     with torch.no_grad():
         inf = method.infer(method.model, batch(length=(16, 1)))
-    scored, context, pick = method.costs
-    np.testing.assert_allclose(inf.gflops, [16 * scored + context + 2 * pick, scored + context + pick])
-    assert inf.step_frame[1].tolist() == [0, -1]
+    assert inf.step_frame[0].tolist()[0] in (0, 2, 4, 5, 7, 8, 10, 12, 13, 15)  # 10 candidates spread over 16
+    assert np.flatnonzero(inf.actions[0] != NOT_READ).tolist() == [0, 2, 4, 5, 7, 8, 10, 12, 13, 15]
+    assert inf.step_frame[1].tolist() == [0, 0]  # a 1-frame video: its 10 candidates are one frame
+    cheap, scorer, video, embed = method.costs
+    np.testing.assert_allclose(inf.gflops, [10 * cheap + 10 * scorer + video + 2 * (embed + FLOPS[FINE]),
+                                            cheap + 10 * scorer + video + 2 * embed + FLOPS[FINE]])
+
+
+def test_ocsampler_reward_needs_no_labels_and_its_baseline_is_k_uniform_candidates():
+    method = build("ocsampler", frames=2, candidates=4, warmup_epochs=0)
+    b = batch()
+    candidates = method.candidates(b.length, 16, False)
+    assert candidates.tolist() == [[2, 6, 10, 14], [1, 3, 6, 8]]
+    loss, rewards = method.policy_loss(method.model, b, candidates)
+    unlabelled = Batch(b.index, b.features, torch.zeros_like(b.labels), b.length)
+    torch.manual_seed(0)
+    _, again = method.policy_loss(method.model, unlabelled, candidates)
+    torch.manual_seed(0)
+    _, labelled = method.policy_loss(method.model, b, candidates)
+    assert torch.equal(again[0], labelled[0]) and torch.equal(again[1], labelled[1])  # the labels play no part
+    with torch.no_grad():
+        uniform = method.classify(method.model, b, candidates[:, [1, 3]])[:, -1].softmax(-1).amax(-1)
+    assert torch.allclose(rewards[1], uniform)  # the baseline: 2 of the 4 candidates spread uniformly
 
 
 def test_frameexit_exiting_at_step_k_costs_exactly_k_frames():
@@ -132,25 +207,41 @@ def test_frameexit_exiting_at_step_k_costs_exactly_k_frames():
     official = [8, 0, 15, 4, 12, 7, 10, 5, 13, 2]  # 10 of 16 frames spread uniformly, in the official code's order
     for order, first, second in (("official", official, [5, 0, 9, 2, 7, 4, 6, 3, 8, 1]),
                                  ("coarse-to-fine", list(coarse_to_fine(16)), list(coarse_to_fine(10)))):
-        method = build("frameexit", max_frames=6, order=order) if order != "official" else build("frameexit")
+        method = build("frameexit", first_threshold=1.0, **({"max_frames": 6, "order": order}
+                                                             if order != "official" else {}))
         with torch.no_grad():
-            for gate in method.model.gates:  # no gate fires: the budget stops it
+            for gate in method.model.gates:  # no gate fires, nor step 0's confidence: the budget stops it
                 gate.bias.fill_(-1e9)
         for k in (1, 3, 6):
             with torch.no_grad():
                 inf = method.infer(method.model, batch(), budget=k)
-            np.testing.assert_allclose(inf.gflops, k * method.step_costs)
+            np.testing.assert_allclose(inf.gflops, method.module_costs[:k].sum().item() + k * FLOPS[FINE])
             assert inf.step_frame[0, :k].tolist() == first[:k]
             assert np.flatnonzero(inf.actions[1] == READ).tolist() == sorted(second[:k])
             assert (inf.actions[0] == AFTER_STOP).sum() == 16 - k
-    assert method.step_costs == pytest.approx(4.0, rel=1e-3)
-    short = build("frameexit")
+    short = build("frameexit", first_threshold=1.0)
+    assert len(short.model.classifiers) == 10 and len(short.model.gates) == 8  # steps 1-8 (the last always exits)
     with torch.no_grad():
         for gate in short.model.gates:
             gate.bias.fill_(-1e9)
         inf = short.infer(short.model, batch(length=(4, 10)))
     assert inf.step_frame[0].tolist() == [2, 0, 3, 1, 3, 1, 2, 1, 3, 0]  # 10 picks of 4 frames: repeats
-    np.testing.assert_allclose(inf.gflops[0], 10 * short.step_costs - 6 * FLOPS[FINE])  # each frame computed once
+    np.testing.assert_allclose(inf.gflops[0], short.module_costs.sum().item() + 4 * FLOPS[FINE])  # each once
+
+
+def test_frameexit_step_0_exits_on_its_confidence_and_later_steps_by_their_gates():
+    method = build("frameexit")
+    with torch.no_grad():
+        method.model.classifiers[0].bias.copy_(torch.tensor([30.0, 0.0, 0.0]))  # softmax 1.0 > 0.99 on any frame
+        inf = method.infer(method.model, batch())
+    assert inf.step_frame[:, 1].tolist() == [-1, -1]
+    np.testing.assert_allclose(inf.gflops, method.module_costs[0].item() + FLOPS[FINE])
+    with torch.no_grad():
+        method.model.classifiers[0].bias.zero_()
+        for s, gate in enumerate(method.model.gates, 1):
+            gate.bias.fill_(1e9 if s == 3 else -1e9)  # only step 3's gate fires
+        inf = method.infer(method.model, batch())
+    assert (inf.step_frame >= 0).sum(1).tolist() == [4, 4]
 
 
 @pytest.mark.parametrize("name", COMPARISONS)
@@ -199,19 +290,17 @@ def test_the_location_score_is_taken_at_the_sample_not_the_clamped_location(name
     """REINFORCE's score of a Gaussian location has mean 0 only at the sampled value; taken at the
     location clamped to [0, 1] it is biased near the edges (at mean 0.95, sigma 0.1: -2.0 instead of 0)."""
     method = build(name, sigma=0.1)
-    with torch.no_grad():
+    mean = 0.95
+    with torch.no_grad():  # FrameGlimpse's mean is the head's output; AdaFrame's its sigmoid
         method.model.location.weight.zero_()
-        method.model.location.bias.fill_(float(np.log(0.95 / 0.05)))  # mean 0.95
-        if name == "frameglimpse":
-            method.model.stop.weight.zero_()
-            method.model.stop.bias.fill_(-30.0)  # never stops: every move is taken
+        method.model.location.bias.fill_(mean if name == "frameglimpse" else float(np.log(mean / (1 - mean))))
     torch.manual_seed(0)
     n = 4000
     many = Batch(np.arange(n), {FINE: torch.randn(n, 16, DIMS[FINE]), COARSE: torch.randn(n, 16, DIMS[COARSE])},
                  torch.eye(C)[torch.arange(n) % C], torch.full((n,), 16))
     out = method.model(method.rollout, many, "sample")
-    mean = 0.95
-    score = torch.autograd.grad(out["log_prob"][:, 0].mean(), method.model.location.bias)[0] / (mean * (1 - mean))
+    slope = 1.0 if name == "frameglimpse" else mean * (1 - mean)
+    score = torch.autograd.grad(out["log_prob"][:, 0].mean(), method.model.location.bias)[0] / slope
     assert abs(score.item()) < 0.6  # E[(x - mean) / sigma^2] = 0 (its noise: 10 / sqrt(4000) = 0.16)
 
 

@@ -252,20 +252,21 @@ METHODS: dict[str, type[Method]] = {}
 CHOICES = {"normalise": ("l2", "none"), "select_on": ("val", "eval"), "budget": ("video", "batch"),
            "consensus": ("softmax", "logits"), "readout": ("last", "mean"), "rank": ("softmax", "logit"),
            "actions": ("both", "resolution", "skip"), "optim": ("sgd", "adam"), "pooling": ("max", "mean"),
-           "order": ("official", "coarse-to-fine")}
+           "order": ("official", "coarse-to-fine"), "output": ("emit", "stop")}
 # The range of each numeric config field (of each item, for a tuple), written as in mathematics. Sizes are
 # bounded so that a typo fails in one line rather than allocating: an LSTM of h units holds 16 h^2 bytes of
 # recurrent weights (4 GiB at the bound 16384, 8x the papers' largest); counts of frames at 65536.
 RANGES = {"seed": "[0, 4294967295]", "epochs": "[1, 100000]", "batch_size": "[1, 1048576]",
           **dict.fromkeys(("warmup_epochs", "joint_epochs", "finetune_epochs"), "[0, 100000]"),
-          **dict.fromkeys(("hidden", "hidden_coarse", "hidden_fine"), "[1, 16384]"),
-          **dict.fromkeys(("steps", "memory", "agents", "glimpses", "max_frames", "topk", "jumps", "skips"),
-                          "[1, 65536]"),
+          **dict.fromkeys(("hidden", "hidden_coarse", "hidden_fine", "scorer"), "[1, 16384]"),
+          **dict.fromkeys(("steps", "memory", "agents", "glimpses", "max_frames", "topk", "skips"), "[1, 65536]"),
+          "jumps": "[-65536, 65536]",  # FastForward's moves, back or forward
           "frames": "[0, 65536]", "checkpoint_steps": "[0, 65536]",  # 0: every frame / no checkpointing
           **dict.fromkeys(("lr", "warmup_lr", "joint_lr", "finetune_lr", "weight_decay", "memory_budget_gb", "lam",
-                           "beta", "tau_decay", "entropy", "read_penalty", "epsilon", "gate_weight"), "[0, inf)"),
+                           "beta", "tau_decay", "entropy", "read_penalty", "epsilon", "gate_weight", "margin"),
+                          "[0, inf)"),
           **dict.fromkeys(("tau", "tau_start", "tau_end", "sigma"), "(0, inf)"),
-          **dict.fromkeys(("gamma", "alpha", "momentum", "discount", "move"), "[0, 1]"),  # fractions
+          **dict.fromkeys(("gamma", "alpha", "momentum", "discount", "move", "first_threshold"), "[0, 1]"),  # fractions
           "val_fraction": "[0, 0.9]"}  # at least a tenth of train is trained on
 RANGE_OF = {int: "[0, 65536]", float: "(-inf, inf)"}  # a numeric field not in RANGES (any float: finite)
 

@@ -219,8 +219,7 @@ class OCSampler(Method):
 
     @classmethod
     def label(cls, config: dict) -> str:
-        candidates = config.get("candidates", 0) or "all"
-        return f"{cls.display} ({config['frames']} of {candidates} frames)"
+        return f"{cls.display} (K={config['frames']} of {config.get('candidates', 0) or 'all'})"
 
     @property
     def codes(self) -> ActionCodes:
