@@ -456,7 +456,7 @@ def claims(runs, opts):
                 "(its frame scores classify the random frames)", False)
             continue
         learned = 100 * run.summary(opts.ap)["mAP"]
-        reads = run.codes.is_expensive(run.step_actions()).sum(1)  # expensive reads, a frame read twice twice
+        reads = run.codes.is_expensive(run.actions).sum(1)  # distinct frames given the expensive features
         chance = random_frames_map(reference, reads, opts.ap)
         add(f"{run.label}: above random frames at its budget",
             f"mAP {learned:.1f} vs {chance:.1f} for {reads.mean():.2f} random frames/V (mean of {RANDOM_DRAWS} "

@@ -251,8 +251,10 @@ class FrameGlimpse(_Agent):
             pos = torch.round(place * span).long()
             h2, c2 = model.lstm(torch.cat([read(fine, self.cfg.fine, alive, pos), place.unsqueeze(1)], 1), (h, c))
             h, c = keep_where(alive, (h2, c2), (h, c))
-            binary = Bernoulli(logits=model.output(h).squeeze(1), validate_args=False)
-            move = Normal(model.location(h).squeeze(1), self.cfg.sigma, validate_args=False)
+            # the heads read the state detached: REINFORCE trains them, not the LSTM (at sigma 0.08 its noisy
+            # gradient would swamp the classifier's and the LSTM learns nothing)
+            binary = Bernoulli(logits=model.output(h.detach()).squeeze(1), validate_args=False)
+            move = Normal(model.location(h.detach()).squeeze(1), self.cfg.sigma, validate_args=False)
             said = _choose(binary, mode, None if forced is None else forced["output"][:, s].float())
             sampled = _choose(move, mode, None if forced is None else forced["locations"][:, s])
             last = s == self.cfg.glimpses - 1
