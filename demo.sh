@@ -33,7 +33,7 @@ for gamma in 0.1 0.2 0.3; do
     train-policy --method liteeval "${COMMON[@]}" "${BASE[@]}" "${LITE[@]}" --gamma $gamma --out "$RUNS/liteeval-gamma$gamma"
 done
 train-policy --method liteeval-rl "${COMMON[@]}" "${BASE[@]}" "${LITE[@]}" --gamma 0.1 --out "$RUNS/liteeval-rl"
-ARNET=(--set optim=adam --set warmup_lr=1e-3 --set joint_lr=1e-3 --set finetune_lr=5e-4 --set alpha=0.3
+ARNET=(--set optim=adam --set warmup_lr=1e-3 --set joint_lr=1e-3 --set finetune_lr=5e-4
        --set warmup_epochs=10 --set joint_epochs=30 --set finetune_epochs=10)
 train-policy --method arnet "${COMMON[@]}" "${ARNET[@]}" --out "$RUNS/arnet"
 train-policy --method random "${COMMON[@]}" "${ARNET[@]}" --set match_run="$RUNS/arnet" --out "$RUNS/random"
