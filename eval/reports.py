@@ -61,6 +61,11 @@ def register_report(name: str):
     return add
 
 
+def cache_name(run: Run) -> str:
+    """The cache a run was trained on, named by its file without the extension (``demo-seed1_t16``)."""
+    return os.path.splitext(os.path.basename(run.cache))[0]
+
+
 def run_row(run: Run, opts: Options, **extra) -> dict:
     m = run.summary(opts.ap)
     return {"source": "ours", "method": run.label, "dataset": run.dataset, "features": run.features, **extra,
@@ -80,7 +85,7 @@ def table_report(name: str, title: str, runs: list[Run], opts: Options, select: 
     if len({r.cache for r in chosen}) > 1:  # rows of several caches (other weights, sampling): say which is which
         keys.insert(0, "cache")
         for row in rows:
-            row["cache"] = os.path.splitext(os.path.basename(row["_run"].cache))[0]
+            row["cache"] = cache_name(row["_run"])
     report = Report(title, ["source", "method", "dataset", "features", *keys, *METRIC_COLUMNS], rows)
     if not chosen:
         report.notes.append("no matching run; produce one with: " + " ; ".join(missing))
@@ -495,10 +500,10 @@ def claims(runs, opts):
 
 
 def by_cache(runs: list[Run]) -> dict[str, list[Run]]:
-    """The runs grouped by the cache they were trained on, named by its file (``demo-seed1_t16``)."""
+    """The runs grouped by the cache they were trained on (:func:`cache_name`)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        groups.setdefault(os.path.splitext(os.path.basename(r.cache))[0], []).append(r)
+        groups.setdefault(cache_name(r), []).append(r)
     return groups
 
 
