@@ -1,17 +1,21 @@
-"""Backbone registry: frozen ImageNet CNNs turned into per-frame feature extractors.
+"""Backbone registry: frozen ImageNet models turned into per-frame feature extractors.
 
 Names follow ``arch@resolution`` (``resnet101@224``). A feature is the globally average-pooled
 output of the penultimate layer (the classifier is replaced by ``nn.Identity``), shape ``(B, dim)``.
+``timm:MODEL@resolution`` is any image model of timm (the ``timm`` extra), ``MODEL`` with or without
+its pretrained tag (``timm:vit_base_patch16_clip_224.openai@224``): its feature is its pooled
+pre-logits embedding (``forward_head(forward_features(x), pre_logits=True)``), its input normalised
+with the mean and std of its pretrained config and resized from the 224 crop with its interpolation.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from .errors import UserError
@@ -35,6 +39,52 @@ class Arch:
     imagenet: Callable[[], tuple[dict, str]]  # -> (state dict, identity string)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # how the 224 crop is resized to a lower resolution (antialiased)
+
+    def check(self, resolution: int) -> None:
+        """Raise ValueError in one line when the model cannot take ``resolution`` (the CNNs take any)."""
+
+    def create(self, resolution: int, weights: str) -> tuple[nn.Module, str]:
+        """The feature extractor at ``resolution`` (random init: torch seed 0) with ``weights`` loaded, and
+        the weights' identity. ``weights`` = ``imagenet`` | ``none`` | a local state-dict path, loaded with
+        ``weights_only=True``: its classifier keys are ignored and every other key must match."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # --weights none is reproducible
+            model = self.build(resolution)
+        setattr(model, self.head, nn.Identity())
+        if weights == "imagenet":
+            state, identity = self.imagenet()
+        elif weights == "none":
+            return model, RANDOM_INIT
+        else:
+            state = torch.load(local_file(weights), map_location="cpu", weights_only=True)
+            identity = file_identity(weights)
+        try:
+            missing, unexpected = model.load_state_dict(_clean_state(state, self.head), strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise WeightsUnavailable(f"weights for {self.name}@{resolution} do not fit {self.name}: "
+                                     f"{str(err).splitlines()[1].strip()}") from None
+        if missing or unexpected:
+            raise WeightsUnavailable(
+                f"weights for {self.name}@{resolution} do not fit {self.name}: {len(missing)} missing keys (e.g. "
+                f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        return model, identity
+
+
+RANDOM_INIT = "none (random init, torch seed 0)"
+
+
+def local_file(path: str) -> str:
+    """``path`` when it is a file, else :class:`WeightsUnavailable` in one line."""
+    if not os.path.isfile(path):
+        raise WeightsUnavailable(f"--weights {path}: no such file (expected imagenet, none or a state-dict path)")
+    return path
+
+
+def file_identity(path: str) -> str:
+    """What the cache records of local weights: their absolute path and sha256."""
+    return f"file:{os.path.abspath(path)}:sha256={_sha256(path)}"
 
 
 ARCHS: dict[str, Arch] = {}
@@ -55,42 +105,43 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _torchvision_weights(enum_member) -> Callable[[], tuple[dict, str]]:
+def _torchvision_weights(enum: str) -> Callable[[], tuple[dict, str]]:
+    """The loader of torchvision's ``<enum>.IMAGENET1K_V1`` weights (torchvision is imported when they are asked
+    for: importing it takes seconds, which every command that builds no backbone would pay)."""
     def load() -> tuple[dict, str]:
-        url = enum_member.url
+        import torchvision
+
+        member = getattr(torchvision.models, enum).IMAGENET1K_V1
+        url = member.url
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         try:
-            state = enum_member.get_state_dict(progress=False, check_hash=True)
+            state = member.get_state_dict(progress=False, check_hash=True)
         except Exception as err:  # urllib/HTTP/SSL errors when offline
             raise WeightsUnavailable(
-                f"ImageNet weights {enum_member} are not in {cached} and cannot be downloaded "
+                f"ImageNet weights {member} are not in {cached} and cannot be downloaded "
                 f"({type(err).__name__}); put {os.path.basename(url)} there, pass --weights PATH "
                 f"to a local state dict, or --weights none to go on with random weights"
             ) from None
-        return state, f"torchvision:{enum_member}:{os.path.basename(url)}"
+        return state, f"torchvision:{member}:{os.path.basename(url)}"
 
     return load
 
 
-def _register_torchvision(name: str, dim: int, head: str, weights_enum, builder_name: str = "", **init) -> None:
-    builder = getattr(torchvision.models, builder_name or name)
-    register_arch(Arch(
-        name=name,
-        dim=dim,
-        head=head,
-        build=lambda resolution: builder(weights=None, **init),
-        imagenet=_torchvision_weights(weights_enum.IMAGENET1K_V1),
-    ))
+def _register_torchvision(name: str, dim: int, head: str, weights_enum: str, builder_name: str = "", **init) -> None:
+    def build(resolution: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, builder_name or name)(weights=None, **init)
+
+    register_arch(Arch(name=name, dim=dim, head=head, build=build, imagenet=_torchvision_weights(weights_enum)))
 
 
-_W = torchvision.models
-_register_torchvision("mobilenetv2", 1280, "classifier", _W.MobileNet_V2_Weights, "mobilenet_v2")
+_register_torchvision("mobilenetv2", 1280, "classifier", "MobileNet_V2_Weights", "mobilenet_v2")
 for _depth, _dim in [(18, 512), (34, 512), (50, 2048), (101, 2048)]:
     # zero-init residual branches: random (--weights none) deep ResNets stay inside float16's range
-    _register_torchvision(f"resnet{_depth}", _dim, "fc", getattr(_W, f"ResNet{_depth}_Weights"),
-                          zero_init_residual=True)
+    _register_torchvision(f"resnet{_depth}", _dim, "fc", f"ResNet{_depth}_Weights", zero_init_residual=True)
 for _b, _dim in enumerate([1280, 1280, 1408, 1536]):
-    _register_torchvision(f"efficientnet_b{_b}", _dim, "classifier", getattr(_W, f"EfficientNet_B{_b}_Weights"))
+    _register_torchvision(f"efficientnet_b{_b}", _dim, "classifier", f"EfficientNet_B{_b}_Weights")
 
 
 def _lite0_build(resolution: int) -> nn.Module:
@@ -132,19 +183,50 @@ def finetuned_path(dataset: str, name: str, folder: str = os.path.join("data", "
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
 
+TIMM = "timm:"  # the prefix of timm's models: timm:MODEL[.TAG]@RES
+
+
+def get_arch(arch: str) -> Arch:
+    """The registered ``arch``, or timm's model for ``timm:MODEL[.TAG]`` (:mod:`extract.timm_archs`);
+    ValueError in one line when there is no such model."""
+    if arch.startswith(TIMM):
+        from .timm_archs import timm_arch
+
+        return timm_arch(arch.removeprefix(TIMM))
+    if arch not in ARCHS:
+        raise ValueError(f"no backbone {arch!r}: the registered ones are {sorted(ARCHS)}, or timm:MODEL "
+                         "(extract-features --list-backbones)")
+    return ARCHS[arch]
+
+
 def parse_name(name: str) -> tuple[str, int]:
-    """``'resnet101@224'`` -> ``('resnet101', 224)``; raises ValueError naming the known archs, or the
-    allowed resolutions (``MIN_RESOLUTION``..``MAX_RESOLUTION``)."""
-    arch, sep, res = name.partition("@")
+    """``'resnet101@224'`` -> ``('resnet101', 224)``; ``'timm:convnext_tiny@224'`` ->
+    ``('timm:convnext_tiny.in12k_ft_in1k', 224)`` (its default pretrained tag named). Raises ValueError in
+    one line naming the known archs, the allowed resolutions (``MIN_RESOLUTION``..``MAX_RESOLUTION``), or
+    why a model cannot take the resolution."""
+    arch, sep, res = name.rpartition("@")
     arch = "mobilenetv2" if arch == "mobilenet_v2" else arch
-    if arch not in ARCHS or not sep or not (res.isascii() and res.isdigit()):
-        raise ValueError(
-            f"backbone {name!r} is not arch@resolution with arch in {sorted(ARCHS)}"
-        )
+    if not sep or not (res.isascii() and res.isdigit()) or not (arch in ARCHS or arch.startswith(TIMM)):
+        raise ValueError(f"backbone {name!r} is not arch@resolution with arch in {sorted(ARCHS)} or timm:MODEL")
     if not MIN_RESOLUTION <= int(res) <= MAX_RESOLUTION:
         raise ValueError(f"backbone {name!r}: resolution must be {MIN_RESOLUTION}..{MAX_RESOLUTION} px (frames are "
                          f"224 px crops; below {MIN_RESOLUTION} the CNNs keep less than one feature cell)")
-    return arch, int(res)
+    found = get_arch(arch)
+    found.check(int(res))
+    return found.name, int(res)
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Every backbone arch matching the shell ``pattern`` (``timm:`` may be left out of it): the registered
+    ones, then timm's pretrained models (``timm:MODEL.TAG``) when timm is installed."""
+    names = [n for n in sorted(ARCHS) if fnmatch.fnmatch(n, pattern)]
+    try:
+        import timm
+    except ImportError:
+        return names
+    bare = pattern.removeprefix(TIMM)
+    return names + [TIMM + n for n in timm.list_models(pretrained=True)
+                    if fnmatch.fnmatch(n, bare) or fnmatch.fnmatch(n.partition(".")[0], bare)]  # with or without tag
 
 
 def _clean_state(state: dict, head: str) -> dict:
@@ -172,37 +254,11 @@ class Backbone:
 
 
 def create_backbone(name: str, *, weights: str = "imagenet") -> Backbone:
-    """Build ``arch@res`` in eval mode with ``weights`` = ``imagenet`` | ``none`` | a local state-dict path.
-
-    A local file is loaded with ``weights_only=True``; its classifier keys are ignored and every
-    other key must match. Raises :class:`WeightsUnavailable` rather than falling back to random weights.
-    """
+    """Build ``arch@res`` in eval mode, frozen, with ``weights`` = ``imagenet`` (timm: its pretrained tag's)
+    | ``none`` | a local state-dict path (``.safetensors`` too for timm). Raises :class:`WeightsUnavailable`
+    rather than falling back to random weights."""
     arch_name, resolution = parse_name(name)
-    arch = ARCHS[arch_name]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # --weights none is reproducible
-        model = arch.build(resolution)
-    setattr(model, arch.head, nn.Identity())
-    if weights == "imagenet":
-        state, identity = arch.imagenet()
-    elif weights == "none":
-        state, identity = None, "none (random init, torch seed 0)"
-    else:
-        if not os.path.isfile(weights):
-            raise WeightsUnavailable(f"--weights {weights}: no such file "
-                                     "(expected imagenet, none or a state-dict path)")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        identity = f"file:{os.path.abspath(weights)}:sha256={_sha256(weights)}"
-    if state is not None:
-        try:
-            missing, unexpected = model.load_state_dict(_clean_state(state, arch.head), strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise WeightsUnavailable(f"weights for {name} do not fit {arch.name}: "
-                                     f"{str(err).splitlines()[1].strip()}") from None
-        if missing or unexpected:
-            raise WeightsUnavailable(
-                f"weights for {name} do not fit {arch.name}: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-            )
+    arch = get_arch(arch_name)
+    model, identity = arch.create(resolution, weights)
     model.eval().requires_grad_(False)
     return Backbone(name=f"{arch.name}@{resolution}", arch=arch, resolution=resolution, module=model, weights=identity)

@@ -65,6 +65,43 @@ def dataset_inputs(dataset: str, annotations: tuple[str, ...], video_root: str |
     return annotations, video_root
 
 
+PRICE_ALL_BELOW = 60  # --list-backbones prices at most this many matches (a second each); more are only named
+
+
+def list_backbones_and_exit(ctx: click.Context, _param, pattern: str | None) -> None:
+    """``--list-backbones [PATTERN[@RES]]``: every backbone name matching, with GMACs per frame at RES (224)
+    and the feature dimension, then exit."""
+    if pattern is None or ctx.resilient_parsing:
+        return
+    from .backbones import list_backbones
+    from .flops import priced
+    from .timm_archs import PUBLISHED
+
+    pattern, _, res = pattern.partition("@")
+    res = res or "224"
+    names = list_backbones(pattern or "*")
+    if not names:
+        raise click.UsageError(f"no backbone matches {pattern!r} (timm's models need pip install -e '.[timm]')")
+    if len(names) > PRICE_ALL_BELOW:
+        click.echo("\n".join(f"{arch}@{res}" for arch in names))
+        click.echo(f"{len(names)} backbones: give a narrower PATTERN (at most {PRICE_ALL_BELOW} matches) to price "
+                   "them, e.g. --list-backbones 'timm:*dinov2*@224'", err=True)
+        ctx.exit(0)
+    click.echo(f"{'backbone':<60} {'GMACs/frame':>11} {'dim':>5} {'params (M)':>10}  published")
+    for arch in names:
+        name = f"{arch}@{res}"
+        try:
+            entry = priced(name)
+        except Exception as err:  # a resolution it cannot take, a model that cannot run there: the others go on
+            reason = (str(err).splitlines() or [type(err).__name__])[0].removeprefix(f"backbone {name}: ")
+            click.echo(f"{name:<60} {'-':>11}  {reason[:160]}")
+            continue
+        known = PUBLISHED.get(entry.name)
+        click.echo(f"{entry.name:<60} {entry.gflops:>11.3f} {entry.dim:>5} {entry.params / 1e6:>10.1f}  "
+                   + (f"{known[0]} ({known[1]})" if known else ""))
+    ctx.exit(0)
+
+
 EPILOG = """\b
 Examples:
   extract-features --dataset demo --backbone efficientnet_lite0@224 --backbone efficientnet_lite0@112
@@ -77,6 +114,10 @@ Examples:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.option("--list-backbones", is_flag=False, flag_value="*", default=None, is_eager=True, expose_value=False,
+              callback=list_backbones_and_exit, metavar="[PATTERN[@RES]]",
+              help="List every backbone name matching PATTERN (shell-style; timm's with the timm extra) with its GMACs "
+                   "per frame at RES (default 224) and feature dimension, and exit.")
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True, help="Annotation format to read.")
 @click.option("--annotations", multiple=True, metavar="PATH",
               help="Annotation file(s); repeat for several (FCVID split file + label matrix, train + val lists). "
@@ -86,8 +127,9 @@ Examples:
 @click.option("--classes", metavar="PATH", help="Class list, one name per line (or 'index name'), for formats "
                                                 "whose labels are indices.")
 @click.option("--backbone", "backbones", multiple=True, metavar="ARCH[@RES]",
-              help="Repeatable. arch@res (resnet50@224, mobilenetv2@84, efficientnet_lite0@112, ...); a bare arch "
-                   "means LiteEval's pair: mobilenetv2@112 + arch@224. Default: --preset liteeval.")
+              help="Repeatable. arch@res (resnet50@224, mobilenetv2@84, efficientnet_lite0@112, ...) or any timm "
+                   "model as timm:MODEL[.TAG]@res (the timm extra); a bare arch means LiteEval's pair: "
+                   "mobilenetv2@112 + arch@224. Default: --preset liteeval. --list-backbones names them.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="liteeval: mobilenetv2@112 resnet101@224; arnet: resnet50@224 resnet34@168 resnet18@112 "
                    "mobilenetv2@84; arnet-efficientnet (AR-Net's official code): efficientnet_b3@224 "

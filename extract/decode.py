@@ -460,13 +460,18 @@ def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch
     return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
-def resize_crop(crops: torch.Tensor, resolution: int, downsample: str = "antialias") -> torch.Tensor:
+def resize_crop(crops: torch.Tensor, resolution: int, downsample: str = "antialias",
+                interpolation: str = "bilinear") -> torch.Tensor:
     """uint8 ``(B, 3, 224, 224)`` crops -> float ``(B, 3, r, r)`` in [0, 1], resized as ``downsample``
-    says (a key of ``DOWNSAMPLE``)."""
+    says (a key of ``DOWNSAMPLE``): ``antialias`` with the backbone's ``interpolation`` (bilinear, or
+    bicubic for most timm models, clamped to [0, 1])."""
     x = crops.float().div_(255)
     if resolution != crops.shape[-1]:
         if downsample == "nearest":
             x = F.interpolate(x, size=(resolution, resolution), mode="nearest")
         else:
-            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(resolution, resolution), mode=interpolation, antialias=True,
+                              align_corners=False)
+            if interpolation == "bicubic":
+                x = x.clamp_(0, 1)  # bicubic overshoots
     return x

@@ -138,11 +138,13 @@ class Clips(Dataset):
         return video.id, x, labels, None
 
 
-def prepare(clips: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def prepare(clips: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor,
+            interpolation: str = "bilinear") -> torch.Tensor:
     """uint8 ``(B, K, 3, s, s)`` clips (on the device) -> float ``(B, K, 3, r, r)`` normalised with the
-    backbone's ``mean`` and ``std`` ``(1, 3, 1, 1)``; resized (phase 1's antialiased resize) when ``s != r``."""
+    backbone's ``mean`` and ``std`` ``(1, 3, 1, 1)``; resized (phase 1's antialiased resize with the
+    backbone's ``interpolation``) when ``s != r``."""
     b, k = clips.shape[:2]
-    x = resize_crop(clips.flatten(0, 1), resolution)
+    x = resize_crop(clips.flatten(0, 1), resolution, interpolation=interpolation)
     return ((x - mean) / std).view(b, k, *x.shape[1:])
 
 
@@ -251,7 +253,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     mean, std = normalisation(backbone.arch.mean, backbone.arch.std, device)
 
     def prep(clips: torch.Tensor) -> torch.Tensor:
-        return prepare(clips, backbone.resolution, mean, std)
+        return prepare(clips, backbone.resolution, mean, std, backbone.arch.interpolation)
 
     train_set = Clips(train_videos, len(ann.classes), cfg.backbone, segments, train=True, seed=cfg.seed,
                       min_scale=cfg.min_scale, decoder=cfg.decoder)

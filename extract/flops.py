@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import Backbone
+from .backbones import Backbone, get_arch, parse_name
 
 
 def _lstm_flops(input_shape, hx, params, *args, out_shape=None, **kwargs) -> int:
@@ -37,10 +37,15 @@ def count_gflops(module: nn.Module, *inputs: torch.Tensor) -> float:
     """GMACs of one forward pass of ``module`` on ``inputs`` (their shapes decide, not their values),
     run on the CPU (a module elsewhere is priced as a CPU copy of its shapes), in eval mode without
     gradients so that pricing draws no random numbers (dropout) and updates no statistics (BatchNorm);
-    the module's train/eval mode is restored."""
-    if any(t.device.type != "cpu" for t in [*module.parameters(), *module.buffers()]):
-        module = copy.deepcopy(module).to_empty(device="cpu")
-    inputs = tuple(x if x.device.type == "cpu" else torch.zeros_like(x, device="cpu") for x in inputs)
+    the module's train/eval mode is restored. A module on the meta device is priced there (no memory,
+    no weights: what ``--list-backbones`` does)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if tensors and all(t.is_meta for t in tensors):
+        inputs = tuple(torch.empty_like(x, device="meta") for x in inputs)
+    else:
+        if any(t.device.type != "cpu" for t in tensors):
+            module = copy.deepcopy(module).to_empty(device="cpu")
+        inputs = tuple(x if x.device.type == "cpu" else torch.zeros_like(x, device="cpu") for x in inputs)
     training = module.training
     module.eval()
     try:
@@ -68,3 +73,15 @@ def backbone_flops(backbone: Backbone) -> FlopsEntry:
     gflops = count_gflops(backbone.module, torch.zeros(1, 3, res, res))
     params = sum(p.numel() for p in backbone.module.parameters())
     return FlopsEntry(name=backbone.name, resolution=res, gflops=gflops, params=params, dim=backbone.dim)
+
+
+def priced(name: str) -> FlopsEntry:
+    """The ``/flops`` row backbone ``name`` (``arch@res``) would get, priced on the meta device (no weights
+    are loaded and no memory is taken, so any model of timm's zoo is priced in a second)."""
+    arch_name, res = parse_name(name)
+    arch = get_arch(arch_name)
+    with torch.device("meta"):
+        module = arch.create(res, "none")[0].eval().requires_grad_(False)
+    gflops = count_gflops(module, torch.zeros(1, 3, res, res))
+    return FlopsEntry(name=f"{arch.name}@{res}", resolution=res, gflops=gflops,
+                      params=sum(p.numel() for p in module.parameters()), dim=arch.dim)

@@ -109,15 +109,15 @@ def place_backbone(backbone: Backbone, device: torch.device) -> None:
 
 def compute_features(backbones: list[Backbone], crops: torch.Tensor, device: torch.device,
                      downsample: str = "antialias") -> dict[str, np.ndarray]:
-    """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution,
-    all brought to the host in one transfer. Inputs are normalised in float32, then cast to the module's
-    dtype (see :func:`place_backbone`), channels_last."""
+    """Features ``name -> (B, D) float16`` of uint8 ``crops`` for every backbone, one resize per resolution
+    and interpolation, all brought to the host in one transfer. Inputs are normalised in float32, then cast
+    to the module's dtype (see :func:`place_backbone`), channels_last."""
     x = crops.to(device, non_blocking=True)
     outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        for res in sorted({b.resolution for b in backbones}, reverse=True):
-            scaled = resize_crop(x, res, downsample)
-            for b in (b for b in backbones if b.resolution == res):
+        for res, how in sorted({(b.resolution, b.arch.interpolation) for b in backbones}, reverse=True):
+            scaled = resize_crop(x, res, downsample, how)
+            for b in (b for b in backbones if (b.resolution, b.arch.interpolation) == (res, how)):
                 mean, std = normalisation(b.arch.mean, b.arch.std, device)
                 dtype = next(b.module.parameters()).dtype
                 inp = ((scaled - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
