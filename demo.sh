@@ -55,6 +55,8 @@ lane_b() {
     train-policy --method frameexit "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --out "$RUNS/frameexit"
     train-policy --method ocsampler "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set frames=4 --out "$RUNS/ocsampler"
 }
+# Ctrl-C or a kill stops both lanes' trainings too (without job control they ignore Ctrl-C)
+trap 'trap - INT TERM; kill 0' INT TERM
 lane_a & A=$!
 lane_b & B=$!
 failed=0  # a lane stops at its first failure (set -e), the other finishes: its runs are kept

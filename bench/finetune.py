@@ -114,7 +114,8 @@ def main() -> None:
         tick = time.perf_counter()
         _, x, y, _ = next(batches)
         got = time.perf_counter()
-        step(prepare(x.to(device, non_blocking=True), r, mean, std), y.to(device, non_blocking=True))
+        step(prepare(x.to(device, non_blocking=True), r, mean, std, backbone.arch.interpolation),
+             y.to(device, non_blocking=True))
         synchronize(device)
         wait, busy = wait + got - tick, busy + time.perf_counter() - got
     share = wait / (wait + busy)

@@ -389,7 +389,8 @@ def frames(runs, opts):
 
 
 RANDOM_DRAWS = 5
-BOOTSTRAP_DRAWS = 1000
+BOOTSTRAP_DRAWS = 1000  # resamples of the test videos, fewer where N x C is large (BOOTSTRAP_CELLS)
+BOOTSTRAP_CELLS = 20_000_000  # draws x N x C at most (1000 on the demo; 100 on 5,000 videos of 200 classes)
 MARGIN = 1.5  # mAP points: the papers' "within 1.5 points"
 
 
@@ -421,15 +422,17 @@ def random_frames_scores(reference: Run, reads: np.ndarray) -> list[np.ndarray]:
 @dataclass
 class Lead:
     """How far A's mAP is above B's on the same test videos, in points: ``value`` as measured and the
-    one-sided 95% bounds ``low`` and ``high`` (the 5th and 95th percentiles of a paired bootstrap:
-    ``BOOTSTRAP_DRAWS`` resamples of the videos with replacement, the same resample for A and B, seed 0)."""
+    one-sided 95% bounds ``low`` and ``high`` (the 5th and 95th percentiles of a paired bootstrap over
+    ``draws`` resamples of the videos with replacement, the same resample for A and B, seed 0; NaN when
+    no resample had a positive)."""
 
     value: float
     low: float
     high: float
+    draws: int
 
     def __str__(self) -> str:
-        return f"{self.value:+.1f} points, 90% interval [{self.low:+.1f}, {self.high:+.1f}]"
+        return f"{self.value:+.1f} points, 90% interval [{self.low:+.1f}, {self.high:+.1f}] ({self.draws} draws)"
 
 
 def lead(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray], labels: np.ndarray, ap: str) -> Lead:
@@ -443,9 +446,12 @@ def lead(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray], lab
 
     rng = np.random.default_rng(0)
     n = len(labels)
-    draws = np.array([diff(rng.integers(0, n, n)) for _ in range(BOOTSTRAP_DRAWS)])
+    count = int(np.clip(BOOTSTRAP_CELLS // max(labels.size, 1), 100, BOOTSTRAP_DRAWS))
+    draws = np.array([diff(rng.integers(0, n, n)) for _ in range(count)])
     draws = draws[np.isfinite(draws)]  # a resample without any positive has no mAP
-    return Lead(diff(np.arange(n)), float(np.percentile(draws, 5)), float(np.percentile(draws, 95)))
+    if not len(draws):
+        return Lead(diff(np.arange(n)), float("nan"), float("nan"), count)
+    return Lead(diff(np.arange(n)), float(np.percentile(draws, 5)), float(np.percentile(draws, 95)), count)
 
 
 def _sweeps(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -487,6 +493,7 @@ def claims(runs, opts):
 
     for run in (r for r in runs if can(r, "claims_savings")):
         m = run.summary(opts.ap)
+        _same_videos(uniform, run)
         behind = lead(uniform.scores, run.scores, uniform.labels, opts.ap)
         add(f"{run.label}: mAP within {MARGIN} points of UNIFORM (UNIFORM's lead not above it {test}) at <= 55% "
             "of its GFLOPs/V", f"mAP {100 * m['mAP']:.1f} vs {100 * base['mAP']:.1f}, UNIFORM's lead {behind}; "
@@ -496,6 +503,7 @@ def claims(runs, opts):
     cheaper = [r for r in baselines if r is not uniform]
     if cheaper:
         coarse = min(cheaper, key=lambda r: float(r.gflops.mean()))
+        _same_videos(uniform, coarse)
         behind = lead(uniform.scores, coarse.scores, uniform.labels, opts.ap)
         add(f"coarse features alone score more than {MARGIN} mAP points below UNIFORM ({test})",
             f"{100 * coarse.summary(opts.ap)['mAP']:.1f} vs {100 * base['mAP']:.1f}, UNIFORM's lead {behind}",
@@ -504,6 +512,7 @@ def claims(runs, opts):
         learned = [r for r in runs if os.path.abspath(r.path) == os.path.abspath(rnd.config["match_run"])]
         if learned:
             a, b = rnd.summary(opts.ap), learned[0].summary(opts.ap)
+            _same_videos(rnd, learned[0])
             ahead = lead(learned[0].scores, rnd.scores, rnd.labels, opts.ap)
             add(f"random policy at the learned policy's budget scores more than 5 mAP points below it ({test})",
                 f"random {100 * a['mAP']:.1f} at {a['gflops_per_video']:.3f} GFLOPs/V vs {learned[0].label} "

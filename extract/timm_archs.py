@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+from unittest import mock
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from .backbones import RANDOM_INIT, TIMM, Arch, WeightsUnavailable, _sha256, fil
 
 try:
     import timm
-    from timm.models import load_state_dict
+    from safetensors.torch import load_file
 except ImportError:  # the optional extra
     timm = None
 
@@ -41,14 +43,15 @@ class PreLogits(nn.Module):
 
 
 class TimmArch(Arch):
-    """One timm model: ``name`` is ``timm:MODEL.TAG``; ``patch`` its patch size (0: a CNN, any resolution);
-    ``sized`` whether it is built for a resolution (``img_size``); ``repo`` its weights' Hugging Face repository."""
+    """One timm model: ``name`` is ``timm:MODEL.TAG``; ``cls`` its class; ``patch`` the size of its non-overlapping
+    patches (0: none, any resolution); ``sized`` whether it is built for a resolution (``img_size``); ``repo`` its
+    weights' Hugging Face repository."""
 
-    def __init__(self, model: str, *, dim: int, mean, std, interpolation: str, patch: int, sized: bool,
+    def __init__(self, model: str, *, cls: type, dim: int, mean, std, interpolation: str, patch: int, sized: bool,
                  repo: str | None, filename: str) -> None:
         super().__init__(name=TIMM + model, dim=dim, head="", build=self._build, imagenet=self._pretrained,
                          mean=tuple(mean), std=tuple(std), interpolation=interpolation)
-        for key, value in dict(model=model, patch=patch, sized=sized, repo=repo, filename=filename).items():
+        for key, value in dict(model=model, cls=cls, patch=patch, sized=sized, repo=repo, filename=filename).items():
             object.__setattr__(self, key, value)  # frozen, as every Arch
 
     def check(self, resolution: int) -> None:
@@ -75,7 +78,7 @@ class TimmArch(Arch):
                 f"weights of {self.name} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
                 f"downloaded ({type(err).__name__}): download {self.filename} from https://huggingface.co/{self.repo} "
                 "and pass --weights PATH, or pass --weights none") from None
-        return load_state_dict(path), f"timm:{self.model}:hf-hub:{self.repo}/{self.filename}:sha256={_sha256(path)}"
+        return _read(path), f"timm:{self.model}:hf-hub:{self.repo}/{self.filename}:sha256={_sha256(path)}"
 
     def create(self, resolution: int, weights: str) -> tuple[nn.Module, str]:
         if weights == "none":
@@ -84,18 +87,55 @@ class TimmArch(Arch):
                 return PreLogits(self._build(resolution)), RANDOM_INIT
         if weights == "imagenet":
             state, identity = self._pretrained()
-        else:  # safetensors or torch.load(weights_only=True); EMA weights when the checkpoint has them
-            state, identity = load_state_dict(local_file(weights)), file_identity(weights)
+        else:
+            state, identity = _read(local_file(weights)), file_identity(weights)
+        if not state:  # timm would take an empty one for "none given" and load the hub's instead
+            raise WeightsUnavailable(f"{weights} holds no weights for {self.name}")
         if all(k.startswith("model.") for k in state):  # a finetune-backbone file (PreLogits' keys)
             state = {k.removeprefix("model."): v for k, v in state.items()}
+        loaded = []  # what timm's loader reports: it loads leniently when it drops the classifier
+
+        def load_state_dict(module, state_dict, strict=True, **kwargs):
+            loaded.append(nn.Module.load_state_dict(module, state_dict, strict=False, **kwargs))
+            return loaded[-1]
+
         try:
-            with torch.random.fork_rng():
+            with (torch.random.fork_rng(), mock.patch.object(self.cls, "load_state_dict", load_state_dict),
+                  mock.patch.object(logging.getLogger("timm.models._builder"), "disabled", True)):  # we check keys
                 torch.manual_seed(0)
                 model = self._build(resolution, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
-        except (RuntimeError, KeyError, ValueError) as err:  # missing keys, shapes
+        except (RuntimeError, KeyError, ValueError) as err:  # shapes, keys the model's filter expects
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise WeightsUnavailable(f"weights {weights} do not fit {self.name}@{resolution}: {first[:200]}") from None
+        model.pretrained_cfg.pop("state_dict", None)  # not a second copy of the weights for the model's lifetime
+        missing = [k for r in loaded for k in r.missing_keys]
+        classifier = model.pretrained_cfg.get("classifier") or ()  # e.g. head, or head.linear beside a head.bn
+        heads = tuple(c.partition(".")[0] + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
+        unexpected = [k for r in loaded for k in r.unexpected_keys if not k.startswith(heads or ("\0",))]
+        if not loaded or missing or unexpected:
+            raise WeightsUnavailable(f"weights {weights} do not fit {self.name}@{resolution}: {len(missing)} missing "
+                                     f"keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         return PreLogits(model), identity
+
+
+def _read(path: str) -> dict:
+    """The state dict in ``path``: ``.safetensors``, or a ``torch.load(weights_only=True)`` checkpoint (its EMA
+    weights when it has them; ``module.`` prefixes removed); :class:`WeightsUnavailable` in one line when it
+    cannot be read."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged, truncated, pickled objects refused by weights_only, another format
+        raise WeightsUnavailable(f"{path} is not a state dict that can be read ({type(err).__name__}): download it "
+                                 "again, or convert it to .safetensors") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 @functools.cache
@@ -107,18 +147,35 @@ def timm_arch(model: str) -> TimmArch:
         raise ValueError(f"backbone {TIMM}{model} needs timm: pip install -e '.[timm]'")
     if not timm.is_model(model):
         raise ValueError(f"timm has no model {model!r}: `extract-features --list-backbones 'timm:*PART*'` lists them")
-    with torch.device("meta"):
-        net = timm.create_model(model, pretrained=False, num_classes=0)
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(model, pretrained=False, num_classes=0)
+    except RuntimeError as err:  # an unknown pretrained tag
+        raise ValueError(f"timm: {str(err).splitlines()[0]}") from None
     cfg = net.pretrained_cfg
     tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else cfg["architecture"]
-    patch = getattr(getattr(net, "patch_embed", None), "patch_size", 0) or 0
-    sized = "img_size" in inspect.signature(type(net).__init__).parameters
     interpolation = cfg.get("interpolation", "bilinear")
-    return TimmArch(tagged, dim=int(getattr(net, "head_hidden_size", None) or net.num_features),
+    return TimmArch(tagged, cls=type(net), dim=int(getattr(net, "head_hidden_size", None) or net.num_features),
                     mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
                     interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
-                    patch=int(patch[0] if isinstance(patch, (tuple, list)) else patch), sized=sized,
-                    repo=cfg.get("hf_hub_id"), filename=cfg.get("hf_hub_filename") or "model.safetensors")
+                    patch=_patch(net), sized=_sized(type(net)), repo=cfg.get("hf_hub_id"),
+                    filename=cfg.get("hf_hub_filename") or "model.safetensors")
+
+
+def _patch(net: nn.Module) -> int:
+    """The side of ``net``'s non-overlapping patches (a patch embedding whose convolution's stride is its
+    kernel, as ViT's and DINOv2's), which a resolution must be a multiple of; 0 when it has none (CNNs,
+    overlapping or hybrid embeddings: they take any resolution their strides allow)."""
+    proj = getattr(getattr(net, "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Conv2d) and proj.stride == proj.kernel_size and proj.stride[0] > 1:
+        return int(proj.stride[0])
+    return 0
+
+
+def _sized(cls: type) -> bool:
+    """Whether models of ``cls`` are built for an input size (``img_size``, in its or a parent's ``__init__``)."""
+    return any("img_size" in inspect.signature(c.__init__).parameters for c in cls.__mro__
+               if c is not object and "__init__" in vars(c))
 
 
 # GMACs per frame as timm publishes them, beside ours in --list-backbones: name@res -> (GMACs, source). The

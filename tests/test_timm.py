@@ -21,8 +21,9 @@ def test_names_take_the_default_tag_and_refuse_what_cannot_run_in_one_line():
     assert parse_name("timm:test_vit@160") == (VIT, 160)
     assert parse_name(f"{CNN}@84") == (CNN, 84)  # a CNN takes any resolution
     for name, message in [("timm:test_vit@100", "must be a multiple of 16 (e.g. 96 or 112)"),
-                          ("timm:no_such_model@224", "timm has no model 'no_such_model'")]:
-        with pytest.raises(ValueError, match=r"\(e\.g\. 96|no_such_model") as err:
+                          ("timm:no_such_model@224", "timm has no model 'no_such_model'"),
+                          ("timm:test_vit.no_such_tag@160", "no_such_tag")]:
+        with pytest.raises(ValueError, match=r"\(e\.g\. 96|no_such") as err:
             parse_name(name)
         assert message in str(err.value) and "\n" not in str(err.value)
 
@@ -52,10 +53,16 @@ def test_a_local_state_dict_is_loaded_with_its_head_dropped(tmp_path, suffix):
     with torch.no_grad():
         assert torch.equal(backbone.module(x), source.forward_head(source.forward_features(x.clone()), pre_logits=True))
     assert backbone.weights.startswith("file:") and "sha256=" in backbone.weights
-    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3)}, tmp_path / "bad.pt")
-    with pytest.raises(WeightsUnavailable, match="do not fit timm:test_vit.r160_in1k@112") as err:
-        create_backbone(f"{VIT}@112", weights=str(tmp_path / "bad.pt"))
+    (tmp_path / "damaged.safetensors").write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(WeightsUnavailable, match="is not a state dict that can be read") as err:
+        create_backbone(f"{VIT}@112", weights=str(tmp_path / "damaged.safetensors"))
     assert "\n" not in str(err.value)
+    partial = {k: v for k, v in state.items() if k.startswith("blocks.0.")}  # right shapes, most of it missing
+    for name, bad in [("shapes", {"blocks.0.attn.qkv.weight": torch.zeros(3)}), ("partial", partial), ("empty", {})]:
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(WeightsUnavailable, match="do not fit timm:test_vit.r160_in1k@112|holds no weights") as err:
+            create_backbone(f"{VIT}@112", weights=str(tmp_path / f"{name}.pt"))  # never partly random weights
+        assert "\n" not in str(err.value)
 
 
 def test_offline_without_weights_names_what_to_download(monkeypatch):
@@ -122,3 +129,18 @@ def test_extract_liteeval_with_a_vit_and_recognize_reproduce_the_run(demo_root, 
         assert r["gflops"] == float(folder.gflops[i])
         np.testing.assert_allclose([s for _, s in r["top5"]], np.sort(folder.scores[i])[::-1][:5], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_finetune_backbone_takes_a_timm_name_and_extract_features_loads_its_file(two_classes, tmp_path):
+    out = tmp_path / "ft.pt"
+    run_cli("extract.finetune", "--dataset", "list", "--video-root", str(two_classes), "--backbone", f"{CNN}@112",
+            "--out", str(out), "--epochs", "1", "--set", "init=none", "--set", "segments=2", "--batch-size", "4",
+            "--workers", "0", "--no-progress")
+    features = {}
+    for weights in ("none", str(out)):
+        cache = tmp_path / f"{len(features)}.h5"
+        run_cli("extract.cli", "--dataset", "list", "--video-root", str(two_classes), "--num-frames", "2", "--out",
+                str(cache), "--backbone", f"{CNN}@112", "--weights", weights, "--workers", "0", "--no-progress")
+        with Cache(cache) as c:
+            features[weights] = c.features(f"{CNN}@112")[:].astype(np.float32)
+    assert np.abs(features["none"] - features[str(out)]).max() > 1e-3  # the finetuned weights were loaded
