@@ -3,11 +3,13 @@ FLOPs with attention, and the whole chain (extract, LiteEval with a ViT as its f
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import run_cli
 from extract.backbones import WeightsUnavailable, create_backbone, parse_name
 from extract.cache import Cache
+from extract.cli import main as extract_features
 from extract.flops import backbone_flops, priced
 from policy.recognize import decode_videos, load, recognise
 from policy.run_folder import RunFolder
@@ -95,14 +97,16 @@ def test_flops_count_attention_and_the_meta_pricing_matches():
 
 
 def test_list_backbones_prices_timm_models_and_says_what_it_cannot():
-    proc = run_cli("extract.cli", "--list-backbones", "timm:test_vi*@160")
-    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    def listed(pattern: str) -> str:
+        result = CliRunner().invoke(extract_features, ["--list-backbones", pattern])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    rows = {line.split()[0]: line for line in listed("timm:test_vi*@160").splitlines()[1:]}
     assert f"{VIT}@160" in rows and float(rows[f"{VIT}@160"].split()[1]) == pytest.approx(
         priced(f"{VIT}@160").gflops, abs=1e-3)
-    proc = run_cli("extract.cli", "--list-backbones", f"{VIT}@100")
-    assert "must be a multiple of 16" in proc.stdout
-    proc = run_cli("extract.cli", "--list-backbones", "efficientnet_lite*")
-    assert "efficientnet_lite0@224" in proc.stdout and " 1280 " in proc.stdout
+    assert "must be a multiple of 16" in listed(f"{VIT}@100")
+    assert "efficientnet_lite0@224" in (out := listed("efficientnet_lite*")) and " 1280 " in out
 
 
 def test_extract_liteeval_with_a_vit_and_recognize_reproduce_the_run(demo_root, tmp_path):
