@@ -407,14 +407,14 @@ def random_frames_scores(reference: Run, reads: np.ndarray) -> list[np.ndarray]:
     columns = np.argsort(~sampled, axis=1, kind="stable")  # video i's sampled frames first, in time order
     j = np.arange(sampled.shape[1])
     start, stop = (j * n[:, None]) // k[:, None], ((j + 1) * n[:, None]) // k[:, None]  # segment j of video i
+    keep = j[None, :] < k[:, None]  # the first k segments of video i are its reads
+    rows = np.broadcast_to(np.arange(len(n))[:, None], sampled.shape)[keep]
     rng = np.random.default_rng(0)
     draws = []
     for _ in range(RANDOM_DRAWS):
         position = np.minimum(start + (rng.random(sampled.shape) * (stop - start)).astype(int), n[:, None] - 1)
         chosen = np.zeros(sampled.shape, np.float32)
-        rows = np.broadcast_to(np.arange(len(n))[:, None], position.shape)
-        keep = j[None, :] < k[:, None]
-        chosen[rows[keep], np.take_along_axis(columns, position, 1)[keep]] = 1
+        chosen[rows, np.take_along_axis(columns, position, 1)[keep]] = 1
         draws.append((frame_scores * chosen[:, :, None]).sum(1) / k[:, None])
     return draws
 
@@ -452,6 +452,12 @@ def lead(a: np.ndarray | list[np.ndarray], b: np.ndarray | list[np.ndarray], lab
     if not len(draws):
         return Lead(diff(np.arange(n)), float("nan"), float("nan"), count)
     return Lead(diff(np.arange(n)), float(np.percentile(draws, 5)), float(np.percentile(draws, 95)), count)
+
+
+def run_lead(a: Run, b: Run, ap: str) -> Lead:
+    """:func:`lead` of run ``a``'s mAP over run ``b``'s, refused in one line unless both saw the same videos."""
+    _same_videos(a, b)
+    return lead(a.scores, b.scores, a.labels, ap)
 
 
 def _sweeps(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -493,8 +499,7 @@ def claims(runs, opts):
 
     for run in (r for r in runs if can(r, "claims_savings")):
         m = run.summary(opts.ap)
-        _same_videos(uniform, run)
-        behind = lead(uniform.scores, run.scores, uniform.labels, opts.ap)
+        behind = run_lead(uniform, run, opts.ap)
         add(f"{run.label}: mAP within {MARGIN} points of UNIFORM (UNIFORM's lead not above it {test}) at <= 55% "
             "of its GFLOPs/V", f"mAP {100 * m['mAP']:.1f} vs {100 * base['mAP']:.1f}, UNIFORM's lead {behind}; "
             f"GFLOPs/V {m['gflops_per_video']:.3f} = {100 * m['gflops_per_video'] / base['gflops_per_video']:.0f}% "
@@ -503,8 +508,7 @@ def claims(runs, opts):
     cheaper = [r for r in baselines if r is not uniform]
     if cheaper:
         coarse = min(cheaper, key=lambda r: float(r.gflops.mean()))
-        _same_videos(uniform, coarse)
-        behind = lead(uniform.scores, coarse.scores, uniform.labels, opts.ap)
+        behind = run_lead(uniform, coarse, opts.ap)
         add(f"coarse features alone score more than {MARGIN} mAP points below UNIFORM ({test})",
             f"{100 * coarse.summary(opts.ap)['mAP']:.1f} vs {100 * base['mAP']:.1f}, UNIFORM's lead {behind}",
             behind.low > MARGIN)
@@ -512,8 +516,7 @@ def claims(runs, opts):
         learned = [r for r in runs if os.path.abspath(r.path) == os.path.abspath(rnd.config["match_run"])]
         if learned:
             a, b = rnd.summary(opts.ap), learned[0].summary(opts.ap)
-            _same_videos(rnd, learned[0])
-            ahead = lead(learned[0].scores, rnd.scores, rnd.labels, opts.ap)
+            ahead = run_lead(learned[0], rnd, opts.ap)
             add(f"random policy at the learned policy's budget scores more than 5 mAP points below it ({test})",
                 f"random {100 * a['mAP']:.1f} at {a['gflops_per_video']:.3f} GFLOPs/V vs {learned[0].label} "
                 f"{100 * b['mAP']:.1f} at {b['gflops_per_video']:.3f}, lead {ahead}", ahead.low > 5)

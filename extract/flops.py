@@ -44,10 +44,15 @@ def count_gflops(module: nn.Module, *inputs: torch.Tensor) -> float:
     training = module.training
     module.eval()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
-            module(*inputs)
+        return _gmacs(module, *inputs)
     finally:
         module.train(training)
+
+
+def _gmacs(module: nn.Module, *inputs: torch.Tensor) -> float:
+    """GMACs the counter sees in one forward pass of ``module`` on ``inputs``, without gradients."""
+    with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
+        module(*inputs)
     return counter.get_total_flops() / 2e9
 
 
@@ -79,8 +84,6 @@ def priced(name: str) -> FlopsEntry:
     arch = get_arch(arch_name)
     with torch.device("meta"):
         module = arch.create(res, "none")[0].eval().requires_grad_(False)
-    with FlopCounterMode(display=False, custom_mapping=_RNN_FORMULAS) as counter, torch.no_grad():
-        module(torch.empty(1, 3, res, res, device="meta"))
-    gflops = counter.get_total_flops() / 2e9
+    gflops = _gmacs(module, torch.empty(1, 3, res, res, device="meta"))
     return FlopsEntry(name=f"{arch.name}@{res}", resolution=res, gflops=gflops,
                       params=sum(p.numel() for p in module.parameters()), dim=arch.dim)

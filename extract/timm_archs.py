@@ -62,7 +62,9 @@ class TimmArch(Arch):
 
     def _build(self, resolution: int, **kwargs) -> nn.Module:
         sized = {"img_size": resolution} if self.sized else {}
-        return timm.create_model(self.model, num_classes=0, **sized, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # --weights none is reproducible
+            return timm.create_model(self.model, num_classes=0, **sized, **kwargs)
 
     def _pretrained(self) -> tuple[dict, str]:
         """The tag's weights from the Hugging Face cache (downloaded when the hub is reachable) and their identity."""
@@ -82,9 +84,7 @@ class TimmArch(Arch):
 
     def create(self, resolution: int, weights: str) -> tuple[nn.Module, str]:
         if weights == "none":
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                return PreLogits(self._build(resolution)), RANDOM_INIT
+            return PreLogits(self._build(resolution)), RANDOM_INIT
         if weights == "imagenet":
             state, identity = self._pretrained()
         else:
@@ -100,9 +100,8 @@ class TimmArch(Arch):
             return loaded[-1]
 
         try:
-            with (torch.random.fork_rng(), mock.patch.object(self.cls, "load_state_dict", load_state_dict),
+            with (mock.patch.object(self.cls, "load_state_dict", load_state_dict),
                   mock.patch.object(logging.getLogger("timm.models._builder"), "disabled", True)):  # we check keys
-                torch.manual_seed(0)
                 model = self._build(resolution, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
         except (RuntimeError, KeyError, ValueError) as err:  # shapes, keys the model's filter expects
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
