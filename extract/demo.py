@@ -112,6 +112,12 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: int = FPS, gop: in
     os.replace(tmp, path)
 
 
+def _make_video(job: tuple[str, int, int, int, int]) -> None:
+    """Render and write one demo video: ``(path, seed, index, label, frames)``."""
+    path, seed, i, label, frames = job
+    write_video(path, _render_video(np.random.default_rng([seed, i]), label, frames))
+
+
 def check_seed(root: str, seed: int) -> None:
     """Refuse a demo under ``root`` made with another seed (``seed.txt``; a demo without it is seed 0)."""
     marker = os.path.join(root, "seed.txt")
@@ -150,9 +156,12 @@ def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frame
                   test_fraction: float = 0.25, progress: bool = True) -> None:
     """Write the demo under ``root``: ``videos/*.mp4``, ``train.txt``, ``test.txt``, ``classes.txt``.
 
-    Video ``i`` depends only on ``(seed, i)``; the list files are written last, so a half-made
-    demo is regenerated rather than used.
+    Video ``i`` depends only on ``(seed, i)``, so the videos are made by one process per core, in any
+    order; the list files are written last, so a half-made demo is regenerated rather than used.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     check_seed(root, seed)
@@ -163,12 +172,21 @@ def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frame
     n_test = max(1, round(videos_per_class * test_fraction))
     lines: dict[str, list[str]] = {"train": [], "test": []}
     jobs = [(label, k) for label in range(len(names)) for k in range(videos_per_class)]
-    for i, (label, k) in enumerate(tqdm(jobs, desc="demo videos", unit="video", disable=not progress)):
+    todo = []
+    for i, (label, k) in enumerate(jobs):
         rel = f"videos/{names[label]}_{k:03d}.mp4"
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
-            write_video(path, _render_video(np.random.default_rng([seed, i]), label, frames))
+        if not os.path.isfile(os.path.join(root, rel)):
+            todo.append((os.path.join(root, rel), seed, i, label, frames))
         lines["test" if k < n_test else "train"].append(f"{rel} {label}")
+    workers = min(8, len(os.sched_getaffinity(0)), len(todo))
+    if workers > 1:  # spawned: the caller may hold torch's threads, which a fork would copy mid-state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = pool.map(_make_video, todo, chunksize=4)
+            for _ in tqdm(done, total=len(todo), desc="demo videos", unit="video", disable=not progress):
+                pass
+    else:
+        for job in tqdm(todo, desc="demo videos", unit="video", disable=not progress):
+            _make_video(job)
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
     for split, rows in lines.items():
