@@ -49,7 +49,7 @@ lane_b() {
     train-policy --method scsampler "${COMMON[@]}" "${ARNET[@]}" --out "$RUNS/scsampler"
     train-policy --method frameglimpse "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --out "$RUNS/frameglimpse"
     # 60 epochs: REINFORCE on its stop and jump decisions settles later than the other agents' (seed 3 at 30:
-    # validation mAP still swinging 0.84-1.00, the kept epoch 81.6 on test; at 60 it holds 1.00 from epoch 39 on)
+    # validation mAP still swinging 0.84-1.00, the kept epoch 81.6 on test; at 60 it holds 1.00 from epoch 37 on, its reward flat)
     train-policy --method fastforward "${COMMON[@]}" --epochs 60 --lr 1e-3 "${CMP[@]}" --out "$RUNS/fastforward"
     train-policy --method adaframe "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set steps=4 --out "$RUNS/adaframe"
     train-policy --method multiagent "${COMMON[@]}" "${BASE[@]}" "${CMP[@]}" --set agents=2 --set steps=1 \

@@ -184,6 +184,18 @@ def test_a_header_that_over_reports_frames_is_read_as_the_frames_that_exist(tmp_
     assert frames[-1].float().mean().item() == pytest.approx(5 * indices[-1], abs=3)
 
 
+def test_torchcodec_that_cannot_load_ffmpeg_is_found_out_before_decoding(monkeypatch):
+    """torchcodec 0.17 imports without FFmpeg and fails at its first call: the check makes that call."""
+    pytest.importorskip("torchcodec")
+    import torchcodec._core
+
+    def missing():
+        raise RuntimeError("Could not load libtorchcodec. Likely causes: ...")
+
+    monkeypatch.setattr(torchcodec._core, "get_ffmpeg_library_versions", missing)
+    assert decode.torchcodec_problem() == decode.FFMPEG_MISSING
+
+
 def test_torchcodec_without_ffmpeg_says_what_to_install_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(decode, "torchcodec_problem", lambda: decode.FFMPEG_MISSING)
     with pytest.raises(ConfigError, match=r"--decoder torchcodec: torchcodec needs FFmpeg's shared libraries "
