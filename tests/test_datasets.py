@@ -121,8 +121,8 @@ def test_demo_lists(demo_root):
     assert {v.split for v in ann.videos} == {"train", "test"}
 
 
-def test_the_demo_is_the_same_files_made_by_one_process_or_several(tmp_path, monkeypatch):
-    """Video i depends only on (seed, i): the pool of one process per core writes the bytes one process writes."""
+def test_the_demo_is_the_same_files_made_by_one_thread_or_several(tmp_path, monkeypatch):
+    """Video i depends only on (seed, i): one thread per core writes the bytes one thread writes."""
     import hashlib
     import os
 
@@ -132,8 +132,8 @@ def test_the_demo_is_the_same_files_made_by_one_process_or_several(tmp_path, mon
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.*"))}
 
     small = dict(seed=5, videos_per_class=1, frames=12, test_fraction=0.5, progress=False)
-    demo.generate_demo(str(tmp_path / "pool"), **small)  # 10 videos over min(8, cores) processes
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: made in this process
+    demo.generate_demo(str(tmp_path / "pool"), **small)  # 10 videos over min(8, cores) threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: one thread
     demo.generate_demo(str(tmp_path / "one"), **small)
     pool, one = digests(tmp_path / "pool"), digests(tmp_path / "one")
     assert len(pool) == 10 + 4 and pool == one  # videos, lists, classes and seed
