@@ -207,7 +207,6 @@ FFMPEG_MISSING = ("torchcodec needs FFmpeg's shared libraries (versions 4 to 8):
 def torchcodec_problem() -> str:
     """Why ``--decoder torchcodec`` cannot run here, in one line; "" when it can."""
     try:
-        import torchcodec  # noqa: F401
         from torchcodec._core import get_ffmpeg_library_versions
 
         get_ffmpeg_library_versions()  # loads FFmpeg's libraries (torchcodec 0.17 defers it): fails without them

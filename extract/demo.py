@@ -175,8 +175,9 @@ def generate_demo(root: str, *, seed: int = 0, videos_per_class: int = 24, frame
     todo = []
     for i, (label, k) in enumerate(jobs):
         rel = f"videos/{names[label]}_{k:03d}.mp4"
-        if not os.path.isfile(os.path.join(root, rel)):
-            todo.append((os.path.join(root, rel), seed, i, label, frames))
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            todo.append((path, seed, i, label, frames))
         lines["test" if k < n_test else "train"].append(f"{rel} {label}")
     workers = max(1, min(8, len(os.sched_getaffinity(0)), len(todo)))
     with ThreadPoolExecutor(workers) as pool:  # threads, not processes: nothing to re-import or fork
